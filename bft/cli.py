@@ -1,0 +1,335 @@
+"""The ``bft`` command: keys, replicas, a local cluster, client calls, the baseline, the simulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import msgpack
+
+from bft import config as cfg
+from bft.service import SERVICES, KVService, NullService, make_service
+
+log = logging.getLogger("bft")
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
+
+
+def _setup_logging(level: str, log_file: str | None = None) -> None:
+    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
+def _run_async(coro) -> object:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+async def _serve_until_signal(node) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+    except OSError as exc:
+        raise CliError(f"cannot listen on {node.host}:{node.port}: {exc.strerror}") from None
+    await stop.wait()
+    await node.stop()
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_keygen(a: argparse.Namespace) -> None:
+    path = cfg.keygen(a.out, a.f, a.clients, a.host, a.base_port, a.force)
+    print(f"wrote {path} ({3 * a.f + 1} replicas, {a.clients} clients) and keys in {path.parent / 'keys'}")
+
+
+def cmd_replica(a: argparse.Namespace) -> None:
+    from bft.runtime.node import replica_node
+
+    cluster = cfg.load(a.config)
+    make_service(a.service)  # fail early, with one line, on an unknown service name
+    node = replica_node(cluster, a.id, lambda: make_service(a.service))
+    _run_async(_serve_until_signal(node))
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    from bft.runtime.node import unreplicated_node
+
+    node = unreplicated_node(a.host, a.port, make_service(a.service))
+    print(f"serving {a.service} unreplicated on {a.host}:{a.port}; Ctrl-C stops", flush=True)
+    _run_async(_serve_until_signal(node))
+
+
+def _ensure_cluster(directory: Path, f: int, clients: int, base_port: int) -> cfg.Cluster:
+    path = directory / "cluster.toml"
+    if not path.exists():
+        cfg.keygen(directory, f, clients, base_port=base_port)
+        print(f"generated keys and {path}")
+    cluster = cfg.load(path)
+    if cluster.f != f:
+        print(f"note: {path} has f = {cluster.f}; using it (pass a fresh --dir for f = {f})")
+    return cluster
+
+
+def start_replicas(cluster: cfg.Cluster, service: str, log_dir: Path, log_level: str = "info") -> list:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for r in cluster.replicas:
+        cmd = [
+            sys.executable, "-m", "bft", "replica", "--config", str(cluster.path), "--id", str(r.id),
+            "--service", service, "--log-level", log_level, "--log-file", str(log_dir / f"replica-{r.id}.log"),
+        ]
+        procs.append(subprocess.Popen(cmd, start_new_session=True))
+    return procs
+
+
+def stop_replicas(procs: list, timeout_s: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _demo(cluster: cfg.Cluster) -> None:
+    from client import Client
+
+    async def run() -> None:
+        async with Client(cluster, 0) as c:
+            await c.wait_connected(10)
+            t0 = time.perf_counter()
+            for i in range(20):
+                await c.invoke(KVService.put(b"greeting-%d" % i, b"hello from the demo"))
+            _ok, value = msgpack.unpackb(await c.invoke(KVService.get(b"greeting-7")))
+            ms = (time.perf_counter() - t0) * 1000
+            print(f"demo: 20 puts and 1 get agreed by f+1 = {cluster.f + 1} replicas in {ms:.0f} ms; "
+                  f"get greeting-7 -> {value!r}")
+            await asyncio.gather(*(c.invoke(KVService.put(b"concurrent-%d" % i, b"x")) for i in range(50)))
+            print("demo: 50 concurrent puts from one client completed")
+
+    _run_async(run())
+
+
+def cmd_up(a: argparse.Namespace) -> None:
+    directory = Path(a.dir)
+    cluster = _ensure_cluster(directory, a.f, a.clients, a.base_port)
+    procs = start_replicas(cluster, a.service, directory / "logs", a.log_level)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    ports = ", ".join(f"{r.host}:{r.port}" for r in cluster.replicas)
+    print(f"started {cluster.n} replicas (f = {cluster.f}, service {a.service}) on {ports}")
+    print(f"logs in {directory / 'logs'}; status: bft status --config {cluster.path}")
+    try:
+        if a.demo:
+            time.sleep(0.5)
+            _demo(cluster)
+        print(f"try: bft invoke --config {cluster.path} --client 0 put greeting hello")
+        print("stop with Ctrl-C (or SIGTERM)", flush=True)
+        reported: set[int] = set()
+        while not stopping:
+            for i, p in enumerate(procs):
+                if p.poll() is not None and i not in reported:
+                    reported.add(i)
+                    print(f"replica {i} exited with status {p.returncode}; see {directory / 'logs'}", flush=True)
+            if len(reported) == len(procs):
+                break
+            time.sleep(0.2)
+    finally:
+        stop_replicas(procs)
+        print("stopped all replicas")
+
+
+def cmd_invoke(a: argparse.Namespace) -> None:
+    from client import Client, QuorumTimeout
+
+    cluster = cfg.load(a.config)
+    if a.op == "put":
+        if len(a.args) != 2:
+            raise CliError("put needs KEY VALUE")
+        op, read_only = KVService.put(a.args[0].encode(), a.args[1].encode()), False
+    elif a.op in ("get", "del"):
+        if len(a.args) != 1:
+            raise CliError(f"{a.op} needs KEY")
+        op = KVService.get(a.args[0].encode()) if a.op == "get" else KVService.delete(a.args[0].encode())
+        read_only = False
+    else:
+        if len(a.args) > 1 or (a.args and not a.args[0].isdigit()):
+            raise CliError("null takes an optional RESULT_BYTES")
+        op, read_only = NullService.op(int(a.args[0]) if a.args else 0), False
+
+    async def run() -> bytes:
+        async with Client(cluster, a.client) as c:
+            return await c.invoke(op, read_only, timeout=a.timeout)
+
+    try:
+        result = _run_async(run())
+    except QuorumTimeout as exc:
+        raise CliError(str(exc)) from None
+    if a.op == "null":
+        print(f"ok ({len(result)} result bytes)")
+        return
+    try:
+        ok, value = msgpack.unpackb(result)
+    except (ValueError, TypeError):
+        raise CliError(f"the cluster's service does not speak kv (result {result[:32]!r})") from None
+    if not ok:
+        raise CliError(f"the service refused: {value}")
+    print(value.decode(errors="replace") if isinstance(value, bytes) else "(none)")
+
+
+def cmd_status(a: argparse.Namespace) -> None:
+    cluster = cfg.load(a.config)
+    print(f"{'replica':>7} {'view':>5} {'primary':>7} {'executed':>9} {'stable':>7}  dropped")
+    for r in cluster.replicas:
+        url = f"http://{r.host}:{r.admin_port}/status"
+        try:
+            with urllib.request.urlopen(url, timeout=a.timeout) as resp:
+                s = json.load(resp)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            print(f"{r.id:>7} unreachable ({getattr(exc, 'reason', exc)})")
+            continue
+        dropped = sum(s.get("dropped", {}).values())
+        print(f"{r.id:>7} {s['view']:>5} {s['primary']:>7} {s['executed']:>9} {s['stable_checkpoint']:>7}  {dropped}")
+
+
+def cmd_sim(a: argparse.Namespace) -> None:
+    from bft.sim.simulator import run_seed
+
+    seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
+    failures = []
+    t0 = time.monotonic()
+    for i, seed in enumerate(seeds, 1):
+        r = run_seed(seed, f=a.f, faults=a.faults, ops_per_client=a.ops)
+        if not r.ok:
+            failures.append(r)
+            replay = f"bft sim --seed {seed} --f {a.f} --faults {a.faults} --ops {a.ops}"
+            print(f"\nseed {seed} FAILED: {r.error}\n  replay: {replay}")
+        if sys.stdout.isatty() or a.seed is not None or i == len(seeds):
+            end = "\n" if not sys.stdout.isatty() or i == len(seeds) else ""
+            line = f"{i}/{len(seeds)} seeds, {len(failures)} failed, {time.monotonic() - t0:.1f} s"
+            print("\r" + line, end=end, flush=True)
+    if failures:
+        raise CliError(f"{len(failures)} of {len(seeds)} seeds failed: {', '.join(str(r.seed) for r in failures)}")
+    print(f"all {len(seeds)} seeds passed (f = {a.f}, faults = {a.faults})")
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bft", description="PBFT replication: keys, replicas, clients, simulator.")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("keygen", help="write cluster.toml and key files")
+    k.add_argument("--f", type=_positive, default=1, help="faults tolerated; n = 3f+1 replicas")
+    k.add_argument("--clients", type=_positive, default=4, help="authorised clients")
+    k.add_argument("--out", required=True, help="directory for cluster.toml and keys/")
+    k.add_argument("--host", default="127.0.0.1")
+    k.add_argument("--base-port", type=_positive, default=7000, help="replica i listens on base+i, admin on base+100+i")
+    k.add_argument("--force", action="store_true", help="replace an existing cluster")
+    k.set_defaults(func=cmd_keygen)
+
+    r = sub.add_parser("replica", help="run one replica process")
+    r.add_argument("--config", required=True)
+    r.add_argument("--id", type=_positive, required=True)
+    r.add_argument("--service", default="kv", choices=sorted(SERVICES))
+    r.add_argument("--log-file")
+    r.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=cmd_replica)
+
+    u = sub.add_parser("up", help="run a local cluster of 3f+1 replica processes until Ctrl-C")
+    u.add_argument("--dir", required=True, help="cluster directory (keys are generated if missing)")
+    u.add_argument("--f", type=_positive, default=1)
+    u.add_argument("--clients", type=_positive, default=4)
+    u.add_argument("--base-port", type=_positive, default=7000)
+    u.add_argument("--service", default="kv", choices=sorted(SERVICES))
+    u.add_argument("--demo", action="store_true", help="run a short demo workload once the cluster is up")
+    u.set_defaults(func=cmd_up, log_level="info")
+
+    i = sub.add_parser("invoke", help="run one operation and print the agreed result")
+    i.add_argument("--config", required=True)
+    i.add_argument("--client", type=_positive, default=0)
+    i.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a quorum")
+    i.add_argument("op", choices=["put", "get", "del", "null"])
+    i.add_argument("args", nargs="*")
+    i.set_defaults(func=cmd_invoke)
+
+    s = sub.add_parser("serve", help="run a service unreplicated (the benchmarks' baseline)")
+    s.add_argument("--service", default="null", choices=sorted(SERVICES))
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_positive, required=True)
+    s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("status", help="print each replica's view, primary, executed and stable checkpoint")
+    st.add_argument("--config", required=True)
+    st.add_argument("--timeout", type=float, default=2.0)
+    st.set_defaults(func=cmd_status)
+
+    m = sub.add_parser("sim", help="run the deterministic simulator over seeds")
+    m.add_argument("--seeds", type=_positive, default=200)
+    m.add_argument("--first-seed", type=_positive, default=0)
+    m.add_argument("--seed", type=_positive, help="replay one seed")
+    m.add_argument("--f", type=_positive, default=1)
+    m.add_argument("--faults", default="all", choices=["none", "network", "all"])
+    m.add_argument("--ops", type=_positive, default=150, help="operations per simulated client")
+    m.set_defaults(func=cmd_sim)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level if args.command != "up" else "warning", getattr(args, "log_file", None))
+    try:
+        args.func(args)
+    except (cfg.ConfigError, CliError, ValueError) as exc:
+        print(f"bft: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

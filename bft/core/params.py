@@ -1,0 +1,31 @@
+"""Protocol parameters, written out in full in every cluster.toml so operators see the defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True, slots=True)
+class Params:
+    checkpoint_interval: int = 128  # K: a checkpoint every K sequence numbers
+    log_window: int = 256  # L: high watermark H = h + L (the paper's L = 2K)
+    batch_size_max: int = 64  # requests per pre-prepare
+    inflight_max: int = 2  # pre-prepared but unexecuted batches before the primary batches
+    client_window: int = 64  # requests one client may have in flight (exactly-once window)
+    clock_skew_max_ms: int = 5_000  # backups reject batch times further than this from their clock
+    status_interval_ms: int = 150  # how often a replica tells peers where it is (loss recovery)
+    request_timeout_ms: int = 500  # client: resend to all replicas after this long
+    op_bytes_max: int = 8 * 1024 * 1024  # request argument and reply result
+    frame_bytes_max: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) <= 0:
+                raise ValueError(f"protocol parameter {f.name} must be a positive integer")
+        if self.log_window < self.checkpoint_interval or self.log_window % self.checkpoint_interval:
+            raise ValueError("log_window must be a positive multiple of checkpoint_interval")
+        if self.frame_bytes_max < self.op_bytes_max + 4096:
+            raise ValueError("frame_bytes_max must exceed op_bytes_max by at least 4096")
+
+
+DEFAULT_PARAMS = Params()

@@ -1,0 +1,477 @@
+"""PBFT messages and their one wire codec.
+
+A frame on the wire is::
+
+    header  !BBIH  version, type, sender, auth_len
+    auth    auth_len bytes: MAC tags (16 bytes per receiver) or an Ed25519 signature
+    payload msgpack array of the message's fields
+
+The MAC or signature covers ``version | type | sender | payload`` (see ``signed_bytes``), so a
+receiver can authenticate a frame before it decodes the payload. Decoding is strict: msgpack is
+given limits on every container and byte string before it allocates, and every field is checked
+for type and range; anything else raises ``DecodeError`` with a short reason that the caller counts.
+
+Requests keep their encoded body (``raw``) and their client's authenticator (``auth``) so the
+primary can forward them unchanged inside a pre-prepare and backups can check the client's own
+tag (Castro & Liskov, TOCS 2002, section 3.2: authenticators).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+
+import msgpack
+
+VERSION = 1
+HEADER = struct.Struct("!BBIH")
+MAC_BYTES = 16
+SIGNATURE_BYTES = 64
+DIGEST_BYTES = 32
+
+# Hard limits of the codec itself; the configured limits (protocol parameters) are tighter.
+FRAME_BYTES_MAX = 64 * 1024 * 1024
+ARRAY_LEN_MAX = 1 << 16
+INT_MAX = (1 << 63) - 1
+
+
+class DecodeError(ValueError):
+    """A peer sent something that is not a well-formed message; the reason is a short label."""
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    client: int
+    timestamp: int
+    op: bytes
+    read_only: bool
+    # Encoded body, its digest and the client's authenticator travel with the request.
+    raw: bytes = field(compare=False, repr=False)
+    digest: bytes = field(compare=False, repr=False)
+    auth: bytes = field(default=b"", compare=False, repr=False)
+
+    TYPE = 1
+
+    @staticmethod
+    def make(client: int, timestamp: int, op: bytes, read_only: bool = False) -> Request:
+        raw = msgpack.packb((client, timestamp, op, read_only))
+        return Request(client, timestamp, op, read_only, raw, digest(raw))
+
+    def with_auth(self, auth: bytes) -> Request:
+        return Request(self.client, self.timestamp, self.op, self.read_only, self.raw, self.digest, auth)
+
+    @property
+    def sender(self) -> int:
+        return self.client
+
+
+@dataclass(frozen=True, slots=True)
+class PrePrepare:
+    view: int
+    seq: int
+    timestamp: int  # the primary's proposed batch time (non-deterministic input, agreed here)
+    requests: tuple[Request, ...]
+    replica: int
+    digest: bytes = field(default=b"", compare=False, repr=False)
+
+    TYPE = 2
+
+    @staticmethod
+    def make(view: int, seq: int, timestamp: int, requests: tuple[Request, ...], replica: int) -> PrePrepare:
+        return PrePrepare(view, seq, timestamp, requests, replica, batch_digest(timestamp, requests))
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+def batch_digest(timestamp: int, requests: tuple[Request, ...]) -> bytes:
+    h = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    h.update(timestamp.to_bytes(8, "big", signed=True))
+    for r in requests:
+        h.update(r.digest)
+    return h.digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    view: int
+    seq: int
+    digest: bytes
+    replica: int
+
+    TYPE = 3
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    view: int
+    seq: int
+    digest: bytes
+    replica: int
+
+    TYPE = 4
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    view: int
+    timestamp: int
+    client: int
+    replica: int
+    result: bytes
+    tentative: bool = False
+
+    TYPE = 5
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    seq: int
+    digest: bytes  # state digest after executing seq
+    replica: int
+
+    TYPE = 6
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Periodic summary a replica sends so peers can retransmit what it lacks (the paper's
+    implementation recovers lost messages this way rather than trusting the transport)."""
+
+    view: int
+    stable: int  # low watermark h
+    executed: int  # last executed sequence number
+    replica: int
+
+    TYPE = 7
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChange:
+    """Signed VIEW-CHANGE(v+1, h, C, P, Q) of TOCS 2002 section 4.4 (MAC-compatible view change)."""
+
+    view: int
+    stable: int
+    checkpoints: tuple[tuple[int, bytes], ...]  # C: (seq, state digest)
+    prepared: tuple[tuple[int, bytes, int], ...]  # P: (seq, batch digest, view)
+    preprepared: tuple[tuple[int, tuple[tuple[bytes, int], ...]], ...]  # Q: seq -> (digest, view)
+    replica: int
+
+    TYPE = 8
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class NewView:
+    """Signed NEW-VIEW(v+1, V, X): the view changes used and the decision taken from them."""
+
+    view: int
+    view_changes: tuple[tuple[int, bytes], ...]  # V: (replica, digest of its view change)
+    checkpoint: tuple[int, bytes]  # chosen stable checkpoint (seq, state digest)
+    decisions: tuple[tuple[int, bytes], ...]  # X: (seq, batch digest or empty for null)
+    replica: int
+
+    TYPE = 9
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class FetchState:
+    """Ask a replica for its state at checkpoint ``seq``."""
+
+    seq: int
+    replica: int
+
+    TYPE = 10
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """A snapshot of the service plus the exactly-once table at checkpoint ``seq``; the receiver
+    checks it against a checkpoint digest it holds a weak (f+1) certificate for."""
+
+    seq: int
+    snapshot: bytes
+    replica: int
+
+    TYPE = 11
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A client's first frame on a connection, so replicas know where to send its replies before
+    its first request reaches them."""
+
+    client: int
+
+    TYPE = 12
+
+    @property
+    def sender(self) -> int:
+        return self.client
+
+
+Message = (
+    Request | PrePrepare | Prepare | Commit | Reply | Checkpoint | Status | ViewChange | NewView
+    | FetchState | State | Hello
+)
+CLIENT_TYPES = frozenset({Request.TYPE, Hello.TYPE})
+SIGNED_TYPES = frozenset({ViewChange.TYPE, NewView.TYPE})
+
+
+def signed_bytes(type_: int, sender: int, payload: bytes) -> bytes:
+    return HEADER.pack(VERSION, type_, sender, 0)[:6] + payload
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+
+
+def _fields(msg: Message) -> tuple:
+    match msg:
+        case PrePrepare():
+            return (msg.view, msg.seq, msg.timestamp, [(r.raw, r.auth) for r in msg.requests], msg.replica)
+        case Prepare() | Commit():
+            return (msg.view, msg.seq, msg.digest, msg.replica)
+        case Reply():
+            return (msg.view, msg.timestamp, msg.client, msg.replica, msg.result, msg.tentative)
+        case Checkpoint():
+            return (msg.seq, msg.digest, msg.replica)
+        case Status():
+            return (msg.view, msg.stable, msg.executed, msg.replica)
+        case ViewChange():
+            return (msg.view, msg.stable, msg.checkpoints, msg.prepared, msg.preprepared, msg.replica)
+        case NewView():
+            return (msg.view, msg.view_changes, msg.checkpoint, msg.decisions, msg.replica)
+        case FetchState():
+            return (msg.seq, msg.replica)
+        case State():
+            return (msg.seq, msg.snapshot, msg.replica)
+        case Hello():
+            return (msg.client,)
+    raise TypeError(f"not a message: {msg!r}")
+
+
+def encode_payload(msg: Message) -> bytes:
+    if isinstance(msg, Request):
+        return msg.raw
+    return msgpack.packb(_fields(msg))
+
+
+def frame(msg: Message, payload: bytes, auth: bytes) -> bytes:
+    """Assemble one frame (without the transport's length prefix)."""
+    return HEADER.pack(VERSION, msg.TYPE, msg.sender, len(auth)) + auth + payload
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds enforced while decoding, before anything is allocated for the data."""
+
+    frame_bytes_max: int = 16 * 1024 * 1024
+    op_bytes_max: int = 8 * 1024 * 1024
+    batch_len_max: int = 1024
+    snapshot_bytes_max: int = FRAME_BYTES_MAX - 1024
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A frame split into its parts, not yet authenticated or decoded."""
+
+    type: int
+    sender: int
+    auth: bytes
+    payload: bytes
+
+
+def split_frame(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    if len(data) > limits.frame_bytes_max:
+        raise DecodeError("frame-too-large")
+    if len(data) < HEADER.size:
+        raise DecodeError("short-frame")
+    version, type_, sender, auth_len = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise DecodeError("bad-version")
+    if type_ not in _DECODERS:
+        raise DecodeError("unknown-type")
+    end = HEADER.size + auth_len
+    if end > len(data):
+        raise DecodeError("short-frame")
+    return Envelope(type_, sender, bytes(data[HEADER.size:end]), bytes(data[end:]))
+
+
+def _unpack(payload: bytes, limits: Limits) -> list:
+    try:
+        obj = msgpack.unpackb(
+            payload,
+            max_bin_len=max(limits.op_bytes_max, limits.snapshot_bytes_max),
+            max_str_len=0,
+            max_array_len=max(limits.batch_len_max, ARRAY_LEN_MAX),
+            max_map_len=0,
+            max_ext_len=0,
+            use_list=True,
+            strict_map_key=True,
+        )
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise DecodeError("bad-msgpack") from exc
+    if not isinstance(obj, list):
+        raise DecodeError("bad-shape")
+    return obj
+
+
+def _int(v: object, lo: int = 0, hi: int = INT_MAX) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise DecodeError("bad-int")
+    return v
+
+
+def _bytes(v: object, max_len: int, exact: int | None = None) -> bytes:
+    if type(v) is not bytes or len(v) > max_len or (exact is not None and len(v) != exact):
+        raise DecodeError("bad-bytes")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if type(v) is not bool:
+        raise DecodeError("bad-bool")
+    return v
+
+
+def _list(v: object, length: int | None = None, max_len: int = ARRAY_LEN_MAX) -> list:
+    if type(v) is not list or len(v) > max_len or (length is not None and len(v) != length):
+        raise DecodeError("bad-shape")
+    return v
+
+
+def _digest(v: object) -> bytes:
+    return _bytes(v, DIGEST_BYTES, DIGEST_BYTES)
+
+
+def _digest_or_null(v: object) -> bytes:
+    b = _bytes(v, DIGEST_BYTES)
+    if len(b) not in (0, DIGEST_BYTES):
+        raise DecodeError("bad-bytes")
+    return b
+
+
+def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
+    f = _list(_unpack(raw, limits), 4)
+    return Request(
+        _int(f[0]), _int(f[1]), _bytes(f[2], limits.op_bytes_max), _bool(f[3]), raw, digest(raw), auth
+    )
+
+
+def _pre_prepare(f: list, limits: Limits) -> PrePrepare:
+    _list(f, 5)
+    view, seq, ts = _int(f[0]), _int(f[1]), _int(f[2], -INT_MAX, INT_MAX)
+    reqs = []
+    for item in _list(f[3], max_len=limits.batch_len_max):
+        raw, auth = _list(item, 2)
+        reqs.append(decode_request(_bytes(raw, limits.frame_bytes_max), _bytes(auth, 4096), limits))
+    requests = tuple(reqs)
+    return PrePrepare(view, seq, ts, requests, _int(f[4]), batch_digest(ts, requests))
+
+
+def _view_change(f: list, limits: Limits) -> ViewChange:
+    _list(f, 6)
+    ckpts = tuple((_int(s), _digest(d)) for s, d in (_list(x, 2) for x in _list(f[2])))
+    prepared = tuple((_int(s), _digest(d), _int(v)) for s, d, v in (_list(x, 3) for x in _list(f[3])))
+    preprepared = tuple(
+        (_int(s), tuple((_digest(d), _int(v)) for d, v in (_list(y, 2) for y in _list(entries))))
+        for s, entries in (_list(x, 2) for x in _list(f[4]))
+    )
+    return ViewChange(_int(f[0]), _int(f[1]), ckpts, prepared, preprepared, _int(f[5]))
+
+
+def _new_view(f: list, limits: Limits) -> NewView:
+    _list(f, 5)
+    vcs = tuple((_int(r), _digest(d)) for r, d in (_list(x, 2) for x in _list(f[1])))
+    s, d = _list(f[2], 2)
+    decisions = tuple((_int(n), _digest_or_null(d)) for n, d in (_list(x, 2) for x in _list(f[3])))
+    return NewView(_int(f[0]), vcs, (_int(s), _digest(d)), decisions, _int(f[4]))
+
+
+_DECODERS = {
+    Request.TYPE: None,  # decoded from its raw body, see decode_payload
+    PrePrepare.TYPE: _pre_prepare,
+    Prepare.TYPE: lambda f, lim: Prepare(
+        _int(_list(f, 4)[0]), _int(f[1]), _digest(f[2]), _int(f[3])
+    ),
+    Commit.TYPE: lambda f, lim: Commit(_int(_list(f, 4)[0]), _int(f[1]), _digest(f[2]), _int(f[3])),
+    Reply.TYPE: lambda f, lim: Reply(
+        _int(_list(f, 6)[0]), _int(f[1]), _int(f[2]), _int(f[3]), _bytes(f[4], lim.op_bytes_max), _bool(f[5])
+    ),
+    Checkpoint.TYPE: lambda f, lim: Checkpoint(_int(_list(f, 3)[0]), _digest(f[1]), _int(f[2])),
+    Status.TYPE: lambda f, lim: Status(_int(_list(f, 4)[0]), _int(f[1]), _int(f[2]), _int(f[3])),
+    ViewChange.TYPE: _view_change,
+    NewView.TYPE: _new_view,
+    FetchState.TYPE: lambda f, lim: FetchState(_int(_list(f, 2)[0]), _int(f[1])),
+    State.TYPE: lambda f, lim: State(
+        _int(_list(f, 3)[0]), _bytes(f[1], lim.snapshot_bytes_max), _int(f[2])
+    ),
+    Hello.TYPE: lambda f, lim: Hello(_int(_list(f, 1)[0])),
+}
+
+
+def decode_payload(env: Envelope, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Decode an envelope's payload; the message's own sender field must match the frame's."""
+    if env.type == Request.TYPE:
+        msg: Message = decode_request(env.payload, env.auth, limits)
+    else:
+        msg = _DECODERS[env.type](_unpack(env.payload, limits), limits)
+    if msg.sender != env.sender:
+        raise DecodeError("sender-mismatch")
+    return msg
+
+
+def roundtrip(msg: Message, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Encode and decode without authentication: used by the simulator and tests so every
+    simulated delivery exercises the codec."""
+    auth = msg.auth if isinstance(msg, Request) else b""
+    return decode_payload(split_frame(frame(msg, encode_payload(msg), auth), limits), limits)

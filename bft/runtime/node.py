@@ -1,0 +1,223 @@
+"""The asyncio shell around a core: sockets in, core steps, frames out, timers, admin HTTP.
+
+One ``Node`` drives either a PBFT ``Replica`` or the ``Unreplicated`` baseline. All protocol
+decisions are the core's; this module only authenticates, decodes, delivers and sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from bft.config import Cluster
+from bft.core.params import DEFAULT_PARAMS, Params
+from bft.core.replica import ALL, Outbound, Replica
+from bft.core.unreplicated import Unreplicated
+from bft.crypto import REPLICA
+from bft.messages import Hello, Limits, Reply, Request
+from bft.runtime.transport import FrameProtocol, Peer
+from bft.runtime.wire import Wire
+from bft.service import Service
+
+log = logging.getLogger("bft.node")
+
+TICK_S = 0.01
+SUMMARY_S = 10.0
+
+
+def wall_ms() -> int:
+    # Batch timestamps are compared across replicas (clock skew bound), so this is wall time.
+    return time.time_ns() // 1_000_000
+
+
+def limits_of(params: Params) -> Limits:
+    return Limits(
+        frame_bytes_max=params.frame_bytes_max,
+        op_bytes_max=params.op_bytes_max,
+        batch_len_max=params.batch_size_max,
+        snapshot_bytes_max=params.frame_bytes_max - 1024,
+    )
+
+
+class Node:
+    def __init__(
+        self,
+        core: Replica | Unreplicated,
+        wire: Wire,
+        host: str,
+        port: int,
+        peers: dict[int, tuple[str, int]],
+        frame_bytes_max: int,
+        admin_port: int = 0,
+        name: str = "server",
+    ) -> None:
+        self.core = core
+        self.wire = wire
+        self.host, self.port, self.admin_port = host, port, admin_port
+        self.name = name
+        self.transport_drops: Counter[str] = wire.dropped
+        self.frame_bytes_max = frame_bytes_max
+        self.peers = {
+            j: Peer(h, p, self._on_frame, frame_bytes_max, self.transport_drops) for j, (h, p) in peers.items()
+        }
+        self.client_conns: dict[int, FrameProtocol] = {}
+        self.replica_conns: set[FrameProtocol] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._admin: web.AppRunner | None = None
+        self.started_s = time.monotonic()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: FrameProtocol(self._on_frame, self.frame_bytes_max, self.transport_drops),
+            self.host,
+            self.port,
+            reuse_address=True,
+        )
+        for p in self.peers.values():
+            p.start()
+        self._tasks.append(loop.create_task(self._ticker()))
+        self._tasks.append(loop.create_task(self._summaries()))
+        if self.admin_port:
+            await self._start_admin()
+        log.info("%s listening on %s:%d", self.name, self.host, self.port)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for p in self.peers.values():
+            await p.close()
+        if self._server is not None:
+            self._server.close()
+            for conn in list(self.client_conns.values()) + list(self.replica_conns):
+                if conn.transport is not None:
+                    conn.transport.close()
+            await self._server.wait_closed()
+        if self._admin is not None:
+            await self._admin.cleanup()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self._dispatch(self.core.tick(wall_ms()))
+
+    async def _summaries(self) -> None:
+        last = None
+        while True:
+            await asyncio.sleep(SUMMARY_S)
+            now = self.status()
+            if now != last:
+                log.info("%s", " ".join(f"{k}={v}" for k, v in now.items() if k != "stats"))
+                last = now
+
+    # -- data path --------------------------------------------------------------------------
+
+    def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
+        msg = self.wire.open(data)
+        if msg is None:
+            return
+        if isinstance(msg, Hello | Request):
+            # Relayed requests come over replica connections; replies must go to the client's own.
+            if conn not in self.replica_conns:
+                self.client_conns[msg.sender] = conn
+            if isinstance(msg, Hello):
+                return
+        else:
+            self.replica_conns.add(conn)
+        self._dispatch(self.core.step(msg, wall_ms()))
+
+    def _dispatch(self, out: list[Outbound]) -> None:
+        for dest, msg in out:
+            if isinstance(msg, Reply):
+                conn = self.client_conns.get(dest)
+                if conn is None or not conn.send(self.wire.seal(msg)):
+                    self.transport_drops["reply-undeliverable"] += 1
+            elif dest == ALL:
+                data = self.wire.seal(msg)
+                for p in self.peers.values():
+                    p.send(data)
+            else:
+                peer = self.peers.get(dest)
+                if peer is not None:
+                    peer.send(self.wire.seal(msg, dest))
+
+    # -- admin ------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        core = self.core
+        out: dict = {"node": self.name}
+        if isinstance(core, Replica):
+            out |= {
+                "replica": core.id,
+                "view": core.view,
+                "primary": core.primary,
+                "executed": core.executed,
+                "stable_checkpoint": core.stable,
+                "log_slots": len(core.log),
+                "pending_requests": len(core.pending),
+            }
+        out["dropped"] = dict(sorted((core.dropped + self.transport_drops).items()))
+        out["stats"] = dict(sorted(core.stats.items()))
+        return out
+
+    async def _start_admin(self) -> None:
+        registry = CollectorRegistry()
+        registry.register(_Collector(self))
+
+        async def status(_: web.Request) -> web.Response:
+            return web.json_response(self.status() | {"uptime_s": round(time.monotonic() - self.started_s, 1)})
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+        app = web.Application()
+        app.router.add_get("/status", status)
+        app.router.add_get("/metrics", metrics)
+        self._admin = web.AppRunner(app, access_log=None)
+        await self._admin.setup()
+        await web.TCPSite(self._admin, self.host, self.admin_port).start()
+
+
+class _Collector:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    def collect(self):
+        s = self.node.status()
+        for key in ("view", "executed", "stable_checkpoint", "log_slots", "pending_requests"):
+            if key in s:
+                yield GaugeMetricFamily(f"bft_{key}", f"replica {key.replace('_', ' ')}", value=s[key])
+        dropped = CounterMetricFamily("bft_dropped_messages", "messages dropped, by reason", labels=["reason"])
+        for reason, count in s["dropped"].items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        stats = CounterMetricFamily("bft_events", "protocol events, by kind", labels=["kind"])
+        for kind, count in s["stats"].items():
+            stats.add_metric([kind], count)
+        yield stats
+
+
+def replica_node(cluster: Cluster, replica_id: int, service: Callable[[], Service]) -> Node:
+    keyring = cluster.keyring(REPLICA, replica_id)
+    params = cluster.params
+    core = Replica(replica_id, cluster.f, params, service)
+    me = cluster.replicas[replica_id]
+    peers = {r.id: (r.host, r.port) for r in cluster.replicas if r.id != replica_id}
+    wire = Wire(keyring, limits_of(params), Counter())
+    return Node(core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}")
+
+
+def unreplicated_node(host: str, port: int, service: Service, params: Params = DEFAULT_PARAMS) -> Node:
+    wire = Wire(None, limits_of(params), Counter(), replica=True)
+    return Node(Unreplicated(params, service), wire, host, port, {}, params.frame_bytes_max, name="unreplicated")

@@ -1,0 +1,276 @@
+"""A deterministic simulator: 3f+1 core replicas and several clients over a simulated network and
+clock, every choice drawn from one seeded RNG, so any run replays exactly from its seed.
+
+A run has a fault phase (random delays that reorder, duplicated and lost messages, up to f
+crashed backups) followed by a healed phase in which every submitted request must complete.
+After every delivered message the checker asserts:
+
+- agreement: no two correct replicas execute different batches at the same sequence number;
+- checkpoints: every checkpoint taken at a sequence number has the same digest everywhere;
+- linearisability: every result a client accepted equals the result of executing the committed
+  order sequentially on a fresh service.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+from bft.core.client import ClientCore
+from bft.core.clients import ClientTable
+from bft.core.params import Params
+from bft.core.replica import ALL, Replica
+from bft.messages import Message, PrePrepare, Reply, roundtrip
+from bft.service import KVService
+
+
+class Violation(AssertionError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Faults:
+    loss: float = 0.05
+    duplicate: float = 0.05
+    delay_ms_max: int = 20
+    crashes: bool = True
+
+    @staticmethod
+    def named(name: str) -> Faults:
+        if name == "none":
+            return Faults(0.0, 0.0, 2, False)
+        if name == "network":
+            return Faults(crashes=False)
+        if name == "all":
+            return Faults()
+        raise ValueError(f"unknown fault set {name!r} (choose none, network or all)")
+
+
+SIM_PARAMS = Params(
+    checkpoint_interval=8,
+    log_window=16,
+    batch_size_max=4,
+    inflight_max=2,
+    client_window=4,
+    status_interval_ms=50,
+    request_timeout_ms=200,
+)
+
+
+@dataclass(slots=True)
+class Result:
+    seed: int
+    ok: bool
+    error: str = ""
+    sim_time_ms: int = 0
+    messages: int = 0
+    completed: int = 0
+    crashed: tuple[int, ...] = ()
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+class _Checker:
+    def __init__(self, window: int) -> None:
+        self.batches: dict[int, PrePrepare] = {}
+        self.checkpoints: dict[int, bytes] = {}
+        self.reference = KVService()
+        self.reference_clients = ClientTable(window)
+        self.reference_time = 0
+        self.reference_seq = 0
+        self.results: dict[tuple[int, int], bytes] = {}
+
+    def executed(self, replica: int, pp: PrePrepare) -> None:
+        known = self.batches.setdefault(pp.seq, pp)
+        if known.digest != pp.digest:
+            raise Violation(f"agreement: replica {replica} executed a different batch at seq {pp.seq}")
+        while self.reference_seq + 1 in self.batches:
+            batch = self.batches[self.reference_seq + 1]
+            self.reference_time = max(batch.timestamp, self.reference_time + 1)
+            for r in batch.requests:
+                if self.reference_clients.is_new(r.client, r.timestamp):
+                    res = self.reference.execute(r.op, r.client, self.reference_time)
+                    self.reference_clients.record(r.client, r.timestamp, res)
+                    self.results[(r.client, r.timestamp)] = res
+            self.reference_seq += 1
+
+    def checkpoint(self, replica: int, seq: int, d: bytes) -> None:
+        if self.checkpoints.setdefault(seq, d) != d:
+            raise Violation(f"checkpoint: replica {replica} has a different digest at seq {seq}")
+
+    def completed(self, client: int, ts: int, result: bytes) -> None:
+        expected = self.results.get((client, ts))
+        if expected != result:
+            raise Violation(
+                f"linearisability: client {client} request {ts} got {result!r}, sequential order gives {expected!r}"
+            )
+
+
+class _SimReplica(Replica):
+    checker: _Checker
+
+    def _execute(self, pp: PrePrepare) -> None:
+        self.checker.executed(self.id, pp)
+        super()._execute(pp)
+
+    def _take_checkpoint(self) -> None:
+        super()._take_checkpoint()
+        self.checker.checkpoint(self.id, self.executed, self.own_checkpoints[self.executed][0])
+
+
+class Simulation:
+    TICK_MS = 10
+
+    def __init__(
+        self,
+        seed: int,
+        f: int = 1,
+        faults: Faults | None = None,
+        clients: int = 3,
+        ops_per_client: int = 40,
+        fault_phase_ms: int = 4_000,
+        heal_budget_ms: int = 30_000,
+        params: Params = SIM_PARAMS,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.f = f
+        self.n = 3 * f + 1
+        self.faults = faults or Faults()
+        self.params = params
+        self.fault_phase_ms = fault_phase_ms
+        self.heal_budget_ms = heal_budget_ms
+        self.checker = _Checker(params.client_window)
+        self.replicas = []
+        for i in range(self.n):
+            r = _SimReplica(i, f, params, KVService)
+            r.checker = self.checker
+            self.replicas.append(r)
+        self.clients = [ClientCore(c, f, params) for c in range(clients)]
+        self.ops_left = [ops_per_client] * clients
+        self.outstanding: dict[tuple[int, int], bytes] = {}
+        self.crashed: set[int] = set()
+        self.now = 0
+        self.queue: list[tuple[int, int, int, object]] = []
+        self.counter = 0
+        self.messages = 0
+        self.completed = 0
+        # Crash up to f backups at random moments of the fault phase (view 0's primary is 0).
+        self.crash_at: list[tuple[int, int]] = []
+        if self.faults.crashes:
+            victims = self.rng.sample(range(1, self.n), self.rng.randint(0, f))
+            self.crash_at = sorted((self.rng.randrange(fault_phase_ms), v) for v in victims)
+
+    # -- event plumbing ---------------------------------------------------------------------
+
+    def _schedule(self, at: int, kind: int, payload: object) -> None:
+        self.counter += 1
+        heapq.heappush(self.queue, (at, self.counter, kind, payload))
+
+    def _faulty_phase(self) -> bool:
+        return self.now < self.fault_phase_ms
+
+    def _send(self, src: tuple[str, int], dst: tuple[str, int], msg: Message) -> None:
+        copies = 1
+        if self._faulty_phase():
+            if self.rng.random() < self.faults.loss:
+                return
+            if self.rng.random() < self.faults.duplicate:
+                copies = 2
+        for _ in range(copies):
+            delay = self.rng.randint(1, self.faults.delay_ms_max if self._faulty_phase() else 2)
+            self._schedule(self.now + delay, 0, (dst, msg))
+
+    def _route(self, src: tuple[str, int], outbound: list[tuple[int, Message]]) -> None:
+        for dest, msg in outbound:
+            if isinstance(msg, Reply):
+                self._send(src, ("client", dest), msg)
+            elif dest == ALL:
+                for j in range(self.n):
+                    if src != ("replica", j):
+                        self._send(src, ("replica", j), msg)
+            else:
+                self._send(src, ("replica", dest), msg)
+
+    def _submit(self, c: int) -> None:
+        client = self.clients[c]
+        while self.ops_left[c] > 0 and client.can_submit():
+            self.ops_left[c] -= 1
+            key = b"k%d" % self.rng.randrange(5)
+            if self.rng.random() < 0.3:
+                op = KVService.get(key)
+            else:
+                op = KVService.put(key, b"c%d-%d" % (c, self.ops_left[c]))
+            req = client.submit(op, self.now)
+            self.outstanding[(c, req.timestamp)] = op
+        self._route(("client", c), client.take_outbox())
+
+    def _collect(self, c: int) -> None:
+        for ts, result in self.clients[c].take_completed():
+            self.checker.completed(c, ts, result)
+            del self.outstanding[(c, ts)]
+            self.completed += 1
+        self._submit(c)
+
+    def _deliver(self, dst: tuple[str, int], msg: Message) -> None:
+        self.messages += 1
+        msg = roundtrip(msg)
+        kind, i = dst
+        if kind == "client":
+            self.clients[i].on_reply(msg, self.now)
+            self._collect(i)
+        elif i not in self.crashed:
+            self._route(("replica", i), self.replicas[i].step(msg, self.now))
+
+    def _tick(self) -> None:
+        while self.crash_at and self.crash_at[0][0] <= self.now:
+            self.crashed.add(self.crash_at.pop(0)[1])
+        for i, r in enumerate(self.replicas):
+            if i not in self.crashed:
+                self._route(("replica", i), r.tick(self.now))
+        for c, client in enumerate(self.clients):
+            self._route(("client", c), client.tick(self.now))
+        self._schedule(self.now + self.TICK_MS, 1, None)
+
+    def _done(self) -> bool:
+        return not self.outstanding and not any(self.ops_left)
+
+    # -- run --------------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        deadline = self.fault_phase_ms + self.heal_budget_ms
+        try:
+            for c in range(len(self.clients)):
+                self._submit(c)
+            self._schedule(0, 1, None)
+            while not self._done():
+                at, _, kind, payload = heapq.heappop(self.queue)
+                self.now = at
+                if self.now > deadline:
+                    raise Violation(
+                        f"liveness: {len(self.outstanding)} requests still outstanding "
+                        f"{self.heal_budget_ms} ms after faults healed"
+                    )
+                if kind == 0:
+                    self._deliver(*payload)
+                else:
+                    self._tick()
+        except Violation as v:
+            return self._result(False, str(v))
+        return self._result(True)
+
+    def _result(self, ok: bool, error: str = "") -> Result:
+        dropped: Counter[str] = Counter()
+        for r in self.replicas:
+            dropped.update(r.dropped)
+        return Result(
+            self.seed, ok, error, self.now, self.messages, self.completed, tuple(sorted(self.crashed)), dropped
+        )
+
+
+def run_seed(seed: int, f: int = 1, faults: str = "all", **kw: object) -> Result:
+    return Simulation(seed, f, Faults.named(faults), **kw).run()
+
+
+__all__ = ["Faults", "Result", "Simulation", "Violation", "run_seed"]

@@ -1,0 +1,292 @@
+"""The protocol core driven by hand through a fake link: no sockets, no clock, no randomness."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import msgpack
+import pytest
+
+from bft.core.client import ClientCore
+from bft.core.params import Params
+from bft.core.replica import ALL, Replica
+from bft.core.unreplicated import Unreplicated
+from bft.messages import Checkpoint, Commit, PrePrepare, Prepare, Reply, Request, State, Status
+from bft.service import KVService, NullService
+
+PARAMS = Params(checkpoint_interval=4, log_window=8, batch_size_max=8, inflight_max=1, client_window=4)
+NOW = 1_000_000
+
+
+class Link:
+    """Delivers every replica's outbox to its destinations until the network is quiet.
+
+    ``cut`` replicas neither send nor receive; ``drop`` filters individual deliveries."""
+
+    def __init__(self, f: int = 1, params: Params = PARAMS) -> None:
+        self.replicas = [Replica(i, f, params, KVService) for i in range(3 * f + 1)]
+        self.replies: list[Reply] = []
+        self.cut: set[int] = set()
+        self.drop = lambda src, dst, msg: False
+        self.queue: list[tuple[int, int, object]] = []
+
+    def post(self, src: int, out: list) -> None:
+        for dest, msg in out:
+            if isinstance(msg, Reply):
+                self.replies.append(msg)
+            elif dest == ALL:
+                self.queue += [(src, j, msg) for j in range(len(self.replicas)) if j != src]
+            else:
+                self.queue.append((src, dest, msg))
+
+    def run(self, now: int = NOW) -> None:
+        while self.queue:
+            src, dst, msg = self.queue.pop(0)
+            if src in self.cut or dst in self.cut or self.drop(src, dst, msg):
+                continue
+            self.post(dst, self.replicas[dst].step(msg, now))
+
+    def request(self, req: Request, to: int = 0, now: int = NOW) -> None:
+        self.post(to, self.replicas[to].step(req, now))
+        self.run(now)
+
+    def tick(self, now: int) -> None:
+        for i, r in enumerate(self.replicas):
+            if i not in self.cut:
+                self.post(i, r.tick(now))
+        self.run(now)
+
+
+def put(client: int, ts: int, key: bytes, value: bytes) -> Request:
+    return Request.make(client, ts, KVService.put(key, value))
+
+
+def results(link: Link, client: int, ts: int) -> dict[int, bytes]:
+    return {r.replica: r.result for r in link.replies if r.client == client and r.timestamp == ts}
+
+
+def test_normal_case_executes_everywhere_and_replies_from_all() -> None:
+    link = Link()
+    link.request(put(7, 1, b"k", b"v"))
+    assert all(r.executed == 1 for r in link.replicas)
+    assert set(results(link, 7, 1)) == {0, 1, 2, 3}
+    assert {msgpack.unpackb(v)[1] for v in results(link, 7, 1).values()} == {None}
+    link.request(Request.make(7, 2, KVService.get(b"k")))
+    assert {msgpack.unpackb(v)[1] for v in results(link, 7, 2).values()} == {b"v"}
+
+
+def test_one_silent_backup_does_not_stop_progress() -> None:
+    link = Link()
+    link.cut = {3}
+    for ts in range(1, 6):
+        link.request(put(1, ts, b"k%d" % ts, b"v"))
+    assert [r.executed for r in link.replicas[:3]] == [5, 5, 5]
+    assert link.replicas[3].executed == 0
+
+
+def test_two_silent_backups_stop_progress_but_not_safety() -> None:
+    link = Link()
+    link.cut = {2, 3}
+    link.request(put(1, 1, b"k", b"v"))
+    assert all(r.executed == 0 for r in link.replicas)
+    assert link.replies == []
+
+
+def test_primary_batches_while_its_window_is_full() -> None:
+    link = Link()
+    held: list = []
+    link.drop = lambda src, dst, msg: isinstance(msg, Commit) and (held.append((src, dst, msg)) or True)
+    link.request(put(1, 1, b"a", b"1"))  # seq 1 in flight: its commits are held back
+    for ts in range(2, 6):
+        link.request(put(1, ts, b"a", b"%d" % ts))
+    assert link.replicas[0].next_seq == 2 and len(link.replicas[0].pending) == 4
+    link.drop = lambda src, dst, msg: False
+    link.queue += held
+    link.run()
+    primary = link.replicas[0]
+    assert primary.stats["batches"] == 2 and primary.stats["batched-requests"] == 5
+    assert all(r.executed == 2 for r in link.replicas)
+
+
+def test_retransmitted_request_gets_cached_reply_and_old_one_is_dropped() -> None:
+    link = Link()
+    link.request(put(1, 10, b"k", b"first"))
+    link.replies.clear()
+    link.request(put(1, 10, b"k", b"first"), to=2)  # retransmission to a backup
+    assert results(link, 1, 10) == {2: msgpack.packb([True, None])}
+    for ts in range(11, 16):
+        link.request(put(1, ts, b"k", b"%d" % ts))
+    executed = link.replicas[0].stats["executed-requests"]
+    link.request(put(1, 10, b"k", b"replayed"))  # now older than the window: dropped
+    assert link.replicas[0].dropped["old-timestamp"] == 1
+    assert link.replicas[0].stats["executed-requests"] == executed
+
+
+def test_duplicate_in_two_batches_executes_once() -> None:
+    link = Link()
+    primary = link.replicas[0]
+    req = put(1, 1, b"k", b"v")
+    for seq in (1, 2):
+        primary.pending.append(req)
+        primary._try_propose(NOW + seq)
+        link.post(0, primary.take_outbox())
+        link.run()
+    assert all(r.executed == 2 and r.stats["executed-requests"] == 2 for r in link.replicas)
+    assert len(results(link, 1, 1)) == 4  # one reply per replica, not two
+
+
+def test_backup_rejects_pre_prepare_with_bad_timestamp() -> None:
+    link = Link()
+    backup = link.replicas[1]
+    pp = PrePrepare.make(0, 1, NOW + PARAMS.clock_skew_max_ms + 1, (put(1, 1, b"k", b"v"),), 0)
+    assert backup.step(pp, NOW) == []
+    assert backup.dropped["bad-timestamp"] == 1
+    ok = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"v"),), 0)
+    backup.step(ok, NOW)
+    older = PrePrepare.make(0, 2, NOW - 1, (put(1, 2, b"k", b"v"),), 0)
+    assert backup.step(older, NOW) == []
+    assert backup.dropped["non-monotonic-timestamp"] == 1
+
+
+def test_backup_ignores_equivocation_and_messages_not_from_primary() -> None:
+    backup = Link().replicas[1]
+    a = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"a"),), 0)
+    b = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"b"),), 0)
+    out = backup.step(a, NOW)
+    assert [type(m) for _, m in out] == [Prepare]
+    assert backup.step(b, NOW) == []
+    assert backup.dropped["conflicting-pre-prepare"] == 1
+    assert backup.step(replace(a, replica=2), NOW) == []
+    assert backup.dropped["not-from-primary"] == 1
+    assert backup.step(Prepare(0, 1, a.digest, 0), NOW) == []
+    assert backup.dropped["prepare-from-primary"] == 1
+    assert backup.step(Commit(0, PARAMS.log_window + 1, a.digest, 2), NOW) == []
+    assert backup.dropped["out-of-window"] == 1
+
+
+def test_conflicting_prepares_do_not_make_a_certificate() -> None:
+    backup = Link().replicas[1]
+    a = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"a"),), 0)
+    backup.step(a, NOW)
+    backup.step(Prepare(0, 1, bytes(32), 2), NOW)
+    backup.step(Prepare(0, 1, bytes(32), 3), NOW)
+    assert not backup.log[1].prepared
+    out = backup.step(Prepare(0, 1, a.digest, 3), NOW)  # replica 3 already voted: its first vote stands
+    assert out == [] and not backup.log[1].prepared
+
+
+def test_checkpoints_become_stable_and_collect_the_log() -> None:
+    link = Link()
+    for ts in range(1, 10):
+        link.request(put(1, ts, b"k%d" % ts, b"v"))
+    for r in link.replicas:
+        assert r.executed == 9
+        assert r.stable == 8
+        assert min(r.log) > 8 and len(r.log) == 1
+        assert set(r.own_checkpoints) == {8}
+    digests = {r.own_checkpoints[8][0] for r in link.replicas}
+    assert len(digests) == 1
+
+
+def test_primary_stops_at_the_high_watermark_until_a_checkpoint_is_stable() -> None:
+    link = Link()
+    link.drop = lambda src, dst, msg: isinstance(msg, Checkpoint)
+    for ts in range(1, 13):
+        link.request(put(1, ts, b"k", b"%d" % ts))
+    primary = link.replicas[0]
+    assert primary.executed == PARAMS.log_window and primary.stable == 0
+    assert len(primary.pending) == 4
+    link.drop = lambda src, dst, msg: False
+    link.tick(NOW + 1_000)  # status messages make peers resend their checkpoints
+    assert primary.stable == 8
+    assert primary.executed == 9 and primary.stats["executed-requests"] == 12  # the 4 waiting, in one batch
+
+
+def test_lost_messages_are_recovered_by_status_exchange() -> None:
+    link = Link()
+    link.drop = lambda src, dst, msg: dst == 2 and not isinstance(msg, Status)
+    link.request(put(1, 1, b"k", b"v"))
+    assert link.replicas[2].executed == 0
+    link.drop = lambda src, dst, msg: False
+    link.tick(NOW + 1_000)
+    assert link.replicas[2].executed == 1
+
+
+def test_lagging_replica_catches_up_by_state_transfer_and_resists_a_liar() -> None:
+    link = Link()
+    link.cut = {3}
+    for ts in range(1, 11):
+        link.request(put(1, ts, b"k%d" % ts, b"v%d" % ts))
+    assert link.replicas[0].stable == 8
+    lagging = link.replicas[3]
+    link.cut = set()
+    liar_snapshot = msgpack.packb((KVService().snapshot(), b"\x90", 0))
+    lagging.step(State(8, liar_snapshot, 1), NOW)  # unrequested: dropped
+    assert lagging.dropped["unrequested-state"] == 1
+    link.tick(NOW + 1_000)  # learns the certified checkpoint from peers' checkpoint messages
+    assert lagging.fetch_target is not None or lagging.executed >= 8
+    if lagging.fetch_target is not None:
+        lagging.step(State(8, liar_snapshot, 1), NOW + 1_000)
+        assert lagging.dropped["state-digest-mismatch"] == 1
+        link.tick(NOW + 2_000)
+    link.tick(NOW + 3_000)
+    assert lagging.executed == 10
+    assert lagging.stats["state-transfers"] == 1
+    assert lagging.service.snapshot() == link.replicas[0].service.snapshot()
+
+
+def test_client_needs_f_plus_1_matching_replies_and_learns_the_view() -> None:
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    req = client.submit(KVService.get(b"k"), 0)
+    assert client.take_outbox() == [(0, req)]
+    client.on_reply(Reply(0, 100, 5, 0, b"lie"), 1)
+    client.on_reply(Reply(9, 100, 5, 1, b"truth"), 1)
+    assert client.take_completed() == []
+    client.on_reply(Reply(4, 100, 5, 2, b"truth"), 1)
+    assert client.take_completed() == [(100, b"truth")]
+    assert client.view == 4  # a lone replica claiming view 9 does not move the client
+    client.on_reply(Reply(4, 100, 5, 3, b"truth"), 1)
+    assert client.dropped["unexpected-reply"] == 1
+
+
+def test_client_resends_to_all_on_timeout_with_backoff() -> None:
+    client = ClientCore(5, 1, PARAMS)
+    req = client.submit(b"op", 0)
+    client.take_outbox()
+    assert client.tick(PARAMS.request_timeout_ms - 1) == []
+    assert client.tick(PARAMS.request_timeout_ms) == [(ALL, req)]
+    assert client.tick(2 * PARAMS.request_timeout_ms) == []
+    assert client.tick(3 * PARAMS.request_timeout_ms) == [(ALL, req)]
+
+
+def test_client_window_is_a_timestamp_range() -> None:
+    client = ClientCore(5, 1, PARAMS, first_timestamp=1)
+    for _ in range(PARAMS.client_window):
+        client.submit(b"op", 0)
+    assert not client.can_submit()
+    for ts in range(2, PARAMS.client_window + 1):  # all but the oldest complete
+        for r in range(2):
+            client.on_reply(Reply(0, ts, 5, r, b""), 0)
+    assert not client.can_submit()  # the oldest still pins the window
+    for r in range(2):
+        client.on_reply(Reply(0, 1, 5, r, b""), 0)
+    assert client.can_submit()
+
+
+def test_unreplicated_core_is_exactly_once() -> None:
+    server = Unreplicated(PARAMS, NullService())
+    req = Request.make(1, 1, NullService.op(10))
+    [(dest, reply)] = server.step(req, NOW)
+    assert dest == 1 and reply.result == bytes(10)
+    server.step(req, NOW)
+    assert server.stats["executed-requests"] == 1
+
+
+@pytest.mark.parametrize("f", [1, 2])
+def test_replica_sets_scale_with_f(f: int) -> None:
+    link = Link(f)
+    link.cut = set(range(1, f + 1))
+    link.request(put(1, 1, b"k", b"v"))
+    live = [r for i, r in enumerate(link.replicas) if i not in link.cut]
+    assert all(r.executed == 1 for r in live)
+    assert len(results(link, 1, 1)) == 2 * f + 1

@@ -1,0 +1,158 @@
+"""Real replica processes on 127.0.0.1 with real keys, driven by the client library and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import subprocess
+import sys
+
+import msgpack
+import pytest
+
+from bft.crypto import REPLICA
+from bft.messages import Commit, Prepare, Request, frame, signed_bytes
+from bft.service import KVService
+from client import BlockingClient, Client, QuorumTimeout
+
+pytestmark = pytest.mark.integration
+
+
+def value_of(result: bytes) -> bytes | None:
+    ok, value = msgpack.unpackb(result)
+    assert ok is True
+    return value
+
+
+async def workload(c: Client, name: bytes, count: int, concurrency: int = 8) -> None:
+    """``count`` writes to keys of our own in rounds of 50 concurrent ones, each round followed
+    by reads that must return what the round wrote."""
+    model: dict[bytes, bytes] = {}
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        key = b"%s-%d" % (name, i % 50)
+        async with sem:
+            value = b"%s=%d" % (key, i)
+            await c.invoke(KVService.put(key, value))
+            model[key] = value
+
+    for start in range(0, count, 50):
+        await asyncio.gather(*(one(i) for i in range(start, min(count, start + 50))))
+        for key, value in model.items():
+            assert value_of(await c.invoke(KVService.get(key))) == value
+
+
+async def test_two_clients_then_one_backup_killed(local_cluster) -> None:
+    cluster = local_cluster.cluster
+    async with Client(cluster, 0) as a, Client(cluster, 1) as b:
+        await asyncio.gather(a.wait_connected(), b.wait_connected())
+        await asyncio.gather(workload(a, b"alice", 500), workload(b, b"bob", 500))
+        executed = [local_cluster.status(i)["executed"] for i in range(cluster.n)]
+        assert min(executed) > 0
+        local_cluster.kill(3)
+        await asyncio.gather(workload(a, b"alice", 200), workload(b, b"bob", 200))
+        # Everything the clients saw agrees with a fresh reader's view of the state.
+        async with Client(cluster, 2) as c:
+            assert value_of(await c.invoke(KVService.get(b"alice-49"))) == b"alice-49=199"
+            assert value_of(await c.invoke(KVService.get(b"bob-0"))) == b"bob-0=150"
+    live = [local_cluster.status(i) for i in range(3)]
+    assert len({s["executed"] for s in live}) == 1
+    assert all(s["stable_checkpoint"] > 0 for s in live)  # checkpoints kept the log bounded
+    assert all(s["log_slots"] <= cluster.params.log_window for s in live)
+
+
+def _raw_frame(payload: bytes) -> bytes:
+    return struct.pack("!I", len(payload)) + payload
+
+
+async def test_garbage_and_forgeries_are_dropped_and_counted(local_cluster) -> None:
+    cluster = local_cluster.cluster
+    target = cluster.replicas[1]
+    client_ring = cluster.keyring("client", 0)
+    async with Client(cluster, 0) as c:
+        await c.wait_connected()
+        assert value_of(await c.invoke(KVService.put(b"k", b"before"))) is None
+        before = local_cluster.status(1)["dropped"]
+        attacks = [
+            os.urandom(64),  # no framing at all: the length prefix is garbage, connection closed
+            _raw_frame(os.urandom(200)),  # random frame body
+            _raw_frame(b"\x01\x03" + os.urandom(30)),  # prepare header, nonsense inside
+        ]
+        # A prepare claiming to come from replica 2 with a tag made by a client key.
+        prep = Prepare(0, 1, bytes(32), 2)
+        payload = msgpack.packb((0, 1, bytes(32), 2))
+        forged_auth = client_ring.authenticator(Prepare.TYPE, payload)
+        attacks.append(_raw_frame(frame(prep, payload, forged_auth)))
+        # A commit with a zeroed authenticator.
+        payload = msgpack.packb((0, 1, bytes(32), 0))
+        attacks.append(_raw_frame(frame(Commit(0, 1, bytes(32), 0), payload, bytes(16 * cluster.n))))
+        # A request signed for client 0 but claiming client 5, and a replayed one.
+        req = Request.make(5, 1, KVService.put(b"k", b"forged"))
+        attacks.append(_raw_frame(frame(req, req.raw, client_ring.authenticator(Request.TYPE, req.raw))))
+        # An oversized announced frame.
+        attacks.append(struct.pack("!I", cluster.params.frame_bytes_max + 1) + b"x" * 10)
+        for data in attacks:
+            with socket.create_connection((target.host, target.port)) as s:
+                s.sendall(data)
+                await asyncio.sleep(0.05)
+        for i in range(20):
+            assert value_of(await c.invoke(KVService.put(b"k", b"after-%d" % i))) in (b"before", b"after-%d" % (i - 1))
+        after = local_cluster.status(1)["dropped"]
+    assert after.get("bad-authentication", 0) - before.get("bad-authentication", 0) >= 3
+    assert after.get("frame-too-large", 0) - before.get("frame-too-large", 0) >= 1
+    assert sum(after.values()) - sum(before.values()) >= len(attacks) - 1
+    assert local_cluster.procs[1].poll() is None  # still running
+    assert signed_bytes(Prepare.TYPE, 2, b"")  # the forged sender id was the one MACs cover
+    assert REPLICA == "replica"
+
+
+async def test_unreplicated_server_speaks_the_same_protocol(unreplicated_server) -> None:
+    host, port = unreplicated_server
+    async with Client.unreplicated(host, port) as c:
+        await c.wait_connected()
+        assert value_of(await c.invoke(KVService.put(b"x", b"1"))) is None
+        results = await asyncio.gather(*(c.invoke(KVService.put(b"y%d" % i, b"v")) for i in range(100)))
+        assert all(value_of(r) is None for r in results)
+        assert value_of(await c.invoke(KVService.get(b"x"))) == b"1"
+
+
+def test_blocking_client_and_cli(local_cluster) -> None:
+    cluster = local_cluster.cluster
+    with BlockingClient(cluster, 3) as c:
+        c.invoke(KVService.put(b"cli", b"from-python"))
+    cmd = [sys.executable, "-m", "bft", "invoke", "--config", str(cluster.path), "--client", "4"]
+    out = subprocess.run([*cmd, "get", "cli"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "from-python"
+    out = subprocess.run([*cmd, "put", "cli", "from-cli"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "from-python"
+    status = subprocess.run(
+        [sys.executable, "-m", "bft", "status", "--config", str(cluster.path)], capture_output=True, text=True
+    )
+    assert status.returncode == 0 and len(status.stdout.strip().splitlines()) == cluster.n + 1
+
+
+def test_invoke_without_a_cluster_fails_with_one_line(tmp_path) -> None:
+    from bft import config as cfg
+
+    from .conftest import free_base_port
+
+    cfg.keygen(tmp_path, 1, 1, base_port=free_base_port(4))
+    cmd = [sys.executable, "-m", "bft", "invoke", "--config", str(tmp_path / "cluster.toml"), "--timeout", "1"]
+    out = subprocess.run([*cmd, "get", "k"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("bft: error: no 2 matching replies")
+
+
+async def test_client_timeout_raises(tmp_path) -> None:
+    from bft import config as cfg
+
+    from .conftest import free_base_port
+
+    cfg.keygen(tmp_path, 1, 1, base_port=free_base_port(4))
+    async with Client(cfg.load(tmp_path / "cluster.toml"), 0) as c:
+        with pytest.raises(QuorumTimeout):
+            await c.invoke(KVService.get(b"k"), timeout=0.3)
