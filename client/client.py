@@ -26,7 +26,7 @@ from bft.runtime.node import limits_of
 from bft.runtime.transport import FrameProtocol, Peer
 from bft.runtime.wire import Wire
 
-TICK_S = 0.01
+TICK_S = 0.05
 
 
 class QuorumTimeout(TimeoutError):

@@ -11,7 +11,7 @@ from bft.core.client import ClientCore
 from bft.core.params import Params
 from bft.core.replica import ALL, Replica
 from bft.core.unreplicated import Unreplicated
-from bft.messages import Checkpoint, Commit, PrePrepare, Prepare, Reply, Request, State, Status
+from bft.messages import Checkpoint, Commit, Prepare, PrePrepare, Reply, Request, State, Status
 from bft.service import KVService, NullService
 
 PARAMS = Params(checkpoint_interval=4, log_window=8, batch_size_max=8, inflight_max=1, client_window=4)

@@ -30,6 +30,7 @@ class FrameProtocol(asyncio.Protocol):
         self.counters = counters
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
+        self._out: list[bytes] = []
         self.write_paused = False
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -75,12 +76,24 @@ class FrameProtocol(asyncio.Protocol):
             del buf[:pos]
 
     def send(self, frame: bytes) -> bool:
-        """Write one frame; False (and nothing written) if closed or over the buffer limit."""
+        """Queue one frame; False (and nothing queued) if closed or over the buffer limit.
+
+        Frames queued during one event-loop iteration leave in one write: under load a replica
+        answers many frames per iteration, and a system call per frame was most of its time."""
         t = self.transport
         if t is None or t.is_closing() or self.write_paused:
             return False
-        t.write(LENGTH.pack(len(frame)) + frame)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out += (LENGTH.pack(len(frame)), frame)
         return True
+
+    def _flush(self) -> None:
+        data = b"".join(self._out)
+        self._out.clear()
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
 
 
 class Peer:

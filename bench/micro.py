@@ -1,0 +1,214 @@
+"""Null-operation micro-benchmark: a 4-replica PBFT cluster against ``bft serve`` on this machine.
+
+Prints, for each argument/result size (the paper's 0/0, 4/0 and 0/4 KB), the median and 90th
+percentile latency of sequential operations from one client, then the throughput of 16
+closed-loop clients, for both targets in one run, with the replicated/unreplicated ratio.
+Writes the table as Markdown and JSON (and a PNG chart when matplotlib is installed) under
+``bench/results/``. This is a measurement, not a test: nothing here asserts a speed.
+
+    python -m bench.micro [--ops 2000] [--seconds 5] [--clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bft import config as cfg
+from bft.cli import start_replicas, stop_replicas
+from bft.service import NullService
+from client import Client
+
+RESULTS = Path(__file__).parent / "results"
+SIZES = [(0, 0), (4096, 0), (0, 4096)]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+
+
+async def latency(make_client, arg: int, res: int, ops: int) -> dict:
+    op = NullService.op(res, bytes(arg))
+    async with make_client(0) as c:
+        await c.wait_connected()
+        for _ in range(min(200, ops)):
+            await c.invoke(op)
+        samples = []
+        for _ in range(ops):
+            t0 = time.perf_counter()
+            await c.invoke(op)
+            samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return {
+        "median_ms": statistics.median(samples),
+        "p90_ms": samples[int(len(samples) * 0.9)],
+        "ops": ops,
+    }
+
+
+async def throughput(make_client, clients: int, seconds: float) -> dict:
+    op = NullService.op(0)
+    cs = [make_client(i) for i in range(clients)]
+    for c in cs:
+        await c.start()
+    try:
+        await asyncio.gather(*(c.wait_connected() for c in cs))
+        done = 0
+        stop_at = 0.0
+
+        async def loop(c: Client) -> None:
+            nonlocal done
+            while time.perf_counter() < stop_at:
+                await c.invoke(op)
+                done += 1
+
+        stop_at = time.perf_counter() + 1.0  # warm-up
+        await asyncio.gather(*(loop(c) for c in cs))
+        done = 0
+        t0 = time.perf_counter()
+        stop_at = t0 + seconds
+        await asyncio.gather(*(loop(c) for c in cs))
+        return {"ops_per_s": done / (time.perf_counter() - t0), "clients": clients}
+    finally:
+        for c in cs:
+            await c.close()
+
+
+async def measure(name: str, make_client, args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for arg, res in SIZES:
+        ops = args.ops if arg == res == 0 else max(1, args.ops // 2)
+        r = await latency(make_client, arg, res, ops)
+        out[f"{arg // 1024}/{res // 1024}"] = r
+        print(f"  {name:<12} {arg // 1024}/{res // 1024} KB  median {r['median_ms']:.3f} ms  "
+              f"p90 {r['p90_ms']:.3f} ms  ({ops} ops)", flush=True)
+    t = await throughput(make_client, args.clients, args.seconds)
+    out["throughput"] = t
+    print(f"  {name:<12} {args.clients} clients  {t['ops_per_s']:.0f} ops/s", flush=True)
+    return out
+
+
+def free_port_base(count: int) -> int:
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from tests.conftest import free_base_port
+
+    return free_base_port(count)
+
+
+def run_loop(coro) -> object:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def table(results: dict, clients: int) -> str:
+    rep, unrep = results["replicated"], results["unreplicated"]
+    lines = [
+        "| arg/res (KB) | replicated median (p90) ms | unreplicated median (p90) ms | slowdown |",
+        "|---|---|---|---|",
+    ]
+    for arg, res in SIZES:
+        k = f"{arg // 1024}/{res // 1024}"
+        a, b = rep[k], unrep[k]
+        lines.append(
+            f"| {k} | {a['median_ms']:.3f} ({a['p90_ms']:.3f}) | {b['median_ms']:.3f} ({b['p90_ms']:.3f}) "
+            f"| {a['median_ms'] / b['median_ms']:.2f}x |"
+        )
+    ta, tb = rep["throughput"]["ops_per_s"], unrep["throughput"]["ops_per_s"]
+    lines.append(f"| 0/0 throughput, {clients} clients | {ta:.0f} ops/s | {tb:.0f} ops/s | {ta / tb:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = [f"{a // 1024}/{r // 1024}" for a, r in SIZES]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    width = 0.38
+    for i, (target, color) in enumerate((("replicated", "tab:blue"), ("unreplicated", "tab:gray"))):
+        med = [results[target][k]["median_ms"] for k in keys]
+        ax1.bar([x + i * width for x in range(len(keys))], med, width, label=target, color=color)
+    ax1.set_xticks([x + width / 2 for x in range(len(keys))], keys)
+    ax1.set_xlabel("argument/result (KB)")
+    ax1.set_ylabel("median latency (ms)")
+    ax1.legend()
+    tp = [results[t]["throughput"]["ops_per_s"] for t in ("replicated", "unreplicated")]
+    ax2.bar(["replicated", "unreplicated"], tp, color=["tab:blue", "tab:gray"])
+    ax2.set_ylabel("null ops/s, closed loop")
+    fig.suptitle("PBFT null operations (" + results["machine"] + ")", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ops", type=int, default=2000, help="sequential operations per 0/0 latency run")
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of the throughput run")
+    ap.add_argument("--clients", type=int, default=16, help="closed-loop clients for throughput")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = free_port_base(4)
+        cfg.keygen(tmp, 1, args.clients + 1, base_port=base)
+        cluster = cfg.load(Path(tmp) / "cluster.toml")
+        procs = start_replicas(cluster, "null", Path(tmp) / "logs", "warning")
+        port = free_port_base(1)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "bft", "serve", "--service", "null", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(1.0)
+            results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
+            print(f"machine: {results['machine']}", flush=True)
+            print("4 replicas (f = 1) on 127.0.0.1:", flush=True)
+            results["replicated"] = run_loop(measure("replicated", lambda i: Client(cluster, i), args))
+            print("bft serve (no replication):", flush=True)
+            results["unreplicated"] = run_loop(
+                measure("unreplicated", lambda i: Client.unreplicated("127.0.0.1", port, i), args)
+            )
+        finally:
+            stop_replicas(procs)
+            server.terminate()
+            server.wait(5)
+
+    md = table(results, args.clients)
+    print()
+    print(md)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "micro.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "micro.md").write_text(f"Machine: {results['machine']}, {results['date']}\n\n{md}\n")
+    if plot(results, args.out / "micro.png"):
+        print(f"\nwrote {args.out / 'micro.md'}, micro.json and micro.png")
+    else:
+        print(f"\nwrote {args.out / 'micro.md'} and micro.json (install matplotlib for the chart)")
+
+
+if __name__ == "__main__":
+    main()
