@@ -90,16 +90,22 @@ def _ensure_cluster(directory: Path, f: int, clients: int, base_port: int) -> cf
     return cluster
 
 
+def replica_command(cluster: cfg.Cluster, replica: int, service: str, log_file: Path, log_level: str) -> list[str]:
+    return [
+        sys.executable, "-m", "bft", "replica", "--config", str(cluster.path), "--id", str(replica),
+        "--service", service, "--log-level", log_level, "--log-file", str(log_file),
+    ]
+
+
 def start_replicas(cluster: cfg.Cluster, service: str, log_dir: Path, log_level: str = "info") -> list:
     log_dir.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for r in cluster.replicas:
-        cmd = [
-            sys.executable, "-m", "bft", "replica", "--config", str(cluster.path), "--id", str(r.id),
-            "--service", service, "--log-level", log_level, "--log-file", str(log_dir / f"replica-{r.id}.log"),
-        ]
-        procs.append(subprocess.Popen(cmd, start_new_session=True))
-    return procs
+    return [
+        subprocess.Popen(
+            replica_command(cluster, r.id, service, log_dir / f"replica-{r.id}.log", log_level),
+            start_new_session=True,
+        )
+        for r in cluster.replicas
+    ]
 
 
 def stop_replicas(procs: list, timeout_s: float = 5.0) -> None:
@@ -256,6 +262,16 @@ def _positive(text: str) -> int:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < v < 86_400:
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 86400 seconds")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bft", description="PBFT replication: keys, replicas, clients, simulator.")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -290,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("invoke", help="run one operation and print the agreed result")
     i.add_argument("--config", required=True)
     i.add_argument("--client", type=_positive, default=0)
-    i.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a quorum")
+    i.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for a quorum")
     i.add_argument("op", choices=["put", "get", "del", "null"])
     i.add_argument("args", nargs="*")
     i.set_defaults(func=cmd_invoke)
@@ -303,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="print each replica's view, primary, executed and stable checkpoint")
     st.add_argument("--config", required=True)
-    st.add_argument("--timeout", type=float, default=2.0)
+    st.add_argument("--timeout", type=_seconds, default=2.0)
     st.set_defaults(func=cmd_status)
 
     m = sub.add_parser("sim", help="run the deterministic simulator over seeds")
@@ -311,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--first-seed", type=_positive, default=0)
     m.add_argument("--seed", type=_positive, help="replay one seed")
     m.add_argument("--f", type=_positive, default=1)
-    m.add_argument("--faults", default="all", choices=["none", "network", "all"])
+    m.add_argument("--faults", default="all", choices=["none", "network", "crash", "all"])
     m.add_argument("--ops", type=_positive, default=150, help="operations per simulated client")
     m.set_defaults(func=cmd_sim)
     return p

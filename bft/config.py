@@ -115,7 +115,7 @@ def load(path: str | os.PathLike) -> Cluster:
     replicas = []
     for i, row in enumerate(rows):
         where = f"{p}: replica {i}"
-        if not isinstance(row, dict) or row.get("id") != i:
+        if not isinstance(row, dict) or type(row.get("id")) is not int or row.get("id") != i:
             raise ConfigError(f"{where}: entries must be listed with id = 0, 1, 2, ... in order")
         host = row.get("host")
         if not isinstance(host, str) or not host:
@@ -127,7 +127,10 @@ def load(path: str | os.PathLike) -> Cluster:
             )
         )
     clients = {}
-    for row in doc.get("clients", []):
+    rows = doc.get("clients", [])
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise ConfigError(f"{p}: [[clients]] entries must be tables with id, sign_key and kex_key")
+    for row in rows:
         where = f"{p}: client"
         cid = _int(row, "id", where)
         if cid in clients:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgpack
 
@@ -34,6 +34,8 @@ DIGEST_BYTES = 32
 FRAME_BYTES_MAX = 64 * 1024 * 1024
 ARRAY_LEN_MAX = 1 << 16
 INT_MAX = (1 << 63) - 1
+INT_MIN = -(1 << 63)
+SENDER_MAX = (1 << 32) - 1  # the frame header holds the sender in 32 bits
 
 
 class DecodeError(ValueError):
@@ -96,6 +98,45 @@ def batch_digest(timestamp: int, requests: tuple[Request, ...]) -> bytes:
     for r in requests:
         h.update(r.digest)
     return h.digest()
+
+
+# The batch a new primary proposes for a sequence number the view change left empty.
+NULL_DIGEST = batch_digest(0, ())
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A batch sent to a replica that asked for it by digest (the new primary, condition A3 of
+    the view change); the receiver checks the digest, so any replica may send it."""
+
+    seq: int
+    timestamp: int
+    requests: tuple[Request, ...]
+    replica: int
+    digest: bytes = field(default=b"", compare=False, repr=False)
+
+    TYPE = 13
+
+    @staticmethod
+    def of(pp: PrePrepare, replica: int) -> Batch:
+        return Batch(pp.seq, pp.timestamp, pp.requests, replica, pp.digest)
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class FetchBatch:
+    seq: int
+    digest: bytes
+    replica: int
+
+    TYPE = 14
+
+    @property
+    def sender(self) -> int:
+        return self.replica
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +204,7 @@ class Status:
     view: int
     stable: int  # low watermark h
     executed: int  # last executed sequence number
+    view_changing: bool  # True while it waits for the NEW-VIEW of ``view``
     replica: int
 
     TYPE = 7
@@ -182,6 +224,9 @@ class ViewChange:
     prepared: tuple[tuple[int, bytes, int], ...]  # P: (seq, batch digest, view)
     preprepared: tuple[tuple[int, tuple[tuple[bytes, int], ...]], ...]  # Q: seq -> (digest, view)
     replica: int
+    # The signed encoding travels with the message so a NEW-VIEW can carry it as proof.
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    signature: bytes = field(default=b"", compare=False, repr=False)
 
     TYPE = 8
 
@@ -192,12 +237,13 @@ class ViewChange:
 
 @dataclass(frozen=True, slots=True)
 class NewView:
-    """Signed NEW-VIEW(v+1, V, X): the view changes used and the decision taken from them."""
+    """Signed NEW-VIEW(v+1, V, X): the view changes used, each with its sender's signature so
+    every backup can re-run the decision, and the decision taken from them."""
 
     view: int
-    view_changes: tuple[tuple[int, bytes], ...]  # V: (replica, digest of its view change)
+    view_changes: tuple[ViewChange, ...]  # V
     checkpoint: tuple[int, bytes]  # chosen stable checkpoint (seq, state digest)
-    decisions: tuple[tuple[int, bytes], ...]  # X: (seq, batch digest or empty for null)
+    decisions: tuple[tuple[int, bytes], ...]  # X: (seq, batch digest; NULL_DIGEST for null)
     replica: int
 
     TYPE = 9
@@ -253,7 +299,7 @@ class Hello:
 
 Message = (
     Request | PrePrepare | Prepare | Commit | Reply | Checkpoint | Status | ViewChange | NewView
-    | FetchState | State | Hello
+    | FetchState | State | Hello | Batch | FetchBatch
 )
 CLIENT_TYPES = frozenset({Request.TYPE, Hello.TYPE})
 SIGNED_TYPES = frozenset({ViewChange.TYPE, NewView.TYPE})
@@ -278,11 +324,16 @@ def _fields(msg: Message) -> tuple:
         case Checkpoint():
             return (msg.seq, msg.digest, msg.replica)
         case Status():
-            return (msg.view, msg.stable, msg.executed, msg.replica)
+            return (msg.view, msg.stable, msg.executed, msg.view_changing, msg.replica)
         case ViewChange():
             return (msg.view, msg.stable, msg.checkpoints, msg.prepared, msg.preprepared, msg.replica)
         case NewView():
-            return (msg.view, msg.view_changes, msg.checkpoint, msg.decisions, msg.replica)
+            vcs = [(vc.raw or encode_payload(vc), vc.signature) for vc in msg.view_changes]
+            return (msg.view, vcs, msg.checkpoint, msg.decisions, msg.replica)
+        case Batch():
+            return (msg.seq, msg.timestamp, [(r.raw, r.auth) for r in msg.requests], msg.replica)
+        case FetchBatch():
+            return (msg.seq, msg.digest, msg.replica)
         case FetchState():
             return (msg.seq, msg.replica)
         case State():
@@ -300,6 +351,8 @@ def encode_payload(msg: Message) -> bytes:
 
 def frame(msg: Message, payload: bytes, auth: bytes) -> bytes:
     """Assemble one frame (without the transport's length prefix)."""
+    if not 0 <= msg.sender <= SENDER_MAX:
+        raise ValueError(f"sender id {msg.sender} does not fit the frame header")
     return HEADER.pack(VERSION, msg.TYPE, msg.sender, len(auth)) + auth + payload
 
 
@@ -393,13 +446,6 @@ def _digest(v: object) -> bytes:
     return _bytes(v, DIGEST_BYTES, DIGEST_BYTES)
 
 
-def _digest_or_null(v: object) -> bytes:
-    b = _bytes(v, DIGEST_BYTES)
-    if len(b) not in (0, DIGEST_BYTES):
-        raise DecodeError("bad-bytes")
-    return b
-
-
 def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
     f = _list(_unpack(raw, limits), 4)
     return Request(
@@ -407,15 +453,26 @@ def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> 
     )
 
 
-def _pre_prepare(f: list, limits: Limits) -> PrePrepare:
-    _list(f, 5)
-    view, seq, ts = _int(f[0]), _int(f[1]), _int(f[2], -INT_MAX, INT_MAX)
+def _requests(v: object, limits: Limits) -> tuple[Request, ...]:
     reqs = []
-    for item in _list(f[3], max_len=limits.batch_len_max):
+    for item in _list(v, max_len=limits.batch_len_max):
         raw, auth = _list(item, 2)
         reqs.append(decode_request(_bytes(raw, limits.frame_bytes_max), _bytes(auth, 4096), limits))
-    requests = tuple(reqs)
+    return tuple(reqs)
+
+
+def _pre_prepare(f: list, limits: Limits) -> PrePrepare:
+    _list(f, 5)
+    view, seq, ts = _int(f[0]), _int(f[1]), _int(f[2], INT_MIN, INT_MAX)
+    requests = _requests(f[3], limits)
     return PrePrepare(view, seq, ts, requests, _int(f[4]), batch_digest(ts, requests))
+
+
+def _batch(f: list, limits: Limits) -> Batch:
+    _list(f, 4)
+    seq, ts = _int(f[0]), _int(f[1], INT_MIN, INT_MAX)
+    requests = _requests(f[2], limits)
+    return Batch(seq, ts, requests, _int(f[3]), batch_digest(ts, requests))
 
 
 def _view_change(f: list, limits: Limits) -> ViewChange:
@@ -431,10 +488,14 @@ def _view_change(f: list, limits: Limits) -> ViewChange:
 
 def _new_view(f: list, limits: Limits) -> NewView:
     _list(f, 5)
-    vcs = tuple((_int(r), _digest(d)) for r, d in (_list(x, 2) for x in _list(f[1])))
+    vcs = []
+    for item in _list(f[1], max_len=1024):
+        raw, signature = _list(item, 2)
+        vc = _view_change(_unpack(_bytes(raw, limits.frame_bytes_max), limits), limits)
+        vcs.append(replace(vc, raw=raw, signature=_bytes(signature, SIGNATURE_BYTES)))
     s, d = _list(f[2], 2)
-    decisions = tuple((_int(n), _digest_or_null(d)) for n, d in (_list(x, 2) for x in _list(f[3])))
-    return NewView(_int(f[0]), vcs, (_int(s), _digest(d)), decisions, _int(f[4]))
+    decisions = tuple((_int(n), _digest(d)) for n, d in (_list(x, 2) for x in _list(f[3])))
+    return NewView(_int(f[0]), tuple(vcs), (_int(s), _digest(d)), decisions, _int(f[4]))
 
 
 _DECODERS = {
@@ -448,7 +509,7 @@ _DECODERS = {
         _int(_list(f, 6)[0]), _int(f[1]), _int(f[2]), _int(f[3]), _bytes(f[4], lim.op_bytes_max), _bool(f[5])
     ),
     Checkpoint.TYPE: lambda f, lim: Checkpoint(_int(_list(f, 3)[0]), _digest(f[1]), _int(f[2])),
-    Status.TYPE: lambda f, lim: Status(_int(_list(f, 4)[0]), _int(f[1]), _int(f[2]), _int(f[3])),
+    Status.TYPE: lambda f, lim: Status(_int(_list(f, 5)[0]), _int(f[1]), _int(f[2]), _bool(f[3]), _int(f[4])),
     ViewChange.TYPE: _view_change,
     NewView.TYPE: _new_view,
     FetchState.TYPE: lambda f, lim: FetchState(_int(_list(f, 2)[0]), _int(f[1])),
@@ -456,6 +517,8 @@ _DECODERS = {
         _int(_list(f, 3)[0]), _bytes(f[1], lim.snapshot_bytes_max), _int(f[2])
     ),
     Hello.TYPE: lambda f, lim: Hello(_int(_list(f, 1)[0])),
+    Batch.TYPE: _batch,
+    FetchBatch.TYPE: lambda f, lim: FetchBatch(_int(_list(f, 3)[0]), _digest(f[1]), _int(f[2])),
 }
 
 
@@ -465,6 +528,8 @@ def decode_payload(env: Envelope, limits: Limits = DEFAULT_LIMITS) -> Message:
         msg: Message = decode_request(env.payload, env.auth, limits)
     else:
         msg = _DECODERS[env.type](_unpack(env.payload, limits), limits)
+        if isinstance(msg, ViewChange):
+            msg = replace(msg, raw=env.payload, signature=env.auth)
     if msg.sender != env.sender:
         raise DecodeError("sender-mismatch")
     return msg
@@ -473,5 +538,5 @@ def decode_payload(env: Envelope, limits: Limits = DEFAULT_LIMITS) -> Message:
 def roundtrip(msg: Message, limits: Limits = DEFAULT_LIMITS) -> Message:
     """Encode and decode without authentication: used by the simulator and tests so every
     simulated delivery exercises the codec."""
-    auth = msg.auth if isinstance(msg, Request) else b""
+    auth = msg.auth if isinstance(msg, Request) else msg.signature if isinstance(msg, ViewChange) else b""
     return decode_payload(split_frame(frame(msg, encode_payload(msg), auth), limits), limits)

@@ -24,7 +24,8 @@ def free_base_port(count: int) -> int:
     """A base port such that base .. base+100+count are free (replica and admin ports)."""
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20_000, 60_000)
+        # Below Linux's ephemeral range (32768+), where client sockets would take ports under us.
+        base = rng.randrange(10_000, 32_000)
         ports = [base + i for i in range(count)] + [base + 100 + i for i in range(count)]
         try:
             socks = []
@@ -74,6 +75,14 @@ class LocalCluster:
         p = self.procs[replica]
         p.send_signal(signal.SIGKILL)
         p.wait()
+
+    def restart(self, replica: int) -> None:
+        """Start a killed replica again (with an empty state: it catches up from the others)."""
+        from bft.cli import replica_command
+
+        log = self.cluster.path.parent / "logs" / f"replica-{replica}.restarted.log"
+        self.procs[replica] = subprocess.Popen(replica_command(self.cluster, replica, self.service, log, "info"))
+        wait_for_port(self.cluster.replicas[replica].host, self.cluster.replicas[replica].port)
 
     def status(self, replica: int) -> dict:
         return replica_status(self.cluster, replica)

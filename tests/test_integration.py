@@ -156,3 +156,67 @@ async def test_client_timeout_raises(tmp_path) -> None:
     async with Client(cfg.load(tmp_path / "cluster.toml"), 0) as c:
         with pytest.raises(QuorumTimeout):
             await c.invoke(KVService.get(b"k"), timeout=0.3)
+
+
+async def chain(c: Client, key: bytes, count: int, progress: list[int]) -> None:
+    """Sequential puts of 1..count to one key: each must return the previous value, so a lost or
+    doubly executed operation breaks the chain."""
+    prev = value_of(await c.invoke(KVService.get(key)))
+    start = int(prev) if prev else 0
+    for i in range(start + 1, start + count + 1):
+        old = value_of(await c.invoke(KVService.put(key, b"%d" % i)))
+        assert old == (b"%d" % (i - 1) if i > 1 else None), f"{key!r}: put {i} found {old!r}"
+        progress[0] += 1
+
+
+@pytest.mark.parametrize("f", [1, 2])
+async def test_primary_killed_under_load(tmp_path, f: int) -> None:
+    from bft.core.params import Params
+
+    from .conftest import LocalCluster
+
+    lc = LocalCluster(tmp_path / "c", f, "kv", Params(checkpoint_interval=32, log_window=64, view_timeout_ms=400))
+    try:
+        cluster = lc.cluster
+        clients = [Client(cluster, i) for i in range(4)]
+        for c in clients:
+            await c.start()
+        await asyncio.gather(*(c.wait_connected() for c in clients))
+        progress = [0]
+        work = asyncio.gather(*(chain(c, b"chain-%d" % i, 150, progress) for i, c in enumerate(clients)))
+        while progress[0] < 100:
+            await asyncio.sleep(0.01)
+        victims = [0] if f == 1 else [0, 3]  # the primary (and, for f = 2, a backup too)
+        for v in victims:
+            lc.kill(v)
+        await asyncio.wait_for(work, 60)
+        live = [lc.status(i) for i in range(cluster.n) if i not in victims]
+        assert all(s["view"] >= 1 for s in live)
+        assert len({s["executed"] for s in live}) == 1
+        for c in clients:
+            await c.close()
+    finally:
+        lc.stop()
+
+
+async def test_second_view_change_after_restarting_the_old_primary(tmp_path) -> None:
+    from bft.core.params import Params
+
+    from .conftest import LocalCluster
+
+    lc = LocalCluster(tmp_path / "c", 1, "kv", Params(checkpoint_interval=32, log_window=64, view_timeout_ms=400))
+    try:
+        async with Client(lc.cluster, 0) as c:
+            await c.wait_connected()
+            progress = [0]
+            await chain(c, b"k", 20, progress)
+            lc.kill(0)
+            await chain(c, b"k", 20, progress)  # view 1, primary 1
+            lc.restart(0)
+            await chain(c, b"k", 40, progress)  # the old primary catches up as a backup
+            lc.kill(1)
+            await chain(c, b"k", 20, progress)  # view 2, primary 2
+            assert progress[0] == 100
+            assert all(lc.status(i)["view"] >= 2 for i in (0, 2, 3))
+    finally:
+        lc.stop()

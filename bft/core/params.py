@@ -15,12 +15,13 @@ class Params:
     clock_skew_max_ms: int = 5_000  # backups reject batch times further than this from their clock
     status_interval_ms: int = 150  # how often a replica tells peers where it is (loss recovery)
     request_timeout_ms: int = 500  # client: resend to all replicas after this long
+    view_timeout_ms: int = 1_000  # backup: start a view change when a request waits this long
     op_bytes_max: int = 8 * 1024 * 1024  # request argument and reply result
     frame_bytes_max: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if not isinstance(getattr(self, f.name), int) or getattr(self, f.name) <= 0:
+            if type(getattr(self, f.name)) is not int or getattr(self, f.name) <= 0:
                 raise ValueError(f"protocol parameter {f.name} must be a positive integer")
         if self.log_window < self.checkpoint_interval or self.log_window % self.checkpoint_interval:
             raise ValueError("log_window must be a positive multiple of checkpoint_interval")

@@ -17,17 +17,23 @@ import msgpack
 
 from bft.core.clients import ClientTable
 from bft.core.params import Params
+from bft.core.viewchange import decide
 from bft.messages import (
+    NULL_DIGEST,
+    Batch,
     Checkpoint,
     Commit,
+    FetchBatch,
     FetchState,
     Message,
+    NewView,
     Prepare,
     PrePrepare,
     Reply,
     Request,
     State,
     Status,
+    ViewChange,
     digest,
 )
 from bft.service import Service
@@ -38,15 +44,22 @@ ALL = -1
 Outbound = tuple[int, Message]
 # Slots retransmitted in answer to one status message: bounds the work a peer can ask for.
 STATUS_SLOTS_MAX = 64
+# Q-set entries kept per sequence number (the most recent views): bounds a view change's size.
+QSET_ENTRIES_MAX = 4
+# Requests a backup holds for its view-change timer; more are relayed but not remembered.
+WAITING_REQUESTS_MAX = 4096
+# Exponential back-off of successive view changes stops doubling here.
+VIEW_BACKOFF_MAX = 6
 
 
 class Slot:
     """What a replica knows about one sequence number in the current view."""
 
-    __slots__ = ("commits", "committed", "pre_prepare", "prepared", "prepares")
+    __slots__ = ("commits", "committed", "expected", "pre_prepare", "prepared", "prepares")
 
     def __init__(self) -> None:
         self.pre_prepare: PrePrepare | None = None
+        self.expected: bytes | None = None  # digest a NEW-VIEW decided for this slot
         self.prepares: dict[int, bytes] = {}  # replica -> digest (first one it sent)
         self.commits: dict[int, bytes] = {}
         self.prepared = False
@@ -86,7 +99,19 @@ class Replica:
         self.own_checkpoints: dict[int, tuple[bytes, bytes]] = {0: (self._state_digest(), self._snapshot())}
         self.checkpoint_votes: dict[int, dict[int, bytes]] = {}
         self.fetch_target: tuple[int, bytes] | None = None  # certified checkpoint we lack
+        self.far_checkpoints: dict[int, tuple[int, bytes]] = {}  # replica -> its claim beyond H
         self.fetch_from = 0
+        # View change state (TOCS 2002, section 4.4): P and Q sets, known batches, timers.
+        self.view_changing = False
+        self.pset: dict[int, tuple[bytes, int]] = {}  # seq -> (digest, view) last prepared
+        self.qset: dict[int, dict[bytes, int]] = {}  # seq -> digest -> last view pre-prepared
+        self.batches: dict[tuple[int, bytes], tuple[int, tuple[Request, ...]]] = {}
+        self.wanted_batches: set[tuple[int, bytes]] = set()
+        self.view_changes: dict[int, dict[int, ViewChange]] = {}
+        self.new_view: NewView | None = None
+        self.waiting: dict[tuple[int, int], Request] = {}  # requests we saw and wait to see executed
+        self.view_deadline_ms: int | None = None
+        self.view_attempt = 0  # successive view changes without progress: the back-off exponent
         self.next_status_ms = 0
         self.now_ms = 0  # the driver's clock at the last input
         self.outbox: list[Outbound] = []
@@ -134,8 +159,13 @@ class Replica:
         self.now_ms = now_ms
         if now_ms >= self.next_status_ms:
             self.next_status_ms = now_ms + self.params.status_interval_ms
-            self.outbox.append((ALL, Status(self.view, self.stable, self.executed, self.id)))
+            self.outbox.append((ALL, Status(self.view, self.stable, self.executed, self.view_changing, self.id)))
             self._maybe_fetch_state()
+            if self.view_changing and self.is_primary():
+                self._try_new_view()
+        if self.view_deadline_ms is not None and now_ms >= self.view_deadline_ms:
+            log.info("replica %d: view %d timed out", self.id, self.view)
+            self._start_view_change(self.view + 1)
         self._try_propose(now_ms)
         return self.take_outbox()
 
@@ -150,11 +180,17 @@ class Replica:
         if self.clients.too_old(req.client, req.timestamp):
             self._drop("old-timestamp", req)
             return
-        if not self.is_primary():
-            # A client that timed out sends to everyone; relay so the primary hears of it.
-            self.outbox.append((self.primary, req))
-            return
         key = (req.client, req.timestamp)
+        if not self.is_primary() or self.view_changing:
+            # A client that timed out sends to everyone. Relay so the primary hears of it, and
+            # hold it: if it is not executed in time the primary is faulty (section 4.4).
+            if len(self.waiting) < WAITING_REQUESTS_MAX:
+                self.waiting.setdefault(key, req)
+                if self.view_deadline_ms is None and not self.view_changing:
+                    self.view_deadline_ms = now_ms + self._view_timeout()
+            if not self.view_changing:
+                self.outbox.append((self.primary, req))
+            return
         if key in self.pending_ids:
             return
         if len(self.pending) >= self.params.batch_size_max * self.params.log_window:
@@ -171,6 +207,7 @@ class Replica:
         while (
             self.pending
             and self.is_primary()
+            and not self.view_changing
             and self.next_seq <= self.executed + p.inflight_max
             and self.in_window(self.next_seq)
         ):
@@ -189,6 +226,7 @@ class Replica:
             pp = PrePrepare.make(self.view, self.next_seq, self.proposed_time_ms, tuple(batch), self.id)
             self.next_seq += 1
             self._slot(pp.seq).pre_prepare = pp
+            self._record_pre_prepare(pp)
             self.stats["batches"] += 1
             self.stats["batched-requests"] += len(batch)
             self.outbox.append((ALL, pp))
@@ -197,7 +235,7 @@ class Replica:
     # -- normal case ------------------------------------------------------------------------
 
     def on_pre_prepare(self, pp: PrePrepare, now_ms: int) -> None:
-        if pp.view != self.view:
+        if pp.view != self.view or self.view_changing:
             return self._drop("wrong-view", pp)
         if pp.replica != self.primary or self.is_primary():
             return self._drop("not-from-primary", pp)
@@ -210,18 +248,24 @@ class Replica:
             if slot.pre_prepare.digest != pp.digest:
                 self._drop("conflicting-pre-prepare", pp)
             return
-        if abs(pp.timestamp - now_ms) > self.params.clock_skew_max_ms:
+        if slot.expected is not None:
+            # Re-proposed by a NEW-VIEW: the decision fixed the batch, time checks do not apply.
+            if pp.digest != slot.expected:
+                return self._drop("not-the-new-view-decision", pp)
+        elif abs(pp.timestamp - now_ms) > self.params.clock_skew_max_ms:
             return self._drop("bad-timestamp", pp)
-        before = self.log.get(pp.seq - 1)
-        if before is not None and before.pre_prepare is not None and before.pre_prepare.timestamp >= pp.timestamp:
-            return self._drop("non-monotonic-timestamp", pp)
+        else:
+            before = self.log.get(pp.seq - 1)
+            if before is not None and before.pre_prepare is not None and before.pre_prepare.timestamp >= pp.timestamp:
+                return self._drop("non-monotonic-timestamp", pp)
         slot.pre_prepare = pp
+        self._record_pre_prepare(pp)
         slot.prepares[self.id] = pp.digest
         self.outbox.append((ALL, Prepare(self.view, pp.seq, pp.digest, self.id)))
         self._check_prepared(pp.seq)
 
     def on_prepare(self, p: Prepare, now_ms: int) -> None:
-        if p.view != self.view:
+        if p.view != self.view or self.view_changing:
             return self._drop("wrong-view", p)
         if p.replica == self.primary:
             return self._drop("prepare-from-primary", p)
@@ -232,7 +276,7 @@ class Replica:
         self._check_prepared(p.seq)
 
     def on_commit(self, c: Commit, now_ms: int) -> None:
-        if c.view != self.view:
+        if c.view != self.view or self.view_changing:
             return self._drop("wrong-view", c)
         if not self.in_window(c.seq):
             return self._drop("out-of-window", c)
@@ -246,6 +290,7 @@ class Replica:
         if slot.prepared or slot.pre_prepare is None or slot.matching(slot.prepares) < 2 * self.f:
             return
         slot.prepared = True
+        self.pset[seq] = (slot.pre_prepare.digest, self.view)
         slot.commits.setdefault(self.id, slot.pre_prepare.digest)
         self.outbox.append((ALL, Commit(self.view, seq, slot.pre_prepare.digest, self.id)))
         self._check_committed(seq)
@@ -271,6 +316,7 @@ class Replica:
         self.batch_time_ms = max(pp.timestamp, self.batch_time_ms + 1)
         for req in pp.requests:
             self.pending_ids.discard((req.client, req.timestamp))
+            self.waiting.pop((req.client, req.timestamp), None)
             if not self.clients.is_new(req.client, req.timestamp):
                 continue  # a duplicate ordered twice executes once, the same way everywhere
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
@@ -278,6 +324,10 @@ class Replica:
             self.outbox.append((req.client, Reply(self.view, req.timestamp, req.client, self.id, result)))
         self.executed = pp.seq
         self.stats["executed-requests"] += len(pp.requests)
+        if pp.requests and not self.view_changing:
+            # Progress: the back-off resets and the timer restarts for what still waits.
+            self.view_attempt = 0
+            self.view_deadline_ms = self.now_ms + self._view_timeout() if self.waiting else None
         if self.executed % self.params.checkpoint_interval == 0:
             self._take_checkpoint()
 
@@ -304,8 +354,11 @@ class Replica:
     def on_checkpoint(self, cp: Checkpoint, now_ms: int) -> None:
         if cp.seq <= self.stable:
             return
-        if cp.seq % self.params.checkpoint_interval or cp.seq > self.stable + 2 * self.params.log_window:
+        if cp.seq % self.params.checkpoint_interval:
             return self._drop("checkpoint-out-of-range", cp)
+        if cp.seq > self.stable + self.params.log_window:
+            self._far_checkpoint(cp)
+            return
         votes = self.checkpoint_votes.setdefault(cp.seq, {})
         votes.setdefault(cp.replica, cp.digest)
         support = sum(1 for d in votes.values() if d == cp.digest)
@@ -321,6 +374,16 @@ class Replica:
         elif cp.seq > self.executed:
             self.fetch_target = max(self.fetch_target or (0, b""), (cp.seq, cp.digest))
 
+    def _far_checkpoint(self, cp: Checkpoint) -> None:
+        """A checkpoint beyond our window (we restarted, or were cut off): only state transfer
+        gets us there. Each replica's latest such claim is kept (so at most n); f+1 matching
+        ones include a correct replica, which executed only committed requests."""
+        self.far_checkpoints[cp.replica] = (cp.seq, cp.digest)
+        voters = {r for r, c in self.far_checkpoints.items() if c == (cp.seq, cp.digest)}
+        if len(voters) >= self.f + 1 and (self.fetch_target is None or self.fetch_target[0] < cp.seq):
+            self.fetch_target = (cp.seq, cp.digest)
+            self.checkpoint_votes[cp.seq] = dict.fromkeys(voters, cp.digest)
+
     def _make_stable(self, seq: int) -> None:
         """The checkpoint at ``seq`` has a 2f+1 certificate: move h and discard the log below it."""
         self.stable = seq
@@ -330,6 +393,13 @@ class Replica:
             del self.checkpoint_votes[s]
         for s in [s for s in self.own_checkpoints if s < seq]:
             del self.own_checkpoints[s]
+        for r in [r for r, (s, _) in self.far_checkpoints.items() if s <= seq]:
+            del self.far_checkpoints[r]
+        for table in (self.pset, self.qset):
+            for s in [s for s in table if s <= seq]:
+                del table[s]
+        for key in [k for k in self.batches if k[0] <= seq]:
+            del self.batches[key]
         if self.fetch_target is not None and self.fetch_target[0] <= seq:
             self.fetch_target = None
         self.stats["stable-checkpoints"] += 1
@@ -344,7 +414,14 @@ class Replica:
             return self._drop("status-from-self", st)
         for seq in sorted(s for s in self.own_checkpoints if s > st.stable)[-2:]:
             self.outbox.append((to, Checkpoint(seq, self.own_checkpoints[seq][0], self.id)))
-        if st.view != self.view:
+        behind = st.view < self.view or (st.view == self.view and st.view_changing)
+        if behind and not self.view_changing and self.is_primary() and self.new_view is not None:
+            self.outbox.append((to, self.new_view))  # it missed our NEW-VIEW
+        if st.view == self.view and st.view_changing and self.view_changing:
+            own = self.view_changes.get(self.view, {}).get(self.id)
+            if own is not None:
+                self.outbox.append((to, own))  # it may have missed our VIEW-CHANGE
+        if st.view != self.view or st.view_changing or self.view_changing:
             return
         sent = 0
         for seq in range(max(st.executed, self.stable) + 1, self.stable + self.params.log_window + 1):
@@ -407,6 +484,195 @@ class Replica:
         self.next_seq = max(self.next_seq, st.seq + 1)
         self._execute_ready()
 
+    # -- view change ------------------------------------------------------------------------
+
+    def _view_timeout(self) -> int:
+        return self.params.view_timeout_ms << min(self.view_attempt, VIEW_BACKOFF_MAX)
+
+    def _record_pre_prepare(self, pp: PrePrepare) -> None:
+        """Q-set and batch store: what we pre-prepared, kept across views for view changes."""
+        q = self.qset.setdefault(pp.seq, {})
+        q[pp.digest] = pp.view
+        self.batches[(pp.seq, pp.digest)] = (pp.timestamp, pp.requests)
+        if len(q) > QSET_ENTRIES_MAX:
+            oldest = min(q, key=lambda d: (q[d], d))
+            del q[oldest]
+            if self.pset.get(pp.seq, (None,))[0] != oldest:
+                self.batches.pop((pp.seq, oldest), None)
+
+    def _start_view_change(self, view: int) -> None:
+        assert view > self.view or (view == self.view and not self.view_changing)
+        log.info("replica %d: view change to view %d", self.id, view)
+        self.stats["view-changes-started"] += 1
+        self.view = view
+        self.view_changing = True
+        self.view_attempt += 1
+        self.view_deadline_ms = None
+        for req in self.pending:
+            if len(self.waiting) < WAITING_REQUESTS_MAX:
+                self.waiting.setdefault((req.client, req.timestamp), req)
+        self.pending.clear()
+        self.pending_ids.clear()
+        self.log = {}
+        vc = ViewChange(
+            view,
+            self.stable,
+            tuple(sorted((s, d) for s, (d, _) in self.own_checkpoints.items())),
+            tuple(sorted((s, d, v) for s, (d, v) in self.pset.items())),
+            tuple(sorted((s, tuple(sorted(q.items()))) for s, q in self.qset.items())),
+            self.id,
+        )
+        for v in [v for v in self.view_changes if v < view]:
+            del self.view_changes[v]
+        self._store_view_change(vc)
+        self.outbox.append((ALL, vc))
+        self._view_change_progress()
+
+    def _store_view_change(self, vc: ViewChange) -> None:
+        # One view change per replica, its latest: a liar cannot fill memory with many views.
+        for v, by_replica in list(self.view_changes.items()):
+            if v != vc.view and by_replica.pop(vc.replica, None) is not None and not by_replica:
+                del self.view_changes[v]
+        self.view_changes.setdefault(vc.view, {})[vc.replica] = vc
+
+    def _view_change_progress(self) -> None:
+        vcs = self.view_changes.get(self.view, {})
+        if self.view_changing and len(vcs) >= 2 * self.f + 1 and self.view_deadline_ms is None:
+            # Only once 2f+1 replicas are changing too does waiting for the new primary make
+            # sense; if it does not deliver in time, move on (the paper's liveness rule).
+            self.view_deadline_ms = self.now_ms + self._view_timeout()
+        if self.view_changing and self.is_primary():
+            self._try_new_view()
+
+    def _valid_view_change(self, vc: ViewChange) -> bool:
+        p = self.params
+        h, high = vc.stable, vc.stable + p.log_window
+        return (
+            vc.stable % p.checkpoint_interval == 0
+            and len(vc.checkpoints) <= p.log_window // p.checkpoint_interval + 2
+            and all(s >= h and s % p.checkpoint_interval == 0 for s, _ in vc.checkpoints)
+            and len(vc.prepared) <= p.log_window
+            and all(h < s <= high and v < vc.view for s, _, v in vc.prepared)
+            and len({s for s, _, _ in vc.prepared}) == len(vc.prepared)
+            and len(vc.preprepared) <= p.log_window
+            and all(h < s <= high and len(e) <= QSET_ENTRIES_MAX for s, e in vc.preprepared)
+            and all(v < vc.view for _, e in vc.preprepared for _, v in e)
+        )
+
+    def on_view_change(self, vc: ViewChange, now_ms: int) -> None:
+        if vc.replica == self.id:
+            return self._drop("view-change-from-self", vc)
+        if vc.view < self.view or (vc.view == self.view and not self.view_changing):
+            if vc.view == self.view and self.is_primary() and self.new_view is not None:
+                self.outbox.append((vc.replica, self.new_view))
+            return self._drop("old-view-change", vc)
+        if not self._valid_view_change(vc):
+            return self._drop("malformed-view-change", vc)
+        self._store_view_change(vc)
+        if vc.view > self.view:
+            # f+1 replicas want a later view: at least one correct one timed out, join them.
+            latest = {r: v for v, by in self.view_changes.items() if v > self.view for r in by}
+            if len(latest) >= self.f + 1:
+                self._start_view_change(min(latest.values()))
+            return
+        self._view_change_progress()
+
+    def _try_new_view(self) -> None:
+        vcs = sorted(self.view_changes.get(self.view, {}).values(), key=lambda vc: vc.replica)
+        decision = decide(vcs, self.f, self.params.log_window)
+        if decision is None:
+            return
+        missing = [(s, d) for s, d in decision.batches if d != NULL_DIGEST and (s, d) not in self.batches]
+        if missing:
+            # Condition A3: we must hold every chosen batch; whoever prepared it can send it.
+            for s, d in missing:
+                self.wanted_batches.add((s, d))
+                self.outbox.append((ALL, FetchBatch(s, d, self.id)))
+            return
+        nv = NewView(self.view, tuple(vcs), decision.checkpoint, decision.batches, self.id)
+        self.outbox.append((ALL, nv))
+        self._enter_view(nv)
+
+    def on_new_view(self, nv: NewView, now_ms: int) -> None:
+        if nv.view < self.view or (nv.view == self.view and not self.view_changing):
+            return self._drop("old-new-view", nv)
+        if nv.replica != nv.view % self.n:
+            return self._drop("new-view-not-from-primary", nv)
+        vcs = sorted(nv.view_changes, key=lambda vc: vc.replica)
+        if any(vc.view != nv.view or not self._valid_view_change(vc) for vc in vcs):
+            return self._drop("bad-new-view", nv)
+        decision = decide(vcs, self.f, self.params.log_window)
+        if decision is None or decision.checkpoint != nv.checkpoint or decision.batches != nv.decisions:
+            # The primary's decision does not follow from its own evidence: ignore it and let
+            # the timer move us to the next view.
+            return self._drop("bad-new-view", nv)
+        self._enter_view(nv)
+
+    def _enter_view(self, nv: NewView) -> None:
+        self.view = nv.view
+        self.view_changing = False
+        self.new_view = nv
+        self.view_deadline_ms = None
+        self.wanted_batches.clear()
+        for v in [v for v in self.view_changes if v <= nv.view]:
+            del self.view_changes[v]
+        self.log = {}
+        self.stats["views-entered"] += 1
+        log.info("replica %d: entered view %d (primary %d)", self.id, self.view, self.primary)
+        n0, d0 = nv.checkpoint
+        if n0 > self.stable:
+            own = self.own_checkpoints.get(n0)
+            if own is not None and own[0] == d0:
+                self._make_stable(n0)
+            else:
+                votes = self.checkpoint_votes.setdefault(n0, {})
+                for vc in nv.view_changes:
+                    if (n0, d0) in vc.checkpoints:
+                        votes.setdefault(vc.replica, d0)
+                self.fetch_target = max(self.fetch_target or (0, b""), (n0, d0))
+        decided: set[tuple[int, int]] = set()
+        for seq, d in nv.decisions:
+            if seq <= self.stable:
+                continue
+            slot = self._slot(seq)
+            slot.expected = d
+            if d != NULL_DIGEST:
+                decided.update((r.client, r.timestamp) for r in self.batches.get((seq, d), (0, ()))[1])
+            if self.is_primary():
+                ts, requests = self.batches[(seq, d)] if d != NULL_DIGEST else (0, ())
+                pp = PrePrepare.make(self.view, seq, ts, requests, self.id)
+                assert pp.digest == d, "a re-proposed batch must keep its digest"
+                slot.pre_prepare = pp
+                self._record_pre_prepare(pp)
+                self.proposed_time_ms = max(self.proposed_time_ms, ts)
+                self.outbox.append((ALL, pp))
+        if self.is_primary():
+            top = max((s for s, _ in nv.decisions), default=n0)
+            self.next_seq = max(top, n0, self.executed) + 1
+            for key, req in sorted(self.waiting.items()):
+                if key not in decided and self.clients.is_new(*key):
+                    self.pending.append(req)
+                    self.pending_ids.add(key)
+            self.waiting.clear()
+            self._try_propose(self.now_ms)
+        elif self.waiting:
+            self.view_deadline_ms = self.now_ms + self._view_timeout()
+
+    def on_fetch_batch(self, fb: FetchBatch, now_ms: int) -> None:
+        batch = self.batches.get((fb.seq, fb.digest))
+        if batch is None:
+            return self._drop("no-such-batch", fb)
+        self.outbox.append((fb.replica, Batch(fb.seq, batch[0], batch[1], self.id, fb.digest)))
+
+    def on_batch(self, b: Batch, now_ms: int) -> None:
+        key = (b.seq, b.digest)
+        if key not in self.wanted_batches:
+            return self._drop("unrequested-batch", b)
+        self.wanted_batches.discard(key)
+        self.batches[key] = (b.timestamp, b.requests)
+        if self.view_changing and self.is_primary():
+            self._try_new_view()
+
     _handlers: dict[type, Callable[[Replica, Message, int], None]] = {
         Request: on_request,
         PrePrepare: on_pre_prepare,
@@ -416,4 +682,8 @@ class Replica:
         Status: on_status,
         FetchState: on_fetch_state,
         State: on_state,
+        ViewChange: on_view_change,
+        NewView: on_new_view,
+        FetchBatch: on_fetch_batch,
+        Batch: on_batch,
     }

@@ -9,18 +9,22 @@ baseline) frames carry no tags and nothing is checked.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from bft.crypto import CLIENT, REPLICA, Keyring
 from bft.messages import (
     CLIENT_TYPES,
     MAC_BYTES,
     SIGNED_TYPES,
+    Batch,
     DecodeError,
     Limits,
     Message,
+    NewView,
     PrePrepare,
     Reply,
     Request,
+    ViewChange,
     decode_payload,
     encode_payload,
     frame,
@@ -50,6 +54,8 @@ class Wire:
             if not msg.auth and kr is not None and kr.me[0] == CLIENT:
                 msg = msg.with_auth(kr.authenticator(Request.TYPE, msg.raw))
             return frame(msg, msg.raw, msg.auth)
+        if isinstance(msg, NewView) and kr is not None:
+            msg = replace(msg, view_changes=tuple(self._signed(vc) for vc in msg.view_changes))
         payload = encode_payload(msg)
         if kr is None:
             auth = b""
@@ -64,6 +70,15 @@ class Wire:
             blob[dest * MAC_BYTES:(dest + 1) * MAC_BYTES] = kr.tag_for((REPLICA, dest), msg.TYPE, payload)
             auth = bytes(blob)
         return frame(msg, payload, auth)
+
+    def _signed(self, vc: ViewChange) -> ViewChange:
+        """Our own view change inside a NEW-VIEW needs the signature the others saw."""
+        if vc.signature:
+            return vc
+        if vc.replica != self.keyring.me[1]:
+            raise ValueError(f"view change of replica {vc.replica} has no signature to forward")
+        raw = vc.raw or encode_payload(vc)
+        return replace(vc, raw=raw, signature=self.keyring.sign(ViewChange.TYPE, raw))
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -92,9 +107,14 @@ class Wire:
         except DecodeError as exc:
             self.dropped[str(exc)] += 1
             return None
-        if kr is not None and isinstance(msg, PrePrepare):
+        if kr is not None and isinstance(msg, PrePrepare | Batch):
             for r in msg.requests:
                 if not kr.check_tag((CLIENT, r.client), Request.TYPE, r.raw, r.auth, self.index):
                     self.dropped["bad-request-authentication"] += 1
+                    return None
+        if kr is not None and isinstance(msg, NewView):
+            for vc in msg.view_changes:
+                if not kr.check_signature(vc.replica, ViewChange.TYPE, vc.raw, vc.signature):
+                    self.dropped["bad-view-change-signature"] += 1
                     return None
         return msg

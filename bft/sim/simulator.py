@@ -1,8 +1,11 @@
 """A deterministic simulator: 3f+1 core replicas and several clients over a simulated network and
 clock, every choice drawn from one seeded RNG, so any run replays exactly from its seed.
 
-A run has a fault phase (random delays that reorder, duplicated and lost messages, up to f
-crashed backups) followed by a healed phase in which every submitted request must complete.
+A run has a fault phase followed by a healed phase in which every submitted request must
+complete. Faults: random delays that reorder, duplicated and lost messages; up to f faulty
+replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted with
+a wiped state, or, for view 0's primary, equivocating: it sends a different pre-prepare for each
+sequence number to half of the backups.
 After every delivered message the checker asserts:
 
 - agreement: no two correct replicas execute different batches at the same sequence number;
@@ -36,16 +39,20 @@ class Faults:
     duplicate: float = 0.05
     delay_ms_max: int = 20
     crashes: bool = True
+    restarts: bool = True  # crashed replicas may come back with an empty state
+    byzantine: bool = True  # view 0's primary may equivocate
 
     @staticmethod
     def named(name: str) -> Faults:
         if name == "none":
-            return Faults(0.0, 0.0, 2, False)
+            return Faults(0.0, 0.0, 2, False, False, False)
         if name == "network":
-            return Faults(crashes=False)
+            return Faults(crashes=False, restarts=False, byzantine=False)
+        if name == "crash":
+            return Faults(byzantine=False)
         if name == "all":
             return Faults()
-        raise ValueError(f"unknown fault set {name!r} (choose none, network or all)")
+        raise ValueError(f"unknown fault set {name!r} (choose none, network, crash or all)")
 
 
 SIM_PARAMS = Params(
@@ -56,6 +63,7 @@ SIM_PARAMS = Params(
     client_window=4,
     status_interval_ms=50,
     request_timeout_ms=200,
+    view_timeout_ms=300,
 )
 
 
@@ -142,11 +150,8 @@ class Simulation:
         self.fault_phase_ms = fault_phase_ms
         self.heal_budget_ms = heal_budget_ms
         self.checker = _Checker(params.client_window)
-        self.replicas = []
-        for i in range(self.n):
-            r = _SimReplica(i, f, params, KVService)
-            r.checker = self.checker
-            self.replicas.append(r)
+        self.replicas = [self._new_replica(i) for i in range(self.n)]
+        self.restarted: set[int] = set()
         self.clients = [ClientCore(c, f, params) for c in range(clients)]
         self.ops_left = [ops_per_client] * clients
         self.outstanding: dict[tuple[int, int], bytes] = {}
@@ -156,11 +161,28 @@ class Simulation:
         self.counter = 0
         self.messages = 0
         self.completed = 0
-        # Crash up to f backups at random moments of the fault phase (view 0's primary is 0).
+        # Up to f faulty replicas: an equivocating primary, crashes, restarts with a wiped state.
         self.crash_at: list[tuple[int, int]] = []
+        self.restart_at: list[tuple[int, int]] = []
+        self.equivocator: int | None = None
+        faulty = self.rng.sample(range(self.n), self.rng.randint(0, f))
+        if self.faults.byzantine and 0 in faulty and self.rng.random() < 0.5:
+            self.equivocator = 0
+            faulty.remove(0)
         if self.faults.crashes:
-            victims = self.rng.sample(range(1, self.n), self.rng.randint(0, f))
-            self.crash_at = sorted((self.rng.randrange(fault_phase_ms), v) for v in victims)
+            for v in faulty:
+                at = self.rng.randrange(fault_phase_ms)
+                self.crash_at.append((at, v))
+                if self.faults.restarts and self.rng.random() < 0.5:
+                    self.restart_at.append((at + self.rng.randrange(1, fault_phase_ms), v))
+            self.crash_at.sort()
+            self.restart_at.sort()
+        self.crash_schedule = tuple((v, at) for at, v in self.crash_at)  # (replica, time), for reports
+
+    def _new_replica(self, i: int) -> _SimReplica:
+        r = _SimReplica(i, self.f, self.params, KVService)
+        r.checker = self.checker
+        return r
 
     # -- event plumbing ---------------------------------------------------------------------
 
@@ -184,6 +206,12 @@ class Simulation:
 
     def _route(self, src: tuple[str, int], outbound: list[tuple[int, Message]]) -> None:
         for dest, msg in outbound:
+            if src == ("replica", self.equivocator) and isinstance(msg, PrePrepare) and dest == ALL:
+                # Same requests, another time: a different digest for the other half.
+                other = PrePrepare.make(msg.view, msg.seq, msg.timestamp + 1, msg.requests, msg.replica)
+                for j in range(1, self.n):
+                    self._send(src, ("replica", j), msg if j % 2 else other)
+                continue
             if isinstance(msg, Reply):
                 self._send(src, ("client", dest), msg)
             elif dest == ALL:
@@ -226,6 +254,11 @@ class Simulation:
     def _tick(self) -> None:
         while self.crash_at and self.crash_at[0][0] <= self.now:
             self.crashed.add(self.crash_at.pop(0)[1])
+        while self.restart_at and self.restart_at[0][0] <= self.now:
+            i = self.restart_at.pop(0)[1]
+            self.crashed.discard(i)
+            self.replicas[i] = self._new_replica(i)
+            self.restarted.add(i)
         for i, r in enumerate(self.replicas):
             if i not in self.crashed:
                 self._route(("replica", i), r.tick(self.now))
@@ -234,7 +267,15 @@ class Simulation:
         self._schedule(self.now + self.TICK_MS, 1, None)
 
     def _done(self) -> bool:
-        return not self.outstanding and not any(self.ops_left)
+        """Every request completed, and every live replica (restarted ones too) holds the state
+        of the latest stable checkpoint. PBFT does not promise more: a correct replica that
+        started a view change alone stays out of the view until the others change view too,
+        and follows by state transfer meanwhile."""
+        if self.outstanding or any(self.ops_left) or self._faulty_phase():
+            return False
+        live = [r for i, r in enumerate(self.replicas) if i not in self.crashed]
+        stable = max(r.stable for r in live)
+        return all(r.executed >= stable for r in live)
 
     # -- run --------------------------------------------------------------------------------
 
@@ -248,9 +289,10 @@ class Simulation:
                 at, _, kind, payload = heapq.heappop(self.queue)
                 self.now = at
                 if self.now > deadline:
+                    state = [(r.view, r.executed) for r in self.replicas]
                     raise Violation(
-                        f"liveness: {len(self.outstanding)} requests still outstanding "
-                        f"{self.heal_budget_ms} ms after faults healed"
+                        f"liveness: {len(self.outstanding)} requests outstanding, replicas at "
+                        f"(view, executed) {state}, {self.heal_budget_ms} ms after faults healed"
                     )
                 if kind == 0:
                     self._deliver(*payload)
