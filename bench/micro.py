@@ -1,8 +1,9 @@
 """Null-operation micro-benchmark: a 4-replica PBFT cluster against ``bft serve`` on this machine.
 
 Prints, for each argument/result size (the paper's 0/0, 4/0 and 0/4 KB), the median and 90th
-percentile latency of sequential operations from one client, then the throughput of 16
-closed-loop clients, for both targets in one run, with the replicated/unreplicated ratio.
+percentile latency of sequential operations from one client (read-write and, for the cluster,
+read-only), then the throughput of 16 closed-loop clients, for both targets in one run, with
+the replicated/unreplicated ratio.
 Writes the table as Markdown and JSON (and a PNG chart when matplotlib is installed) under
 ``bench/results/``. This is a measurement, not a test: nothing here asserts a speed.
 
@@ -44,16 +45,16 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
-async def latency(make_client, arg: int, res: int, ops: int) -> dict:
+async def latency(make_client, arg: int, res: int, ops: int, read_only: bool = False) -> dict:
     op = NullService.op(res, bytes(arg))
     async with make_client(0) as c:
         await c.wait_connected()
         for _ in range(min(200, ops)):
-            await c.invoke(op)
+            await c.invoke(op, read_only)
         samples = []
         for _ in range(ops):
             t0 = time.perf_counter()
-            await c.invoke(op)
+            await c.invoke(op, read_only)
             samples.append((time.perf_counter() - t0) * 1e3)
     samples.sort()
     return {
@@ -91,14 +92,15 @@ async def throughput(make_client, clients: int, seconds: float) -> dict:
             await c.close()
 
 
-async def measure(name: str, make_client, args: argparse.Namespace) -> dict:
+async def measure(name: str, make_client, args: argparse.Namespace, read_only: bool) -> dict:
     out: dict = {}
     for arg, res in SIZES:
         ops = args.ops if arg == res == 0 else max(1, args.ops // 2)
-        r = await latency(make_client, arg, res, ops)
-        out[f"{arg // 1024}/{res // 1024}"] = r
-        print(f"  {name:<12} {arg // 1024}/{res // 1024} KB  median {r['median_ms']:.3f} ms  "
-              f"p90 {r['p90_ms']:.3f} ms  ({ops} ops)", flush=True)
+        for ro in (False, True) if read_only else (False,):
+            r = await latency(make_client, arg, res, ops, ro)
+            out[f"{arg // 1024}/{res // 1024}" + ("-ro" if ro else "")] = r
+            print(f"  {name:<12} {arg // 1024}/{res // 1024} KB {'read-only ' if ro else 'read-write'}  "
+                  f"median {r['median_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  ({ops} ops)", flush=True)
     t = await throughput(make_client, args.clients, args.seconds)
     out["throughput"] = t
     print(f"  {name:<12} {args.clients} clients  {t['ops_per_s']:.0f} ops/s", flush=True)
@@ -123,18 +125,20 @@ def run_loop(coro) -> object:
 def table(results: dict, clients: int) -> str:
     rep, unrep = results["replicated"], results["unreplicated"]
     lines = [
-        "| arg/res (KB) | replicated median (p90) ms | unreplicated median (p90) ms | slowdown |",
-        "|---|---|---|---|",
+        "| arg/res (KB) | read-write median (p90) ms | read-only median (p90) ms "
+        "| unreplicated median (p90) ms | slowdown rw / ro |",
+        "|---|---|---|---|---|",
     ]
     for arg, res in SIZES:
         k = f"{arg // 1024}/{res // 1024}"
-        a, b = rep[k], unrep[k]
+        a, r, b = rep[k], rep[k + "-ro"], unrep[k]
         lines.append(
-            f"| {k} | {a['median_ms']:.3f} ({a['p90_ms']:.3f}) | {b['median_ms']:.3f} ({b['p90_ms']:.3f}) "
-            f"| {a['median_ms'] / b['median_ms']:.2f}x |"
+            f"| {k} | {a['median_ms']:.3f} ({a['p90_ms']:.3f}) | {r['median_ms']:.3f} ({r['p90_ms']:.3f}) "
+            f"| {b['median_ms']:.3f} ({b['p90_ms']:.3f}) "
+            f"| {a['median_ms'] / b['median_ms']:.2f}x / {r['median_ms'] / b['median_ms']:.2f}x |"
         )
     ta, tb = rep["throughput"]["ops_per_s"], unrep["throughput"]["ops_per_s"]
-    lines.append(f"| 0/0 throughput, {clients} clients | {ta:.0f} ops/s | {tb:.0f} ops/s | {ta / tb:.2f}x |")
+    lines.append(f"| 0/0 throughput, {clients} clients | {ta:.0f} ops/s | | {tb:.0f} ops/s | {ta / tb:.2f}x |")
     return "\n".join(lines)
 
 
@@ -148,11 +152,16 @@ def plot(results: dict, path: Path) -> bool:
         return False
     keys = [f"{a // 1024}/{r // 1024}" for a, r in SIZES]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    width = 0.38
-    for i, (target, color) in enumerate((("replicated", "tab:blue"), ("unreplicated", "tab:gray"))):
-        med = [results[target][k]["median_ms"] for k in keys]
-        ax1.bar([x + i * width for x in range(len(keys))], med, width, label=target, color=color)
-    ax1.set_xticks([x + width / 2 for x in range(len(keys))], keys)
+    series = (
+        ("read-write", "replicated", "", "tab:blue"),
+        ("read-only", "replicated", "-ro", "tab:cyan"),
+        ("unreplicated", "unreplicated", "", "tab:gray"),
+    )
+    width = 0.27
+    for i, (label, target, suffix, color) in enumerate(series):
+        med = [results[target][k + suffix]["median_ms"] for k in keys]
+        ax1.bar([x + i * width for x in range(len(keys))], med, width, label=label, color=color)
+    ax1.set_xticks([x + width for x in range(len(keys))], keys)
     ax1.set_xlabel("argument/result (KB)")
     ax1.set_ylabel("median latency (ms)")
     ax1.legend()
@@ -188,10 +197,10 @@ def main() -> None:
             results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
             print(f"machine: {results['machine']}", flush=True)
             print("4 replicas (f = 1) on 127.0.0.1:", flush=True)
-            results["replicated"] = run_loop(measure("replicated", lambda i: Client(cluster, i), args))
+            results["replicated"] = run_loop(measure("replicated", lambda i: Client(cluster, i), args, True))
             print("bft serve (no replication):", flush=True)
             results["unreplicated"] = run_loop(
-                measure("unreplicated", lambda i: Client.unreplicated("127.0.0.1", port, i), args)
+                measure("unreplicated", lambda i: Client.unreplicated("127.0.0.1", port, i), args, False)
             )
         finally:
             stop_replicas(procs)

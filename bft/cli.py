@@ -187,7 +187,7 @@ def cmd_invoke(a: argparse.Namespace) -> None:
         if len(a.args) != 1:
             raise CliError(f"{a.op} needs KEY")
         op = KVService.get(a.args[0].encode()) if a.op == "get" else KVService.delete(a.args[0].encode())
-        read_only = False
+        read_only = a.op == "get" and cluster.params.read_only
     else:
         if len(a.args) > 1 or (a.args and not a.args[0].isdigit()):
             raise CliError("null takes an optional RESULT_BYTES")

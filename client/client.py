@@ -126,7 +126,7 @@ class Client:
             ) from None
         finally:
             self._futures.pop(req.timestamp, None)
-            if self.core.inflight.pop(req.timestamp, None) is not None:
+            if self.core.abandon(req.timestamp):
                 self._window_open.set()
 
     # -- plumbing ---------------------------------------------------------------------------

@@ -290,3 +290,43 @@ def test_replica_sets_scale_with_f(f: int) -> None:
     live = [r for i, r in enumerate(link.replicas) if i not in link.cut]
     assert all(r.executed == 1 for r in live)
     assert len(results(link, 1, 1)) == 2 * f + 1
+
+
+def test_read_only_request_runs_at_once_outside_the_order() -> None:
+    link = Link()
+    link.request(put(1, 1, b"k", b"v"))
+    ro = Request.make(2, 1, KVService.get(b"k"), read_only=True)
+    for i in range(4):
+        link.post(i, link.replicas[i].step(ro, NOW))
+    assert {msgpack.unpackb(v)[1] for v in results(link, 2, 1).values()} == {b"v"}
+    assert all(r.executed == 1 and r.stats["read-only-requests"] == 1 for r in link.replicas)
+    assert all(r.clients.cached(2, 1) is None for r in link.replicas)  # not in the exactly-once table
+    write = Request.make(2, 2, KVService.put(b"k", b"w"), read_only=True)
+    assert link.replicas[1].step(write, NOW) == []
+    assert link.replicas[1].dropped["not-read-only"] == 1
+
+
+def test_read_only_client_needs_2f_plus_1_and_falls_back_when_replies_disagree() -> None:
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    req = client.submit(KVService.get(b"k"), 0, read_only=True)
+    assert client.take_outbox() == [(ALL, req)]
+    client.on_reply(Reply(0, 100, 5, 0, b"a"), 1)
+    client.on_reply(Reply(0, 100, 5, 1, b"a"), 1)
+    assert client.take_completed() == []  # f+1 is not enough for a read-only result
+    client.on_reply(Reply(0, 100, 5, 2, b"b"), 1)
+    client.on_reply(Reply(0, 100, 5, 3, b"c"), 1)  # now no 2f+1 can agree: fall back
+    [(dest, ordered)] = client.take_outbox()
+    assert dest == 0 and not ordered.read_only and ordered.timestamp == 101
+    assert client.stats["read-only-fallbacks"] == 1
+    client.on_reply(Reply(0, 100, 5, 2, b"a"), 2)  # a late read-only reply no longer counts
+    client.on_reply(Reply(0, 101, 5, 0, b"a"), 2)
+    client.on_reply(Reply(0, 101, 5, 1, b"a"), 2)
+    assert client.take_completed() == [(100, b"a")]  # reported under the caller's timestamp
+
+
+def test_read_only_client_falls_back_on_timeout() -> None:
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    client.submit(KVService.get(b"k"), 0, read_only=True)
+    client.take_outbox()
+    [(dest, ordered)] = client.tick(PARAMS.request_timeout_ms)
+    assert dest == 0 and not ordered.read_only

@@ -12,6 +12,9 @@ REGRESSIONS = [
     # replicas' exactly-once window and was dropped forever (liveness).
     (0, "network", 40),
     (3, "all", 40),
+    # Read-only operations that could not agree all waited to fall back to the ordered path,
+    # while the client's cap on operations in flight, full of them, forbade it (liveness).
+    (44, "all", 120),
 ]
 
 
@@ -65,4 +68,4 @@ def test_checker_catches_a_broken_replica() -> None:
         r.service.execute = lambda op, client, ts: b"wrong"
     result = sim.run()
     assert not result.ok
-    assert "linearisability" in result.error
+    assert "linearisability" in result.error or "read-only" in result.error

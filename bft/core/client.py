@@ -4,6 +4,11 @@ A request goes to the primary of the view the client believes in; the result is 
 f+1 distinct replicas sent replies with the same timestamp and result, since at least one of them
 is correct (OSDI 1999, section 4.1). On time-out the request goes to every replica, which relay it
 to the primary, and the time-out doubles (up to a cap). The client learns the view from replies.
+
+A read-only request goes to every replica, which execute it at once on their current state; its
+result needs 2f+1 matching replies (TOCS 2002, section 5.1.3). If they disagree or are too slow
+the operation is sent again as an ordinary ordered request, under a new timestamp so that late
+read-only replies can never be counted for it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class Pending:
     request: Request
     deadline_ms: int
     timeout_ms: int
+    origin: int  # the timestamp the caller knows the operation by
     replies: dict[int, Reply] = field(default_factory=dict)
 
 
@@ -48,10 +54,14 @@ class ClientCore:
         return self.view % self.n
 
     def can_submit(self) -> bool:
+        return len(self.inflight) < 2 * self.params.client_window and self._timestamp_window_open()
+
+    def _timestamp_window_open(self) -> bool:
         # The replicas' exactly-once window is a range of timestamps, not a count: a request
         # lagging behind newer ones must stay inside it or it would be dropped as too old.
-        oldest = min(self.inflight, default=self.next_timestamp)
-        return self.next_timestamp - oldest < self.params.client_window
+        # Read-only requests never enter that table, so they do not pin the window.
+        ordered = (ts for ts, p in self.inflight.items() if not p.request.read_only)
+        return self.next_timestamp - min(ordered, default=self.next_timestamp) < self.params.client_window
 
     def submit(self, op: bytes, now_ms: int, read_only: bool = False) -> Request:
         """Start an operation; returns the request (its timestamp identifies the result)."""
@@ -59,9 +69,30 @@ class ClientCore:
         req = Request.make(self.id, self.next_timestamp, op, read_only)
         self.next_timestamp += 1
         timeout = self.params.request_timeout_ms
-        self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout)
-        self.outbox.append((self.primary, req))
+        self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, req.timestamp)
+        self.outbox.append((ALL if read_only else self.primary, req))
         return req
+
+    def abandon(self, origin: int) -> bool:
+        """Forget the operation the caller knows as ``origin`` (it gave up waiting)."""
+        for ts, pending in self.inflight.items():
+            if pending.origin == origin:
+                del self.inflight[ts]
+                return True
+        return False
+
+    def _fall_back(self, pending: Pending, now_ms: int) -> None:
+        """Re-issue a read-only operation as an ordered one (new timestamp, same caller id)."""
+        if not self._timestamp_window_open():
+            pending.deadline_ms = now_ms + self.params.request_timeout_ms
+            return
+        del self.inflight[pending.request.timestamp]
+        req = Request.make(self.id, self.next_timestamp, pending.request.op, False)
+        self.next_timestamp += 1
+        timeout = self.params.request_timeout_ms
+        self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, pending.origin)
+        self.stats["read-only-fallbacks"] += 1
+        self.outbox.append((self.primary, req))
 
     def on_reply(self, reply: Reply, now_ms: int) -> None:
         pending = self.inflight.get(reply.timestamp)
@@ -73,17 +104,26 @@ class ClientCore:
             return
         pending.replies[reply.replica] = reply
         matching = [r for r in pending.replies.values() if r.result == reply.result]
-        if len(matching) < self.f + 1:
+        quorum = 2 * self.f + 1 if pending.request.read_only else self.f + 1
+        if len(matching) < quorum:
+            if pending.request.read_only:
+                best = max(Counter(r.result for r in pending.replies.values()).values())
+                if best + self.n - len(pending.replies) < quorum:
+                    self._fall_back(pending, now_ms)  # replicas disagree: no quorum can form
             return
         # f+1 replicas vouch for this view or a later one; a single liar cannot push us ahead.
         views = sorted((r.view for r in matching), reverse=True)
         self.view = max(self.view, views[self.f])
         del self.inflight[reply.timestamp]
-        self.completed.append((reply.timestamp, reply.result))
+        self.completed.append((pending.origin, reply.result))
 
     def tick(self, now_ms: int) -> list[Outbound]:
-        for pending in self.inflight.values():
-            if now_ms >= pending.deadline_ms:
+        for pending in list(self.inflight.values()):
+            if now_ms < pending.deadline_ms:
+                continue
+            if pending.request.read_only:
+                self._fall_back(pending, now_ms)
+            else:
                 pending.timeout_ms = min(
                     pending.timeout_ms * 2, self.params.request_timeout_ms * TIMEOUT_BACKOFF_MAX
                 )

@@ -18,10 +18,16 @@ class Params:
     view_timeout_ms: int = 1_000  # backup: start a view change when a request waits this long
     op_bytes_max: int = 8 * 1024 * 1024  # request argument and reply result
     frame_bytes_max: int = 16 * 1024 * 1024
+    # The paper's optimisations, each switchable so its worth can be measured.
+    read_only: bool = True  # execute read-only requests at once, 2f+1 matching replies
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if type(getattr(self, f.name)) is not int or getattr(self, f.name) <= 0:
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                if type(value) is not bool:
+                    raise ValueError(f"protocol parameter {f.name} must be true or false")
+            elif type(value) is not int or value <= 0:
                 raise ValueError(f"protocol parameter {f.name} must be a positive integer")
         if self.log_window < self.checkpoint_interval or self.log_window % self.checkpoint_interval:
             raise ValueError("log_window must be a positive multiple of checkpoint_interval")

@@ -172,6 +172,15 @@ class Replica:
     # -- requests ---------------------------------------------------------------------------
 
     def on_request(self, req: Request, now_ms: int) -> None:
+        if req.read_only:
+            # Executed at once on the current state, outside the order and the exactly-once
+            # table; the client needs 2f+1 matching replies (TOCS 2002, section 5.1.3).
+            if not (self.params.read_only and self.service.is_read_only(req.op)):
+                return self._drop("not-read-only", req)
+            self.stats["read-only-requests"] += 1
+            result = self.service.execute(req.op, req.client, self.batch_time_ms)
+            self.outbox.append((req.client, Reply(self.view, req.timestamp, req.client, self.id, result)))
+            return
         cached = self.clients.cached(req.client, req.timestamp)
         if cached is not None:
             self.stats["retransmitted-replies"] += 1

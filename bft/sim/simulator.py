@@ -11,7 +11,8 @@ After every delivered message the checker asserts:
 - agreement: no two correct replicas execute different batches at the same sequence number;
 - checkpoints: every checkpoint taken at a sequence number has the same digest everywhere;
 - linearisability: every result a client accepted equals the result of executing the committed
-  order sequentially on a fresh service.
+  order sequentially on a fresh service; a read-only result (not in the order) must be a value
+  the key held at some point of that sequential execution.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import heapq
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+
+import msgpack
 
 from bft.core.client import ClientCore
 from bft.core.clients import ClientTable
@@ -88,6 +91,7 @@ class _Checker:
         self.reference_time = 0
         self.reference_seq = 0
         self.results: dict[tuple[int, int], bytes] = {}
+        self.written: dict[bytes, set[bytes]] = {}
 
     def executed(self, replica: int, pp: PrePrepare) -> None:
         known = self.batches.setdefault(pp.seq, pp)
@@ -98,6 +102,9 @@ class _Checker:
             self.reference_time = max(batch.timestamp, self.reference_time + 1)
             for r in batch.requests:
                 if self.reference_clients.is_new(r.client, r.timestamp):
+                    cmd = KVService._parse(r.op)
+                    if cmd is not None and cmd[0] == "put":
+                        self.written.setdefault(cmd[1], set()).add(cmd[2])
                     res = self.reference.execute(r.op, r.client, self.reference_time)
                     self.reference_clients.record(r.client, r.timestamp, res)
                     self.results[(r.client, r.timestamp)] = res
@@ -106,6 +113,15 @@ class _Checker:
     def checkpoint(self, replica: int, seq: int, d: bytes) -> None:
         if self.checkpoints.setdefault(seq, d) != d:
             raise Violation(f"checkpoint: replica {replica} has a different digest at seq {seq}")
+
+    def completed_read(self, client: int, op: bytes, result: bytes) -> None:
+        key = KVService._parse(op)[1]
+        try:
+            ok, value = msgpack.unpackb(result)
+        except (ValueError, TypeError, msgpack.ExtraData) as exc:
+            raise Violation(f"read-only: client {client} got a malformed result {result!r}") from exc
+        if not ok or (value is not None and value not in self.written.get(key, ())):
+            raise Violation(f"read-only: client {client} read {value!r} for {key!r}, never written")
 
     def completed(self, client: int, ts: int, result: bytes) -> None:
         expected = self.results.get((client, ts))
@@ -155,6 +171,7 @@ class Simulation:
         self.clients = [ClientCore(c, f, params) for c in range(clients)]
         self.ops_left = [ops_per_client] * clients
         self.outstanding: dict[tuple[int, int], bytes] = {}
+        self.read_only: set[tuple[int, int]] = set()
         self.crashed: set[int] = set()
         self.now = 0
         self.queue: list[tuple[int, int, int, object]] = []
@@ -226,17 +243,24 @@ class Simulation:
         while self.ops_left[c] > 0 and client.can_submit():
             self.ops_left[c] -= 1
             key = b"k%d" % self.rng.randrange(5)
+            read_only = False
             if self.rng.random() < 0.3:
                 op = KVService.get(key)
+                read_only = self.rng.random() < 0.5
             else:
                 op = KVService.put(key, b"c%d-%d" % (c, self.ops_left[c]))
-            req = client.submit(op, self.now)
+            req = client.submit(op, self.now, read_only)
             self.outstanding[(c, req.timestamp)] = op
+            if read_only:
+                self.read_only.add((c, req.timestamp))
         self._route(("client", c), client.take_outbox())
 
     def _collect(self, c: int) -> None:
         for ts, result in self.clients[c].take_completed():
-            self.checker.completed(c, ts, result)
+            if (c, ts) in self.read_only:
+                self.checker.completed_read(c, self.outstanding[(c, ts)], result)
+            else:
+                self.checker.completed(c, ts, result)
             del self.outstanding[(c, ts)]
             self.completed += 1
         self._submit(c)
