@@ -18,6 +18,7 @@ from pathlib import Path
 import msgpack
 
 from bft import config as cfg
+from bft.runtime.storage import StorageError
 from bft.service import SERVICES, KVService, NullService, make_service
 
 log = logging.getLogger("bft")
@@ -67,7 +68,7 @@ def cmd_replica(a: argparse.Namespace) -> None:
 
     cluster = cfg.load(a.config)
     make_service(a.service)  # fail early, with one line, on an unknown service name
-    node = replica_node(cluster, a.id, lambda: make_service(a.service))
+    node = replica_node(cluster, a.id, lambda: make_service(a.service), Path(a.data) if a.data else None)
     _run_async(_serve_until_signal(node))
 
 
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=True)
     r.add_argument("--id", type=_positive, required=True)
     r.add_argument("--service", default="kv", choices=sorted(SERVICES))
+    r.add_argument("--data", help="data directory for stable checkpoints (default: data/replica-ID beside the config)")
     r.add_argument("--log-file")
     r.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=cmd_replica)
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     _setup_logging(args.log_level if args.command != "up" else "warning", getattr(args, "log_file", None))
     try:
         args.func(args)
-    except (cfg.ConfigError, CliError, ValueError) as exc:
+    except (cfg.ConfigError, CliError, StorageError, ValueError) as exc:
         print(f"bft: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

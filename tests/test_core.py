@@ -9,7 +9,7 @@ import pytest
 
 from bft.core.client import ClientCore
 from bft.core.params import Params
-from bft.core.replica import ALL, Replica
+from bft.core.replica import ALL, PERSIST, Replica
 from bft.core.unreplicated import Unreplicated
 from bft.messages import Checkpoint, Commit, Prepare, PrePrepare, Reply, Request, State, Status
 from bft.service import KVService, NullService
@@ -29,10 +29,13 @@ class Link:
         self.cut: set[int] = set()
         self.drop = lambda src, dst, msg: False
         self.queue: list[tuple[int, int, object]] = []
+        self.persisted: dict[int, object] = {}
 
     def post(self, src: int, out: list) -> None:
         for dest, msg in out:
-            if isinstance(msg, Reply):
+            if dest == PERSIST:
+                self.persisted[src] = msg
+            elif isinstance(msg, Reply):
                 self.replies.append(msg)
             elif dest == ALL:
                 self.queue += [(src, j, msg) for j in range(len(self.replicas)) if j != src]
@@ -330,3 +333,21 @@ def test_read_only_client_falls_back_on_timeout() -> None:
     client.take_outbox()
     [(dest, ordered)] = client.tick(PARAMS.request_timeout_ms)
     assert dest == 0 and not ordered.read_only
+
+
+def test_stable_checkpoints_are_persisted_and_a_restart_resumes_from_them() -> None:
+    link = Link()
+    for ts in range(1, 11):
+        link.request(put(1, ts, b"k%d" % ts, b"v%d" % ts))
+    saved = link.persisted[2]
+    assert saved.seq == 8 and len({r for r, _ in saved.proof}) >= 3
+    restarted = Replica(2, 1, PARAMS, KVService)
+    restarted.restore(type(saved).decode(saved.encode()))
+    assert restarted.executed == 8 and restarted.stable == 8
+    link.replicas[2] = restarted
+    link.tick(NOW + 1_000)  # status exchange brings it the rest of the log
+    assert restarted.executed == 10
+    assert restarted.service.snapshot() == link.replicas[0].service.snapshot()
+    damaged = type(saved)(saved.seq, saved.digest, saved.snapshot[:-1] + b"x", saved.proof)
+    with pytest.raises(ValueError, match=r"damaged|malformed"):
+        Replica(2, 1, PARAMS, KVService).restore(damaged)

@@ -220,3 +220,37 @@ async def test_second_view_change_after_restarting_the_old_primary(tmp_path) -> 
             assert all(lc.status(i)["view"] >= 2 for i in (0, 2, 3))
     finally:
         lc.stop()
+
+
+async def test_wiped_replica_catches_up_by_state_transfer_and_restart_resumes_from_disk(tmp_path) -> None:
+    import shutil
+
+    from bft.core.params import Params
+
+    from .conftest import LocalCluster
+
+    lc = LocalCluster(tmp_path / "c", 1, "kv", Params(checkpoint_interval=32, log_window=64))
+    data = lc.cluster.path.parent / "data"
+    try:
+        async with Client(lc.cluster, 0) as a, Client(lc.cluster, 1) as b:
+            await asyncio.gather(a.wait_connected(), b.wait_connected())
+            await asyncio.gather(workload(a, b"a", 500), workload(b, b"b", 500))
+            assert (data / "replica-3" / "checkpoint.msgpack").exists()
+            lc.kill(2)
+            lc.kill(3)
+            shutil.rmtree(data / "replica-2")  # replica 2 comes back with nothing
+            lc.restart(2)
+            lc.restart(3)  # replica 3 comes back from its data directory
+            resumed = lc.status(3)
+            assert resumed["stable_checkpoint"] >= 32 and resumed["executed"] >= resumed["stable_checkpoint"]
+            await asyncio.gather(workload(a, b"a", 200), workload(b, b"b", 200))
+            for _ in range(100):  # give the replicas a few status rounds to settle
+                s = [lc.status(i) for i in range(4)]
+                if len({x["stable_checkpoint"] for x in s}) == 1 and len({x["executed"] for x in s}) == 1:
+                    break
+                await asyncio.sleep(0.1)
+        assert s[2]["stats"].get("state-transfers", 0) >= 1
+        assert len({x["executed"] for x in s}) == 1
+        assert len({(x["stable_checkpoint"], x["stable_digest"]) for x in s}) == 1
+    finally:
+        lc.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgpack
 
@@ -41,6 +42,7 @@ from bft.service import Service
 log = logging.getLogger("bft.replica")
 
 ALL = -1
+PERSIST = -2  # destination of a ``Persist`` effect: the driver writes it to the data directory
 Outbound = tuple[int, Message]
 # Slots retransmitted in answer to one status message: bounds the work a peer can ask for.
 STATUS_SLOTS_MAX = 64
@@ -50,6 +52,31 @@ QSET_ENTRIES_MAX = 4
 WAITING_REQUESTS_MAX = 4096
 # Exponential back-off of successive view changes stops doubling here.
 VIEW_BACKOFF_MAX = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """A stable checkpoint to keep on disk: the state snapshot and the 2f+1 (or, after a state
+    transfer, f+1) checkpoint messages that certify its digest. A restarted replica resumes
+    from it (``restore``) and catches up from there."""
+
+    seq: int
+    digest: bytes
+    snapshot: bytes
+    proof: tuple[tuple[int, bytes], ...]  # (replica, digest) of the certifying checkpoints
+
+    def encode(self) -> bytes:
+        return msgpack.packb((1, self.seq, self.digest, self.snapshot, self.proof))
+
+    @staticmethod
+    def decode(data: bytes) -> Persist:
+        try:
+            version, seq, d, snapshot, proof = msgpack.unpackb(data, max_map_len=0, max_ext_len=0)
+            if version != 1 or type(seq) is not int or type(d) is not bytes or type(snapshot) is not bytes:
+                raise ValueError("fields")
+            return Persist(seq, d, snapshot, tuple((int(r), bytes(x)) for r, x in proof))
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise ValueError(f"not a checkpoint file ({exc})") from None
 
 
 class Slot:
@@ -412,6 +439,11 @@ class Replica:
         if self.fetch_target is not None and self.fetch_target[0] <= seq:
             self.fetch_target = None
         self.stats["stable-checkpoints"] += 1
+        own = self.own_checkpoints.get(seq)
+        if own is not None:
+            votes = self.checkpoint_votes.get(seq, {})
+            proof = tuple(sorted((r, d) for r, d in votes.items() if d == own[0]))
+            self.outbox.append((PERSIST, Persist(seq, own[0], own[1], proof)))
         self._try_propose(self.now_ms)  # the window moved: the primary may order what waits
 
     # -- loss recovery and state transfer ---------------------------------------------------
@@ -471,27 +503,48 @@ class Replica:
         target = self.fetch_target
         if target is None or st.seq != target[0]:
             return self._drop("unrequested-state", st)
+        problem = self._install(st.seq, target[1], st.snapshot)
+        if problem:
+            # A lying replica cannot corrupt us: the certified digest decides; ask another next time.
+            return self._drop(problem, st)
+        self.stats["state-transfers"] += 1
+        log.info("replica %d installed state at checkpoint %d from replica %d", self.id, st.seq, st.replica)
+        self._make_stable(st.seq)
+        self._execute_ready()
+
+    def _install(self, seq: int, expected: bytes, snapshot: bytes) -> str | None:
+        """Replace our state by ``snapshot`` if it has digest ``expected``; else say why not."""
         service = self.service_factory()
         clients = ClientTable(self.params.client_window)
         try:
-            snap, table, batch_time = msgpack.unpackb(st.snapshot, max_map_len=0, max_ext_len=0)
+            snap, table, batch_time = msgpack.unpackb(snapshot, max_map_len=0, max_ext_len=0)
             service.restore(snap)
             clients.restore(table)
             if type(batch_time) is not int:
                 raise ValueError("batch time")
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            return self._drop("malformed-state", st)
-        if digest(msgpack.packb((service.digest(), clients.encode(), batch_time))) != target[1]:
-            # A lying replica cannot corrupt us: the certified digest decides; ask another next time.
-            return self._drop("state-digest-mismatch", st)
+            return "malformed-state"
+        if digest(msgpack.packb((service.digest(), clients.encode(), batch_time))) != expected:
+            return "state-digest-mismatch"
         self.service, self.clients, self.batch_time_ms = service, clients, batch_time
-        self.executed = st.seq
-        self.own_checkpoints[st.seq] = (target[1], st.snapshot)
-        self.stats["state-transfers"] += 1
-        log.info("replica %d installed state at checkpoint %d from replica %d", self.id, st.seq, st.replica)
-        self._make_stable(st.seq)
-        self.next_seq = max(self.next_seq, st.seq + 1)
-        self._execute_ready()
+        self.executed = max(self.executed, seq)
+        self.own_checkpoints[seq] = (expected, snapshot)
+        self.next_seq = max(self.next_seq, seq + 1)
+        return None
+
+    def restore(self, saved: Persist) -> None:
+        """Resume from a checkpoint this replica persisted before it stopped. Our own disk is
+        trusted, but the snapshot must still match the digest it was certified with."""
+        assert self.executed == 0, "restore only a fresh replica"
+        if len({r for r, d in saved.proof if d == saved.digest}) < self.f + 1:
+            raise ValueError(f"checkpoint {saved.seq} on disk lacks a certificate")
+        problem = self._install(saved.seq, saved.digest, saved.snapshot)
+        if problem:
+            raise ValueError(f"checkpoint {saved.seq} on disk is damaged ({problem})")
+        self.checkpoint_votes[saved.seq] = dict(saved.proof)
+        self.stable = saved.seq
+        for s in [s for s in self.own_checkpoints if s < saved.seq]:
+            del self.own_checkpoints[s]
 
     # -- view change ------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -18,10 +19,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bft.config import Cluster
 from bft.core.params import DEFAULT_PARAMS, Params
-from bft.core.replica import ALL, Outbound, Replica
+from bft.core.replica import ALL, PERSIST, Outbound, Replica
 from bft.core.unreplicated import Unreplicated
 from bft.crypto import REPLICA
 from bft.messages import Hello, Limits, Reply, Request
+from bft.runtime.storage import CheckpointStore, StorageError
 from bft.runtime.transport import FrameProtocol, Peer
 from bft.runtime.wire import Wire
 from bft.service import Service
@@ -57,9 +59,11 @@ class Node:
         frame_bytes_max: int,
         admin_port: int = 0,
         name: str = "server",
+        store: CheckpointStore | None = None,
     ) -> None:
         self.core = core
         self.wire = wire
+        self.store = store
         self.host, self.port, self.admin_port = host, port, admin_port
         self.name = name
         self.transport_drops: Counter[str] = wire.dropped
@@ -78,6 +82,14 @@ class Node:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.store is not None and isinstance(self.core, Replica):
+            saved = self.store.load()
+            if saved is not None:
+                try:
+                    self.core.restore(saved)
+                except ValueError as exc:
+                    raise StorageError(f"{self.store.path}: {exc}") from None
+                log.info("%s resumed from checkpoint %d in %s", self.name, saved.seq, self.store.path)
         self._server = await loop.create_server(
             lambda: FrameProtocol(self._on_frame, self.frame_bytes_max, self.transport_drops),
             self.host,
@@ -106,6 +118,8 @@ class Node:
             await self._server.wait_closed()
         if self._admin is not None:
             await self._admin.cleanup()
+        if self.store is not None:
+            await self.store.flush()
 
     async def _ticker(self) -> None:
         while True:
@@ -139,7 +153,10 @@ class Node:
 
     def _dispatch(self, out: list[Outbound]) -> None:
         for dest, msg in out:
-            if isinstance(msg, Reply):
+            if dest == PERSIST:
+                if self.store is not None:
+                    self.store.save(msg)
+            elif isinstance(msg, Reply):
                 conn = self.client_conns.get(dest)
                 if conn is None or not conn.send(self.wire.seal(msg)):
                     self.transport_drops["reply-undeliverable"] += 1
@@ -164,6 +181,8 @@ class Node:
                 "primary": core.primary,
                 "executed": core.executed,
                 "stable_checkpoint": core.stable,
+                "stable_digest": core.own_checkpoints.get(core.stable, (b"",))[0].hex(),
+                "view_changing": core.view_changing,
                 "log_slots": len(core.log),
                 "pending_requests": len(core.pending),
             }
@@ -208,14 +227,21 @@ class _Collector:
         yield stats
 
 
-def replica_node(cluster: Cluster, replica_id: int, service: Callable[[], Service]) -> Node:
+def replica_node(
+    cluster: Cluster, replica_id: int, service: Callable[[], Service], data_dir: Path | None = None
+) -> Node:
+    """A replica; its stable checkpoints go to ``data_dir`` (default: data/replica-I beside the
+    cluster file), and it resumes from the last one when it starts."""
     keyring = cluster.keyring(REPLICA, replica_id)
     params = cluster.params
     core = Replica(replica_id, cluster.f, params, service)
     me = cluster.replicas[replica_id]
     peers = {r.id: (r.host, r.port) for r in cluster.replicas if r.id != replica_id}
     wire = Wire(keyring, limits_of(params), Counter())
-    return Node(core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}")
+    store = CheckpointStore(data_dir or cluster.path.parent / "data" / f"replica-{replica_id}")
+    return Node(
+        core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}", store
+    )
 
 
 def unreplicated_node(host: str, port: int, service: Service, params: Params = DEFAULT_PARAMS) -> Node:

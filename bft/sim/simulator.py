@@ -3,9 +3,9 @@ clock, every choice drawn from one seeded RNG, so any run replays exactly from i
 
 A run has a fault phase followed by a healed phase in which every submitted request must
 complete. Faults: random delays that reorder, duplicated and lost messages; up to f faulty
-replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted with
-a wiped state, or, for view 0's primary, equivocating: it sends a different pre-prepare for each
-sequence number to half of the backups.
+replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted from
+its data directory or with a wiped state, or, for view 0's primary, equivocating: it sends a
+different pre-prepare for each sequence number to half of the backups.
 After every delivered message the checker asserts:
 
 - agreement: no two correct replicas execute different batches at the same sequence number;
@@ -27,7 +27,7 @@ import msgpack
 from bft.core.client import ClientCore
 from bft.core.clients import ClientTable
 from bft.core.params import Params
-from bft.core.replica import ALL, Replica
+from bft.core.replica import ALL, PERSIST, Persist, Replica
 from bft.messages import Message, PrePrepare, Reply, roundtrip
 from bft.service import KVService
 
@@ -168,6 +168,7 @@ class Simulation:
         self.checker = _Checker(params.client_window)
         self.replicas = [self._new_replica(i) for i in range(self.n)]
         self.restarted: set[int] = set()
+        self.disks: dict[int, bytes] = {}  # each replica's last persisted checkpoint
         self.clients = [ClientCore(c, f, params) for c in range(clients)]
         self.ops_left = [ops_per_client] * clients
         self.outstanding: dict[tuple[int, int], bytes] = {}
@@ -223,6 +224,9 @@ class Simulation:
 
     def _route(self, src: tuple[str, int], outbound: list[tuple[int, Message]]) -> None:
         for dest, msg in outbound:
+            if dest == PERSIST:
+                self.disks[src[1]] = msg.encode()
+                continue
             if src == ("replica", self.equivocator) and isinstance(msg, PrePrepare) and dest == ALL:
                 # Same requests, another time: a different digest for the other half.
                 other = PrePrepare.make(msg.view, msg.seq, msg.timestamp + 1, msg.requests, msg.replica)
@@ -282,6 +286,9 @@ class Simulation:
             i = self.restart_at.pop(0)[1]
             self.crashed.discard(i)
             self.replicas[i] = self._new_replica(i)
+            # Half the restarts find their data directory, half come back wiped.
+            if i in self.disks and self.rng.random() < 0.5:
+                self.replicas[i].restore(Persist.decode(self.disks[i]))
             self.restarted.add(i)
         for i, r in enumerate(self.replicas):
             if i not in self.crashed:
