@@ -269,14 +269,44 @@ class FetchState:
 
 @dataclass(frozen=True, slots=True)
 class State:
-    """A snapshot of the service plus the exactly-once table at checkpoint ``seq``; the receiver
-    checks it against a checkpoint digest it holds a weak (f+1) certificate for."""
+    """The manifest of checkpoint ``seq``: its partition digests, msgpack-encoded. The receiver
+    checks them against the checkpoint digest it holds a certificate for, then fetches the
+    partitions it lacks."""
 
     seq: int
-    snapshot: bytes
+    manifest: bytes
     replica: int
 
     TYPE = 11
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPartition:
+    seq: int
+    index: int
+    replica: int
+
+    TYPE = 15
+
+    @property
+    def sender(self) -> int:
+        return self.replica
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """One partition of checkpoint ``seq``, checked by the receiver against the manifest."""
+
+    seq: int
+    index: int
+    data: bytes
+    replica: int
+
+    TYPE = 16
 
     @property
     def sender(self) -> int:
@@ -299,7 +329,7 @@ class Hello:
 
 Message = (
     Request | PrePrepare | Prepare | Commit | Reply | Checkpoint | Status | ViewChange | NewView
-    | FetchState | State | Hello | Batch | FetchBatch
+    | FetchState | State | Hello | Batch | FetchBatch | FetchPartition | Partition
 )
 CLIENT_TYPES = frozenset({Request.TYPE, Hello.TYPE})
 SIGNED_TYPES = frozenset({ViewChange.TYPE, NewView.TYPE})
@@ -337,7 +367,11 @@ def _fields(msg: Message) -> tuple:
         case FetchState():
             return (msg.seq, msg.replica)
         case State():
-            return (msg.seq, msg.snapshot, msg.replica)
+            return (msg.seq, msg.manifest, msg.replica)
+        case FetchPartition():
+            return (msg.seq, msg.index, msg.replica)
+        case Partition():
+            return (msg.seq, msg.index, msg.data, msg.replica)
         case Hello():
             return (msg.client,)
     raise TypeError(f"not a message: {msg!r}")
@@ -519,6 +553,10 @@ _DECODERS = {
     Hello.TYPE: lambda f, lim: Hello(_int(_list(f, 1)[0])),
     Batch.TYPE: _batch,
     FetchBatch.TYPE: lambda f, lim: FetchBatch(_int(_list(f, 3)[0]), _digest(f[1]), _int(f[2])),
+    FetchPartition.TYPE: lambda f, lim: FetchPartition(_int(_list(f, 3)[0]), _int(f[1]), _int(f[2])),
+    Partition.TYPE: lambda f, lim: Partition(
+        _int(_list(f, 4)[0]), _int(f[1]), _bytes(f[2], lim.snapshot_bytes_max), _int(f[3])
+    ),
 }
 
 

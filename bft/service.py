@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from typing import Protocol
 
 import msgpack
-
-from bft.messages import DIGEST_BYTES
 
 
 class Service(Protocol):
@@ -23,14 +22,13 @@ class Service(Protocol):
     def is_read_only(self, op: bytes) -> bool:
         """True when ``op`` does not change the state (eligible for the read-only path)."""
 
-    def snapshot(self) -> bytes:
-        """The whole state as bytes, for checkpoints and state transfer."""
+    def partitions(self) -> tuple[bytes, ...]:
+        """The state as a fixed number of encoded partitions, for checkpoints and state
+        transfer. A partition unchanged since the previous call must be returned as the very
+        same bytes object: that is how a checkpoint costs only what changed."""
 
-    def restore(self, snapshot: bytes) -> None:
-        """Replace the state with one produced by ``snapshot``; raise ValueError if malformed."""
-
-    def digest(self) -> bytes:
-        """A digest of the state: equal states give equal digests on every replica."""
+    def restore(self, partitions: Sequence[bytes]) -> None:
+        """Replace the state by one produced by ``partitions``; raise ValueError if malformed."""
 
 
 class NullService:
@@ -54,15 +52,12 @@ class NullService:
     def is_read_only(self, op: bytes) -> bool:
         return True
 
-    def snapshot(self) -> bytes:
-        return b""
+    def partitions(self) -> tuple[bytes, ...]:
+        return ()
 
-    def restore(self, snapshot: bytes) -> None:
-        if snapshot:
+    def restore(self, partitions: Sequence[bytes]) -> None:
+        if partitions:
             raise ValueError("the null service has no state")
-
-    def digest(self) -> bytes:
-        return bytes(DIGEST_BYTES)
 
 
 class KVService:
@@ -71,16 +66,15 @@ class KVService:
     ``["put", key, value] -> [true, old value or nil]``, ``["get", key] -> [true, value or nil]``,
     ``["del", key] -> [true, old value or nil]``, anything else ``-> [false, "reason"]``.
 
-    The digest is kept per bucket (a one-level partition tree) so a checkpoint rehashes only the
-    buckets written since the last one.
+    Keys are spread over 256 partitions by hash; a checkpoint re-encodes only the partitions
+    written since the previous one.
     """
 
     BUCKETS = 256
 
     def __init__(self) -> None:
-        self._data: dict[bytes, bytes] = {}
-        self._bucket_keys: list[set[bytes]] = [set() for _ in range(self.BUCKETS)]
-        self._bucket_digests = [b""] * self.BUCKETS
+        self._buckets: list[dict[bytes, bytes]] = [{} for _ in range(self.BUCKETS)]
+        self._encoded: list[bytes] = [b""] * self.BUCKETS
         self._dirty: set[int] = set(range(self.BUCKETS))
 
     @staticmethod
@@ -115,49 +109,51 @@ class KVService:
         if cmd is None:
             return msgpack.packb([False, "malformed operation"])
         name, key = cmd[0], cmd[1]
-        if name == "get":
-            return msgpack.packb([True, self._data.get(key)])
         b = self._bucket(key)
+        bucket = self._buckets[b]
+        if name == "get":
+            return msgpack.packb([True, bucket.get(key)])
         self._dirty.add(b)
         if name == "put":
-            old = self._data.get(key)
-            self._data[key] = cmd[2]
-            self._bucket_keys[b].add(key)
+            old = bucket.get(key)
+            bucket[key] = cmd[2]
         else:
-            old = self._data.pop(key, None)
-            self._bucket_keys[b].discard(key)
+            old = bucket.pop(key, None)
         return msgpack.packb([True, old])
 
     def is_read_only(self, op: bytes) -> bool:
         cmd = self._parse(op)
         return cmd is not None and cmd[0] == "get"
 
-    def snapshot(self) -> bytes:
-        return msgpack.packb(sorted(self._data.items()))
-
-    def restore(self, snapshot: bytes) -> None:
-        try:
-            items = msgpack.unpackb(snapshot, max_str_len=0, max_map_len=0, max_ext_len=0)
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            raise ValueError("malformed kv snapshot") from exc
-        if not isinstance(items, list) or not all(
-            isinstance(kv, list) and len(kv) == 2 and all(isinstance(x, bytes) for x in kv) for kv in items
-        ):
-            raise ValueError("malformed kv snapshot")
-        self.__init__()
-        for k, v in items:
-            self._data[k] = v
-            self._bucket_keys[self._bucket(k)].add(k)
-
-    def digest(self) -> bytes:
+    def partitions(self) -> tuple[bytes, ...]:
         for b in self._dirty:
-            h = hashlib.blake2b(digest_size=DIGEST_BYTES)
-            for k in sorted(self._bucket_keys[b]):
-                v = self._data[k]
-                h.update(len(k).to_bytes(4, "big") + k + len(v).to_bytes(4, "big") + v)
-            self._bucket_digests[b] = h.digest()
+            self._encoded[b] = msgpack.packb(sorted(self._buckets[b].items()))
         self._dirty.clear()
-        return hashlib.blake2b(b"".join(self._bucket_digests), digest_size=DIGEST_BYTES).digest()
+        return tuple(self._encoded)
+
+    def restore(self, partitions: Sequence[bytes]) -> None:
+        if len(partitions) != self.BUCKETS:
+            raise ValueError(f"a kv snapshot has {self.BUCKETS} partitions, not {len(partitions)}")
+        buckets: list[dict[bytes, bytes]] = []
+        for b, data in enumerate(partitions):
+            try:
+                items = msgpack.unpackb(data, max_str_len=0, max_map_len=0, max_ext_len=0)
+            except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+                raise ValueError("malformed kv partition") from exc
+            if not isinstance(items, list) or not all(
+                isinstance(kv, list) and len(kv) == 2 and all(type(x) is bytes for x in kv) for kv in items
+            ):
+                raise ValueError("malformed kv partition")
+            if any(self._bucket(k) != b for k, _ in items):
+                raise ValueError("kv partition holds a key of another partition")
+            buckets.append(dict(items))
+        self._buckets = buckets
+        self._encoded = list(partitions)
+        self._dirty = set()
+
+    def items(self) -> dict[bytes, bytes]:
+        """Every key and value (for tests and tools; not part of the service interface)."""
+        return {k: v for bucket in self._buckets for k, v in bucket.items()}
 
 
 SERVICES = {"null": NullService, "kv": KVService}

@@ -11,7 +11,7 @@ from bft.core.client import ClientCore
 from bft.core.params import Params
 from bft.core.replica import ALL, PERSIST, Replica
 from bft.core.unreplicated import Unreplicated
-from bft.messages import Checkpoint, Commit, Prepare, PrePrepare, Reply, Request, State, Status
+from bft.messages import Checkpoint, Commit, FetchPartition, Prepare, PrePrepare, Reply, Request, State, Status
 from bft.service import KVService, NullService
 
 PARAMS = Params(checkpoint_interval=4, log_window=8, batch_size_max=8, inflight_max=1, client_window=4)
@@ -187,7 +187,7 @@ def test_checkpoints_become_stable_and_collect_the_log() -> None:
         assert r.stable == 8
         assert min(r.log) > 8 and len(r.log) == 1
         assert set(r.own_checkpoints) == {8}
-    digests = {r.own_checkpoints[8][0] for r in link.replicas}
+    digests = {r.own_checkpoints[8].root for r in link.replicas}
     assert len(digests) == 1
 
 
@@ -223,19 +223,30 @@ def test_lagging_replica_catches_up_by_state_transfer_and_resists_a_liar() -> No
     assert link.replicas[0].stable == 8
     lagging = link.replicas[3]
     link.cut = set()
-    liar_snapshot = msgpack.packb((KVService().snapshot(), b"\x90", 0))
-    lagging.step(State(8, liar_snapshot, 1), NOW)  # unrequested: dropped
+    bogus = msgpack.packb([bytes(32)] * 257)
+    lagging.step(State(8, bogus, 1), NOW)  # unrequested: dropped
     assert lagging.dropped["unrequested-state"] == 1
+    # Replica 1 lies in everything it sends for the transfer; replicas 0 and 2 are honest.
+    honest_on_partition = link.replicas[1].on_fetch_partition
+
+    def lying_partition(fp, now):
+        honest_on_partition(fp, now)
+        dest, part = link.replicas[1].outbox.pop()
+        link.replicas[1].outbox.append((dest, replace(part, data=part.data + b"x")))
+
+    link.replicas[1]._handlers = {**Replica._handlers, FetchPartition: lambda r, m, now: lying_partition(m, now)}
     link.tick(NOW + 1_000)  # learns the certified checkpoint from peers' checkpoint messages
-    assert lagging.fetch_target is not None or lagging.executed >= 8
-    if lagging.fetch_target is not None:
-        lagging.step(State(8, liar_snapshot, 1), NOW + 1_000)
-        assert lagging.dropped["state-digest-mismatch"] == 1
-        link.tick(NOW + 2_000)
-    link.tick(NOW + 3_000)
+    assert lagging.fetch_target is not None and lagging.fetch_target[0] == 8
+    lagging.step(State(8, bogus, 1), NOW + 1_000)
+    assert lagging.dropped["state-digest-mismatch"] == 1
+    for t in range(2_000, 6_000, 200):
+        link.tick(NOW + t)
     assert lagging.executed == 10
     assert lagging.stats["state-transfers"] == 1
-    assert lagging.service.snapshot() == link.replicas[0].service.snapshot()
+    assert lagging.service.items() == link.replicas[0].service.items()
+    assert lagging.dropped["partition-digest-mismatch"] >= 1  # the liar was asked, caught, left
+    # Only the partitions it lacked were fetched, not all 257.
+    assert 0 < lagging.stats["state-transfer-partitions"] <= 10
 
 
 def test_client_needs_f_plus_1_matching_replies_and_learns_the_view() -> None:
@@ -342,12 +353,13 @@ def test_stable_checkpoints_are_persisted_and_a_restart_resumes_from_them() -> N
     saved = link.persisted[2]
     assert saved.seq == 8 and len({r for r, _ in saved.proof}) >= 3
     restarted = Replica(2, 1, PARAMS, KVService)
-    restarted.restore(type(saved).decode(saved.encode()))
+    restarted.restore(saved)
     assert restarted.executed == 8 and restarted.stable == 8
     link.replicas[2] = restarted
     link.tick(NOW + 1_000)  # status exchange brings it the rest of the log
     assert restarted.executed == 10
-    assert restarted.service.snapshot() == link.replicas[0].service.snapshot()
-    damaged = type(saved)(saved.seq, saved.digest, saved.snapshot[:-1] + b"x", saved.proof)
-    with pytest.raises(ValueError, match=r"damaged|malformed"):
+    assert restarted.service.items() == link.replicas[0].service.items()
+    snap = saved.snapshot
+    damaged = replace(saved, snapshot=replace(snap, parts=(snap.parts[0] + b"x", *snap.parts[1:])))
+    with pytest.raises(ValueError, match="damaged"):
         Replica(2, 1, PARAMS, KVService).restore(damaged)

@@ -24,11 +24,13 @@ from bft.messages import (
     DecodeError,
     Envelope,
     FetchBatch,
+    FetchPartition,
     FetchState,
     Hello,
     Limits,
     Message,
     NewView,
+    Partition,
     Prepare,
     PrePrepare,
     Reply,
@@ -105,6 +107,8 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
     FetchState: st.builds(FetchState, u63, sender_ids),
     State: st.builds(State, u63, st.binary(max_size=256), sender_ids),
     Hello: st.builds(Hello, sender_ids),
+    FetchPartition: st.builds(FetchPartition, u63, u63, sender_ids),
+    Partition: st.builds(Partition, u63, u63, st.binary(max_size=256), sender_ids),
 }
 ALL_TYPES = list(typing.get_args(Message))
 messages = st.one_of(*STRATEGIES.values())
@@ -380,7 +384,7 @@ def test_op_limit_with_configured_limits_also_applies_inside_pre_prepare_and_rep
         roundtrip(Reply(0, 0, 0, 1, b"r" * 101, False), limits)
     with pytest.raises(DecodeError):
         roundtrip(State(1, b"s" * 1001, 0), limits)
-    assert roundtrip(State(1, b"s" * 1000, 0), limits).snapshot == b"s" * 1000
+    assert roundtrip(State(1, b"s" * 1000, 0), limits).manifest == b"s" * 1000
 
 
 def test_frame_larger_than_limit_is_rejected_before_anything_else():
@@ -420,7 +424,7 @@ def test_batch_longer_than_limit_is_rejected():
         roundtrip(Batch.of(PrePrepare.make(0, 1, 0, (req,) * 4, 0), 2), limits)
 
 
-@pytest.mark.parametrize("type_", [0, 15, 16, 100, 255])
+@pytest.mark.parametrize("type_", [0, 17, 18, 100, 255])
 def test_unknown_type_byte(type_):
     assert _reason(_raw_frame(type_, 0, msgpack.packb([0]))) == "unknown-type"
 
@@ -456,8 +460,10 @@ SAMPLES = [
     Batch.of(PrePrepare.make(0, 1, 7, (Request.make(1, 2, b"op"),), 0), 1),
     FetchBatch(1, bytes(32), 1),
     FetchState(128, 1),
-    State(128, b"snapshot", 1),
+    State(128, b"manifest", 1),
     Hello(1),
+    FetchPartition(128, 3, 1),
+    Partition(128, 3, b"partition", 1),
 ]
 
 

@@ -14,10 +14,9 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgpack
-
 from bft.core.clients import ClientTable
 from bft.core.params import Params
+from bft.core.state import Snapshot, Transfer, capture, decode_manifest, rebuild, root_of
 from bft.core.viewchange import decide
 from bft.messages import (
     NULL_DIGEST,
@@ -25,9 +24,11 @@ from bft.messages import (
     Checkpoint,
     Commit,
     FetchBatch,
+    FetchPartition,
     FetchState,
     Message,
     NewView,
+    Partition,
     Prepare,
     PrePrepare,
     Reply,
@@ -56,27 +57,13 @@ VIEW_BACKOFF_MAX = 6
 
 @dataclass(frozen=True, slots=True)
 class Persist:
-    """A stable checkpoint to keep on disk: the state snapshot and the 2f+1 (or, after a state
+    """A stable checkpoint to keep on disk: its snapshot and the 2f+1 (or, after a state
     transfer, f+1) checkpoint messages that certify its digest. A restarted replica resumes
     from it (``restore``) and catches up from there."""
 
     seq: int
-    digest: bytes
-    snapshot: bytes
+    snapshot: Snapshot
     proof: tuple[tuple[int, bytes], ...]  # (replica, digest) of the certifying checkpoints
-
-    def encode(self) -> bytes:
-        return msgpack.packb((1, self.seq, self.digest, self.snapshot, self.proof))
-
-    @staticmethod
-    def decode(data: bytes) -> Persist:
-        try:
-            version, seq, d, snapshot, proof = msgpack.unpackb(data, max_map_len=0, max_ext_len=0)
-            if version != 1 or type(seq) is not int or type(d) is not bytes or type(snapshot) is not bytes:
-                raise ValueError("fields")
-            return Persist(seq, d, snapshot, tuple((int(r), bytes(x)) for r, x in proof))
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            raise ValueError(f"not a checkpoint file ({exc})") from None
 
 
 class Slot:
@@ -123,7 +110,9 @@ class Replica:
         self.pending: deque[Request] = deque()  # primary: requests waiting for a batch
         self.pending_ids: set[tuple[int, int]] = set()  # primary: pending or proposed, not executed
         # Checkpoints: our own (digest, snapshot) per seq, and everyone's votes per seq.
-        self.own_checkpoints: dict[int, tuple[bytes, bytes]] = {0: (self._state_digest(), self._snapshot())}
+        self.own_checkpoints: dict[int, Snapshot] = {0: capture(self.service, self.clients, 0, None)}
+        self.last_capture = self.own_checkpoints[0]
+        self.transfer: Transfer | None = None
         self.checkpoint_votes: dict[int, dict[int, bytes]] = {}
         self.fetch_target: tuple[int, bytes] | None = None  # certified checkpoint we lack
         self.far_checkpoints: dict[int, tuple[int, bytes]] = {}  # replica -> its claim beyond H
@@ -369,21 +358,15 @@ class Replica:
 
     # -- checkpoints and garbage collection -------------------------------------------------
 
-    def _state_bytes(self) -> bytes:
-        return msgpack.packb((self.service.digest(), self.clients.encode(), self.batch_time_ms))
-
-    def _state_digest(self) -> bytes:
-        return digest(self._state_bytes())
-
-    def _snapshot(self) -> bytes:
-        return msgpack.packb((self.service.snapshot(), self.clients.encode(), self.batch_time_ms))
+    def _capture(self) -> Snapshot:
+        self.last_capture = capture(self.service, self.clients, self.batch_time_ms, self.last_capture)
+        return self.last_capture
 
     def _take_checkpoint(self) -> None:
-        d = self._state_digest()
-        self.own_checkpoints[self.executed] = (d, self._snapshot())
+        snap = self.own_checkpoints[self.executed] = self._capture()
         self.stats["checkpoints"] += 1
         log.debug("replica %d checkpoint %d", self.id, self.executed)
-        cp = Checkpoint(self.executed, d, self.id)
+        cp = Checkpoint(self.executed, snap.root, self.id)
         self.outbox.append((ALL, cp))
         self.on_checkpoint(cp, 0)
 
@@ -401,7 +384,7 @@ class Replica:
         if support < 2 * self.f + 1:
             return
         own = self.own_checkpoints.get(cp.seq)
-        if own is not None and own[0] == cp.digest:
+        if own is not None and own.root == cp.digest:
             self._make_stable(cp.seq)
         elif own is not None:
             # 2f+1 replicas agree on a state we do not have: we diverged; take theirs.
@@ -422,6 +405,7 @@ class Replica:
 
     def _make_stable(self, seq: int) -> None:
         """The checkpoint at ``seq`` has a 2f+1 certificate: move h and discard the log below it."""
+        assert seq in self.own_checkpoints, "a stable checkpoint is one whose state we hold"
         self.stable = seq
         for s in [s for s in self.log if s <= seq]:
             del self.log[s]
@@ -438,12 +422,14 @@ class Replica:
             del self.batches[key]
         if self.fetch_target is not None and self.fetch_target[0] <= seq:
             self.fetch_target = None
+        if self.transfer is not None and self.transfer.seq <= seq:
+            self.transfer = None
         self.stats["stable-checkpoints"] += 1
         own = self.own_checkpoints.get(seq)
         if own is not None:
             votes = self.checkpoint_votes.get(seq, {})
-            proof = tuple(sorted((r, d) for r, d in votes.items() if d == own[0]))
-            self.outbox.append((PERSIST, Persist(seq, own[0], own[1], proof)))
+            proof = tuple(sorted((r, d) for r, d in votes.items() if d == own.root))
+            self.outbox.append((PERSIST, Persist(seq, own, proof)))
         self._try_propose(self.now_ms)  # the window moved: the primary may order what waits
 
     # -- loss recovery and state transfer ---------------------------------------------------
@@ -454,14 +440,16 @@ class Replica:
         if to == self.id:
             return self._drop("status-from-self", st)
         for seq in sorted(s for s in self.own_checkpoints if s > st.stable)[-2:]:
-            self.outbox.append((to, Checkpoint(seq, self.own_checkpoints[seq][0], self.id)))
+            self.outbox.append((to, Checkpoint(seq, self.own_checkpoints[seq].root, self.id)))
         behind = st.view < self.view or (st.view == self.view and st.view_changing)
         if behind and not self.view_changing and self.is_primary() and self.new_view is not None:
             self.outbox.append((to, self.new_view))  # it missed our NEW-VIEW
-        if st.view == self.view and st.view_changing and self.view_changing:
+        if self.view_changing and (st.view < self.view or (st.view == self.view and st.view_changing)):
+            # It may have missed our VIEW-CHANGE: to count it (f+1 pull a replica along, 2f+1
+            # let the new primary decide) it needs it again.
             own = self.view_changes.get(self.view, {}).get(self.id)
             if own is not None:
-                self.outbox.append((to, own))  # it may have missed our VIEW-CHANGE
+                self.outbox.append((to, own))
         if st.view != self.view or st.view_changing or self.view_changing:
             return
         sent = 0
@@ -481,66 +469,111 @@ class Replica:
                 break
 
     def _maybe_fetch_state(self) -> None:
+        """Runs every status interval while we lack a certified checkpoint: ask a voter for its
+        manifest, or keep fetching partitions (again from another voter if one went quiet)."""
         if self.fetch_target is None:
             return
         seq, d = self.fetch_target
-        if seq <= self.executed and self.own_checkpoints.get(seq, (b"",))[0] == d:
+        own = self.own_checkpoints.get(seq)
+        if seq <= self.executed and own is not None and own.root == d:
             self._make_stable(seq)
             return
         voters = sorted(r for r, v in self.checkpoint_votes.get(seq, {}).items() if v == d and r != self.id)
-        if voters:
-            self.fetch_from = (self.fetch_from + 1) % len(voters)
-            self.stats["state-fetches"] += 1
-            self.outbox.append((voters[self.fetch_from], FetchState(seq, self.id)))
+        if not voters:
+            return
+        self.fetch_from = (self.fetch_from + 1) % len(voters)
+        t = self.transfer
+        if t is not None and t.seq == seq:
+            if t.asked and all(self.now_ms - at >= self.params.status_interval_ms for at in t.asked.values()):
+                t.source = voters[self.fetch_from]  # the source went quiet: try another
+            self._ask_partitions(t)
+            return
+        self.stats["state-fetches"] += 1
+        self.outbox.append((voters[self.fetch_from], FetchState(seq, self.id)))
+
+    def _ask_partitions(self, t: Transfer) -> None:
+        for index in t.to_ask(self.now_ms, 4 * self.params.status_interval_ms):
+            self.outbox.append((t.source, FetchPartition(t.seq, index, self.id)))
 
     def on_fetch_state(self, fs: FetchState, now_ms: int) -> None:
         own = self.own_checkpoints.get(fs.seq)
-        if own is None or fs.seq < self.stable:
+        if own is None:
             return self._drop("no-such-checkpoint", fs)
-        self.outbox.append((fs.replica, State(fs.seq, own[1], self.id)))
+        self.outbox.append((fs.replica, State(fs.seq, own.manifest(), self.id)))
 
     def on_state(self, st: State, now_ms: int) -> None:
         target = self.fetch_target
-        if target is None or st.seq != target[0]:
+        if target is None or st.seq != target[0] or (self.transfer is not None and self.transfer.seq == st.seq):
             return self._drop("unrequested-state", st)
-        problem = self._install(st.seq, target[1], st.snapshot)
+        digests = decode_manifest(st.manifest, target[1], self.params.frame_bytes_max // 32)
+        if digests is None:
+            # A lying replica cannot mislead us: the certified digest decides; ask another next time.
+            return self._drop("state-digest-mismatch", st)
+        self.transfer = Transfer(st.seq, target[1], digests, self._capture(), st.replica)
+        self.stats["state-transfer-partitions"] += len(self.transfer.queue)
+        self._continue_transfer()
+
+    def on_fetch_partition(self, fp: FetchPartition, now_ms: int) -> None:
+        own = self.own_checkpoints.get(fp.seq)
+        if own is None or fp.index >= len(own.parts):
+            return self._drop("no-such-partition", fp)
+        self.outbox.append((fp.replica, Partition(fp.seq, fp.index, own.parts[fp.index], self.id)))
+
+    def on_partition(self, p: Partition, now_ms: int) -> None:
+        t = self.transfer
+        if t is None or p.seq != t.seq or p.index >= len(t.digests):
+            return self._drop("unrequested-partition", p)
+        if not t.offer(p.index, p.data):
+            if p.index in t.asked:
+                self._drop("partition-digest-mismatch", p)
+                t.asked[p.index] = -(1 << 62)  # ask again at once, from the next voter
+                voters = sorted(self.checkpoint_votes.get(t.seq, {}).keys() - {self.id, p.replica})
+                if voters:
+                    t.source = voters[0]
+            return self._continue_transfer()
+        self._continue_transfer()
+
+    def _continue_transfer(self) -> None:
+        t = self.transfer
+        assert t is not None
+        if not t.fetched_all:
+            self._ask_partitions(t)
+            return
+        self.transfer = None
+        problem = self._install(t.seq, t.snapshot())
         if problem:
-            # A lying replica cannot corrupt us: the certified digest decides; ask another next time.
-            return self._drop(problem, st)
+            return self._drop(problem, State(t.seq, b"", t.source))
         self.stats["state-transfers"] += 1
-        log.info("replica %d installed state at checkpoint %d from replica %d", self.id, st.seq, st.replica)
-        self._make_stable(st.seq)
+        log.info("replica %d installed state at checkpoint %d", self.id, t.seq)
+        self._make_stable(t.seq)
         self._execute_ready()
 
-    def _install(self, seq: int, expected: bytes, snapshot: bytes) -> str | None:
-        """Replace our state by ``snapshot`` if it has digest ``expected``; else say why not."""
-        service = self.service_factory()
-        clients = ClientTable(self.params.client_window)
+    def _install(self, seq: int, snap: Snapshot) -> str | None:
+        """Replace our state by the snapshot of checkpoint ``seq``, whose partitions were
+        checked against its root; or say why it cannot be used."""
         try:
-            snap, table, batch_time = msgpack.unpackb(snapshot, max_map_len=0, max_ext_len=0)
-            service.restore(snap)
-            clients.restore(table)
-            if type(batch_time) is not int:
-                raise ValueError("batch time")
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            self.service, self.clients, self.batch_time_ms = rebuild(
+                self.service_factory, self.params.client_window, snap.parts
+            )
+        except ValueError:
             return "malformed-state"
-        if digest(msgpack.packb((service.digest(), clients.encode(), batch_time))) != expected:
-            return "state-digest-mismatch"
-        self.service, self.clients, self.batch_time_ms = service, clients, batch_time
+        self.last_capture = snap
         self.executed = max(self.executed, seq)
-        self.own_checkpoints[seq] = (expected, snapshot)
+        self.own_checkpoints[seq] = snap
         self.next_seq = max(self.next_seq, seq + 1)
         return None
 
     def restore(self, saved: Persist) -> None:
         """Resume from a checkpoint this replica persisted before it stopped. Our own disk is
-        trusted, but the snapshot must still match the digest it was certified with."""
+        trusted, but every partition must still match the digest it was certified with."""
         assert self.executed == 0, "restore only a fresh replica"
-        if len({r for r, d in saved.proof if d == saved.digest}) < self.f + 1:
+        snap = saved.snapshot
+        if len({r for r, d in saved.proof if d == snap.root}) < self.f + 1:
             raise ValueError(f"checkpoint {saved.seq} on disk lacks a certificate")
-        problem = self._install(saved.seq, saved.digest, saved.snapshot)
-        if problem:
-            raise ValueError(f"checkpoint {saved.seq} on disk is damaged ({problem})")
+        if len(snap.parts) != len(snap.digests) or root_of(tuple(digest(p) for p in snap.parts)) != snap.root:
+            raise ValueError(f"checkpoint {saved.seq} on disk is damaged")
+        if self._install(saved.seq, snap):
+            raise ValueError(f"checkpoint {saved.seq} on disk is malformed")
         self.checkpoint_votes[saved.seq] = dict(saved.proof)
         self.stable = saved.seq
         for s in [s for s in self.own_checkpoints if s < saved.seq]:
@@ -579,7 +612,7 @@ class Replica:
         vc = ViewChange(
             view,
             self.stable,
-            tuple(sorted((s, d) for s, (d, _) in self.own_checkpoints.items())),
+            tuple(sorted((s, snap.root) for s, snap in self.own_checkpoints.items())),
             tuple(sorted((s, d, v) for s, (d, v) in self.pset.items())),
             tuple(sorted((s, tuple(sorted(q.items()))) for s, q in self.qset.items())),
             self.id,
@@ -684,7 +717,7 @@ class Replica:
         n0, d0 = nv.checkpoint
         if n0 > self.stable:
             own = self.own_checkpoints.get(n0)
-            if own is not None and own[0] == d0:
+            if own is not None and own.root == d0:
                 self._make_stable(n0)
             else:
                 votes = self.checkpoint_votes.setdefault(n0, {})
@@ -744,6 +777,8 @@ class Replica:
         Status: on_status,
         FetchState: on_fetch_state,
         State: on_state,
+        FetchPartition: on_fetch_partition,
+        Partition: on_partition,
         ViewChange: on_view_change,
         NewView: on_new_view,
         FetchBatch: on_fetch_batch,

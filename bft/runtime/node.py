@@ -181,7 +181,7 @@ class Node:
                 "primary": core.primary,
                 "executed": core.executed,
                 "stable_checkpoint": core.stable,
-                "stable_digest": core.own_checkpoints.get(core.stable, (b"",))[0].hex(),
+                "stable_digest": core.own_checkpoints[core.stable].root.hex(),
                 "view_changing": core.view_changing,
                 "log_slots": len(core.log),
                 "pending_requests": len(core.pending),

@@ -1,9 +1,12 @@
-"""A replica's data directory: its last stable checkpoint, written atomically off the event loop.
+"""A replica's data directory: its last stable checkpoint, written off the event loop.
 
-The file is replaced with write-to-temporary, fsync, rename, fsync-directory, so a crash leaves
-either the previous checkpoint or the new one, never a torn file. Only the newest checkpoint
-matters: if one is being written when another arrives, the later one waits and the one in
-between is skipped.
+Partitions are stored by content (``parts/<digest>``), so a new checkpoint writes only the
+partitions that changed since the previous one. The manifest (``checkpoint.msgpack``: sequence
+number, root digest, partition digests, certificate) is replaced with write-to-temporary, fsync,
+rename, fsync-directory, after its partitions are on disk; a crash therefore leaves the previous
+checkpoint or the new one, never a torn one. Partitions no manifest names are removed afterwards.
+Only the newest checkpoint matters: if one is being written when others arrive, the latest waits
+and those in between are skipped.
 """
 
 from __future__ import annotations
@@ -13,23 +16,46 @@ import logging
 import os
 from pathlib import Path
 
+import msgpack
+
 from bft.core.replica import Persist
+from bft.core.state import Snapshot
 
 log = logging.getLogger("bft.storage")
+
+FORMAT = 2
 
 
 class StorageError(Exception):
     pass
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 class CheckpointStore:
-    FILE = "checkpoint.msgpack"
+    MANIFEST = "checkpoint.msgpack"
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.path = directory / self.FILE
+        self.path = directory / self.MANIFEST
+        self.parts_dir = directory / "parts"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create data directory {directory}: {exc.strerror}") from None
         self._writing: asyncio.Task | None = None
@@ -44,11 +70,18 @@ class CheckpointStore:
         except OSError as exc:
             raise StorageError(f"cannot read {self.path}: {exc.strerror}") from None
         try:
-            saved = Persist.decode(data)
-        except ValueError as exc:
-            raise StorageError(f"{self.path}: {exc}") from None
-        self.saved_seq = saved.seq
-        return saved
+            version, seq, root, digests, proof = msgpack.unpackb(data, max_map_len=0, max_ext_len=0)
+            if version != FORMAT:
+                raise ValueError(f"format {version}, expected {FORMAT}")
+            digests = tuple(bytes(d) for d in digests)
+            proof = tuple((int(r), bytes(d)) for r, d in proof)
+            parts = tuple((self.parts_dir / d.hex()).read_bytes() for d in digests)
+        except FileNotFoundError as exc:
+            raise StorageError(f"{self.path}: partition file {exc.filename} is missing") from None
+        except (OSError, ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as exc:
+            raise StorageError(f"{self.path} is not a readable checkpoint: {exc}") from None
+        self.saved_seq = seq
+        return Persist(seq, Snapshot(bytes(root), parts, digests), proof)
 
     def save(self, checkpoint: Persist) -> None:
         self._next = checkpoint
@@ -60,24 +93,27 @@ class CheckpointStore:
         while self._next is not None:
             checkpoint, self._next = self._next, None
             try:
-                await loop.run_in_executor(None, self._write, checkpoint.encode())
+                await loop.run_in_executor(None, self._write, checkpoint)
             except OSError as exc:
-                log.error("could not persist checkpoint %d to %s: %s", checkpoint.seq, self.path, exc)
+                log.error("could not persist checkpoint %d in %s: %s", checkpoint.seq, self.directory, exc)
                 continue
             self.saved_seq = checkpoint.seq
 
-    def _write(self, data: bytes) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _write(self, checkpoint: Persist) -> None:
+        snap = checkpoint.snapshot
+        names = set()
+        for d, part in zip(snap.digests, snap.parts, strict=True):
+            name = d.hex()
+            names.add(name)
+            if not (self.parts_dir / name).exists():
+                _write_atomically(self.parts_dir / name, part)
+        _fsync_dir(self.parts_dir)
+        manifest = (FORMAT, checkpoint.seq, snap.root, list(snap.digests), list(checkpoint.proof))
+        _write_atomically(self.path, msgpack.packb(manifest))
+        _fsync_dir(self.directory)
+        for entry in os.scandir(self.parts_dir):
+            if entry.name not in names:
+                os.unlink(entry.path)
 
     async def flush(self) -> None:
         if self._writing is not None:

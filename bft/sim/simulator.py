@@ -140,7 +140,7 @@ class _SimReplica(Replica):
 
     def _take_checkpoint(self) -> None:
         super()._take_checkpoint()
-        self.checker.checkpoint(self.id, self.executed, self.own_checkpoints[self.executed][0])
+        self.checker.checkpoint(self.id, self.executed, self.own_checkpoints[self.executed].root)
 
 
 class Simulation:
@@ -168,7 +168,7 @@ class Simulation:
         self.checker = _Checker(params.client_window)
         self.replicas = [self._new_replica(i) for i in range(self.n)]
         self.restarted: set[int] = set()
-        self.disks: dict[int, bytes] = {}  # each replica's last persisted checkpoint
+        self.disks: dict[int, Persist] = {}  # each replica's last persisted checkpoint
         self.clients = [ClientCore(c, f, params) for c in range(clients)]
         self.ops_left = [ops_per_client] * clients
         self.outstanding: dict[tuple[int, int], bytes] = {}
@@ -225,7 +225,7 @@ class Simulation:
     def _route(self, src: tuple[str, int], outbound: list[tuple[int, Message]]) -> None:
         for dest, msg in outbound:
             if dest == PERSIST:
-                self.disks[src[1]] = msg.encode()
+                self.disks[src[1]] = msg
                 continue
             if src == ("replica", self.equivocator) and isinstance(msg, PrePrepare) and dest == ALL:
                 # Same requests, another time: a different digest for the other half.
@@ -288,7 +288,7 @@ class Simulation:
             self.replicas[i] = self._new_replica(i)
             # Half the restarts find their data directory, half come back wiped.
             if i in self.disks and self.rng.random() < 0.5:
-                self.replicas[i].restore(Persist.decode(self.disks[i]))
+                self.replicas[i].restore(self.disks[i])
             self.restarted.add(i)
         for i, r in enumerate(self.replicas):
             if i not in self.crashed:
