@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bft import config as cfg
 from bft.cli import start_replicas, stop_replicas
+from bft.local import free_base_port
 from bft.service import NullService
 from client import Client
 
@@ -107,13 +108,6 @@ async def measure(name: str, make_client, args: argparse.Namespace, read_only: b
     return out
 
 
-def free_port_base(count: int) -> int:
-    sys.path.insert(0, str(Path(__file__).parent.parent))
-    from tests.conftest import free_base_port
-
-    return free_base_port(count)
-
-
 def run_loop(coro) -> object:
     try:
         import uvloop
@@ -183,11 +177,11 @@ def main() -> None:
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = free_port_base(4)
+        base = free_base_port(4)
         cfg.keygen(tmp, 1, args.clients + 1, base_port=base)
         cluster = cfg.load(Path(tmp) / "cluster.toml")
         procs = start_replicas(cluster, "null", Path(tmp) / "logs", "warning")
-        port = free_port_base(1)
+        port = free_base_port(1)
         server = subprocess.Popen(
             [sys.executable, "-m", "bft", "serve", "--service", "null", "--port", str(port)],
             stdout=subprocess.DEVNULL,
