@@ -203,7 +203,7 @@ class Status:
 
     view: int
     stable: int  # low watermark h
-    executed: int  # last executed sequence number
+    settled: int  # every sequence number up to it is executed, and committed if re-proposed in this view
     view_changing: bool  # True while it waits for the NEW-VIEW of ``view``
     replica: int
 
@@ -354,7 +354,7 @@ def _fields(msg: Message) -> tuple:
         case Checkpoint():
             return (msg.seq, msg.digest, msg.replica)
         case Status():
-            return (msg.view, msg.stable, msg.executed, msg.view_changing, msg.replica)
+            return (msg.view, msg.stable, msg.settled, msg.view_changing, msg.replica)
         case ViewChange():
             return (msg.view, msg.stable, msg.checkpoints, msg.prepared, msg.preprepared, msg.replica)
         case NewView():

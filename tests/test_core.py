@@ -250,7 +250,7 @@ def test_lagging_replica_catches_up_by_state_transfer_and_resists_a_liar() -> No
 
 
 def test_client_needs_f_plus_1_matching_replies_and_learns_the_view() -> None:
-    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    client = ClientCore(5, 1, replace(PARAMS, read_only=False), first_timestamp=100)
     req = client.submit(KVService.get(b"k"), 0)
     assert client.take_outbox() == [(0, req)]
     client.on_reply(Reply(0, 100, 5, 0, b"lie"), 1)
@@ -261,6 +261,26 @@ def test_client_needs_f_plus_1_matching_replies_and_learns_the_view() -> None:
     assert client.view == 4  # a lone replica claiming view 9 does not move the client
     client.on_reply(Reply(4, 100, 5, 3, b"truth"), 1)
     assert client.dropped["unexpected-reply"] == 1
+
+
+def test_with_read_only_optimisation_every_result_needs_2f_plus_1() -> None:
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)  # read_only is on by default
+    client.submit(KVService.put(b"k", b"v"), 0)
+    client.on_reply(Reply(0, 100, 5, 0, b"ok"), 1)
+    client.on_reply(Reply(0, 100, 5, 1, b"ok"), 1)
+    assert client.take_completed() == []
+    client.on_reply(Reply(0, 100, 5, 2, b"ok"), 1)
+    assert client.take_completed() == [(100, b"ok")]
+
+
+def test_tentative_replies_need_2f_plus_1() -> None:
+    client = ClientCore(5, 1, replace(PARAMS, read_only=False, tentative=True), first_timestamp=100)
+    client.submit(KVService.put(b"k", b"v"), 0)
+    client.on_reply(Reply(0, 100, 5, 0, b"ok", tentative=True), 1)
+    client.on_reply(Reply(0, 100, 5, 1, b"ok", tentative=True), 1)
+    assert client.take_completed() == []
+    client.on_reply(Reply(0, 100, 5, 2, b"ok", tentative=True), 1)
+    assert client.take_completed() == [(100, b"ok")]
 
 
 def test_client_resends_to_all_on_timeout_with_backoff() -> None:
@@ -274,7 +294,7 @@ def test_client_resends_to_all_on_timeout_with_backoff() -> None:
 
 
 def test_client_window_is_a_timestamp_range() -> None:
-    client = ClientCore(5, 1, PARAMS, first_timestamp=1)
+    client = ClientCore(5, 1, replace(PARAMS, read_only=False), first_timestamp=1)
     for _ in range(PARAMS.client_window):
         client.submit(b"op", 0)
     assert not client.can_submit()
@@ -333,8 +353,8 @@ def test_read_only_client_needs_2f_plus_1_and_falls_back_when_replies_disagree()
     assert dest == 0 and not ordered.read_only and ordered.timestamp == 101
     assert client.stats["read-only-fallbacks"] == 1
     client.on_reply(Reply(0, 100, 5, 2, b"a"), 2)  # a late read-only reply no longer counts
-    client.on_reply(Reply(0, 101, 5, 0, b"a"), 2)
-    client.on_reply(Reply(0, 101, 5, 1, b"a"), 2)
+    for r in range(3):  # the ordered fallback needs 2f+1 too with the optimisation on
+        client.on_reply(Reply(0, 101, 5, r, b"a"), 2)
     assert client.take_completed() == [(100, b"a")]  # reported under the caller's timestamp
 
 

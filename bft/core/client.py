@@ -104,11 +104,19 @@ class ClientCore:
             return
         pending.replies[reply.replica] = reply
         matching = [r for r in pending.replies.values() if r.result == reply.result]
-        quorum = 2 * self.f + 1 if pending.request.read_only else self.f + 1
-        if len(matching) < quorum:
+        # f+1 committed replies include a correct replica's; tentative results need 2f+1 so
+        # they survive a view change (TOCS 2002, 5.1.2). With the read-only optimisation on,
+        # every result needs 2f+1 (5.1.3): otherwise a read by 2f+1 replicas, f of them lying
+        # and f+1 not yet past our write, could miss a write we saw complete.
+        committed = sum(not r.tentative for r in matching)
+        if pending.request.read_only or self.params.read_only:
+            enough = len(matching) >= 2 * self.f + 1
+        else:
+            enough = committed >= self.f + 1 or len(matching) >= 2 * self.f + 1
+        if not enough:
             if pending.request.read_only:
                 best = max(Counter(r.result for r in pending.replies.values()).values())
-                if best + self.n - len(pending.replies) < quorum:
+                if best + self.n - len(pending.replies) < 2 * self.f + 1:
                     self._fall_back(pending, now_ms)  # replicas disagree: no quorum can form
             return
         # f+1 replicas vouch for this view or a later one; a single liar cannot push us ahead.

@@ -20,6 +20,7 @@ class Params:
     frame_bytes_max: int = 16 * 1024 * 1024
     # The paper's optimisations, each switchable so its worth can be measured.
     read_only: bool = True  # execute read-only requests at once, 2f+1 matching replies
+    tentative: bool = False  # execute once prepared, 2f+1 matching tentative replies
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -44,6 +44,8 @@ log = logging.getLogger("bft.replica")
 
 ALL = -1
 PERSIST = -2  # destination of a ``Persist`` effect: the driver writes it to the data directory
+# How a batch is executed: committed, tentatively (prepared only), or replayed after a rollback.
+COMMITTED, TENTATIVE, REPLAY = range(3)
 Outbound = tuple[int, Message]
 # Slots retransmitted in answer to one status message: bounds the work a peer can ask for.
 STATUS_SLOTS_MAX = 64
@@ -118,6 +120,9 @@ class Replica:
         self.far_checkpoints: dict[int, tuple[int, bytes]] = {}  # replica -> its claim beyond H
         self.fetch_from = 0
         # View change state (TOCS 2002, section 4.4): P and Q sets, known batches, timers.
+        self.tentative_seq = 0  # the batch executed tentatively and not yet committed, if any
+        self.executed_batches: dict[int, PrePrepare] = {}  # executed above h, for rollback replay
+        self.deferred_reads: list[Request] = []  # read-only requests waiting for a commit
         self.view_changing = False
         self.pset: dict[int, tuple[bytes, int]] = {}  # seq -> (digest, view) last prepared
         self.qset: dict[int, dict[bytes, int]] = {}  # seq -> digest -> last view pre-prepared
@@ -125,8 +130,12 @@ class Replica:
         self.wanted_batches: set[tuple[int, bytes]] = set()
         self.view_changes: dict[int, dict[int, ViewChange]] = {}
         self.new_view: NewView | None = None
+        # Nothing at or below the NEW-VIEW's checkpoint is ordered in this view, even while our
+        # own low watermark lags behind it (we fetch that state instead).
+        self.view_floor = 0
         self.waiting: dict[tuple[int, int], Request] = {}  # requests we saw and wait to see executed
         self.view_deadline_ms: int | None = None
+        self.waiting_head: tuple[int, int] | None = None  # the request the view timer is for
         self.view_attempt = 0  # successive view changes without progress: the back-off exponent
         self.next_status_ms = 0
         self.now_ms = 0  # the driver's clock at the last input
@@ -175,13 +184,17 @@ class Replica:
         self.now_ms = now_ms
         if now_ms >= self.next_status_ms:
             self.next_status_ms = now_ms + self.params.status_interval_ms
-            self.outbox.append((ALL, Status(self.view, self.stable, self.executed, self.view_changing, self.id)))
+            status = Status(self.view, self.stable, self._settled(), self.view_changing, self.id)
+            self.outbox.append((ALL, status))
             self._maybe_fetch_state()
             if self.view_changing and self.is_primary():
                 self._try_new_view()
         if self.view_deadline_ms is not None and now_ms >= self.view_deadline_ms:
-            log.info("replica %d: view %d timed out", self.id, self.view)
-            self._start_view_change(self.view + 1)
+            if not self.view_changing:
+                self._arm_view_timer()  # drops requests executed meanwhile; maybe none is left
+            if self.view_deadline_ms is not None and now_ms >= self.view_deadline_ms:
+                log.info("replica %d: view %d timed out", self.id, self.view)
+                self._start_view_change(self.view + 1)
         self._try_propose(now_ms)
         return self.take_outbox()
 
@@ -190,9 +203,14 @@ class Replica:
     def on_request(self, req: Request, now_ms: int) -> None:
         if req.read_only:
             # Executed at once on the current state, outside the order and the exactly-once
-            # table; the client needs 2f+1 matching replies (TOCS 2002, section 5.1.3).
+            # table; the client needs 2f+1 matching replies (TOCS 2002, section 5.1.3). Not on
+            # a tentative state, which a view change may undo: such reads wait for the commit.
             if not (self.params.read_only and self.service.is_read_only(req.op)):
                 return self._drop("not-read-only", req)
+            if self.tentative_seq:
+                if len(self.deferred_reads) < WAITING_REQUESTS_MAX:
+                    self.deferred_reads.append(req)
+                return
             self.stats["read-only-requests"] += 1
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
             self.outbox.append((req.client, Reply(self.view, req.timestamp, req.client, self.id, result)))
@@ -200,7 +218,12 @@ class Replica:
         cached = self.clients.cached(req.client, req.timestamp)
         if cached is not None:
             self.stats["retransmitted-replies"] += 1
-            self.outbox.append((req.client, Reply(self.view, req.timestamp, req.client, self.id, cached)))
+            tentative = self.tentative_seq > 0 and any(
+                (r.client, r.timestamp) == (req.client, req.timestamp)
+                for r in self.executed_batches[self.tentative_seq].requests
+            )
+            reply = Reply(self.view, req.timestamp, req.client, self.id, cached, tentative)
+            self.outbox.append((req.client, reply))
             return
         if self.clients.too_old(req.client, req.timestamp):
             self._drop("old-timestamp", req)
@@ -211,8 +234,7 @@ class Replica:
             # hold it: if it is not executed in time the primary is faulty (section 4.4).
             if len(self.waiting) < WAITING_REQUESTS_MAX:
                 self.waiting.setdefault(key, req)
-                if self.view_deadline_ms is None and not self.view_changing:
-                    self.view_deadline_ms = now_ms + self._view_timeout()
+                self._arm_view_timer()
             if not self.view_changing:
                 self.outbox.append((self.primary, req))
             return
@@ -262,6 +284,8 @@ class Replica:
     def on_pre_prepare(self, pp: PrePrepare, now_ms: int) -> None:
         if pp.view != self.view or self.view_changing:
             return self._drop("wrong-view", pp)
+        if pp.seq <= self.view_floor:
+            return self._drop("below-new-view-checkpoint", pp)
         if pp.replica != self.primary or self.is_primary():
             return self._drop("not-from-primary", pp)
         if not self.in_window(pp.seq):
@@ -292,6 +316,8 @@ class Replica:
     def on_prepare(self, p: Prepare, now_ms: int) -> None:
         if p.view != self.view or self.view_changing:
             return self._drop("wrong-view", p)
+        if p.seq <= self.view_floor:
+            return self._drop("below-new-view-checkpoint", p)
         if p.replica == self.primary:
             return self._drop("prepare-from-primary", p)
         if not self.in_window(p.seq):
@@ -303,6 +329,8 @@ class Replica:
     def on_commit(self, c: Commit, now_ms: int) -> None:
         if c.view != self.view or self.view_changing:
             return self._drop("wrong-view", c)
+        if c.seq <= self.view_floor:
+            return self._drop("below-new-view-checkpoint", c)
         if not self.in_window(c.seq):
             return self._drop("out-of-window", c)
         slot = self._slot(c.seq)
@@ -319,6 +347,8 @@ class Replica:
         slot.commits.setdefault(self.id, slot.pre_prepare.digest)
         self.outbox.append((ALL, Commit(self.view, seq, slot.pre_prepare.digest, self.id)))
         self._check_committed(seq)
+        if self.params.tentative and not slot.committed:
+            self._execute_ready()
 
     def _check_committed(self, seq: int) -> None:
         """committed-local(m, v, n, i): prepared plus 2f+1 matching commits (our own included)."""
@@ -329,16 +359,30 @@ class Replica:
         self._execute_ready()
 
     def _execute_ready(self) -> None:
+        """Execute committed batches in order; with tentative execution on, also the next batch
+        once it is prepared and everything before it has committed (TOCS 2002, 5.1.2)."""
         while True:
+            if self.tentative_seq:
+                slot = self.log.get(self.tentative_seq)
+                if slot is None or not slot.committed:
+                    break
+                self._tentative_committed()
+                continue
             slot = self.log.get(self.executed + 1)
-            if slot is None or not slot.committed:
+            if slot is None or slot.pre_prepare is None:
                 break
-            self._execute(slot.pre_prepare)
+            if slot.committed:
+                self._execute(slot.pre_prepare, COMMITTED)
+            elif slot.prepared and self.params.tentative and not self.view_changing:
+                self._execute(slot.pre_prepare, TENTATIVE)
+            else:
+                break
         self._try_propose(self.now_ms)
 
-    def _execute(self, pp: PrePrepare) -> None:
-        assert pp.seq == self.executed + 1
+    def _execute(self, pp: PrePrepare, mode: int) -> None:
+        assert pp.seq == self.executed + 1 and not self.tentative_seq
         self.batch_time_ms = max(pp.timestamp, self.batch_time_ms + 1)
+        tentative = mode == TENTATIVE
         for req in pp.requests:
             self.pending_ids.discard((req.client, req.timestamp))
             self.waiting.pop((req.client, req.timestamp), None)
@@ -346,15 +390,53 @@ class Replica:
                 continue  # a duplicate ordered twice executes once, the same way everywhere
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
             self.clients.record(req.client, req.timestamp, result)
-            self.outbox.append((req.client, Reply(self.view, req.timestamp, req.client, self.id, result)))
+            if mode != REPLAY:
+                reply = Reply(self.view, req.timestamp, req.client, self.id, result, tentative)
+                self.outbox.append((req.client, reply))
         self.executed = pp.seq
+        self.executed_batches[pp.seq] = pp
+        if mode == REPLAY:
+            return
         self.stats["executed-requests"] += len(pp.requests)
         if pp.requests and not self.view_changing:
-            # Progress: the back-off resets and the timer restarts for what still waits.
-            self.view_attempt = 0
-            self.view_deadline_ms = self.now_ms + self._view_timeout() if self.waiting else None
-        if self.executed % self.params.checkpoint_interval == 0:
+            self.view_attempt = 0  # progress: successive view changes start their back-off anew
+            self._arm_view_timer()
+        if tentative:
+            self.tentative_seq = pp.seq
+            self.stats["tentative-batches"] += 1
+        elif self.executed % self.params.checkpoint_interval == 0:
             self._take_checkpoint()
+
+    def _tentative_committed(self) -> None:
+        seq, self.tentative_seq = self.tentative_seq, 0
+        self._serve_deferred_reads()
+        if seq % self.params.checkpoint_interval == 0:
+            self._take_checkpoint()
+
+    def _rollback_tentative(self) -> None:
+        """A tentatively executed batch that has not committed is undone before a view change
+        decides that sequence number again: rebuild the last stable checkpoint's state and
+        replay the committed batches after it, silently."""
+        seq = self.tentative_seq
+        if not seq:
+            return
+        self.tentative_seq = 0
+        base = self.own_checkpoints[self.stable]
+        self.service, self.clients, self.batch_time_ms = rebuild(
+            self.service_factory, self.params.client_window, base.parts
+        )
+        self.last_capture = base
+        self.executed = self.stable
+        for s in range(self.stable + 1, seq):
+            self._execute(self.executed_batches[s], REPLAY)
+        del self.executed_batches[seq]
+        self.stats["tentative-rollbacks"] += 1
+        self._serve_deferred_reads()
+
+    def _serve_deferred_reads(self) -> None:
+        reads, self.deferred_reads = self.deferred_reads, []
+        for req in reads:
+            self.on_request(req, self.now_ms)
 
     # -- checkpoints and garbage collection -------------------------------------------------
 
@@ -381,9 +463,14 @@ class Replica:
         votes = self.checkpoint_votes.setdefault(cp.seq, {})
         votes.setdefault(cp.replica, cp.digest)
         support = sum(1 for d in votes.values() if d == cp.digest)
-        if support < 2 * self.f + 1:
-            return
         own = self.own_checkpoints.get(cp.seq)
+        if support < 2 * self.f + 1:
+            if support >= self.f + 1 and own is None and cp.seq > self.executed:
+                # A weak certificate is enough to fetch that state (a correct replica has it);
+                # with a replica down we may never see 2f+1. _maybe_fetch_state waits a status
+                # interval first, so a replica that is merely slow executes instead.
+                self.fetch_target = max(self.fetch_target or (0, b""), (cp.seq, cp.digest))
+            return
         if own is not None and own.root == cp.digest:
             self._make_stable(cp.seq)
         elif own is not None:
@@ -420,6 +507,8 @@ class Replica:
                 del table[s]
         for key in [k for k in self.batches if k[0] <= seq]:
             del self.batches[key]
+        for s in [s for s in self.executed_batches if s <= seq]:
+            del self.executed_batches[s]
         if self.fetch_target is not None and self.fetch_target[0] <= seq:
             self.fetch_target = None
         if self.transfer is not None and self.transfer.seq <= seq:
@@ -453,7 +542,7 @@ class Replica:
         if st.view != self.view or st.view_changing or self.view_changing:
             return
         sent = 0
-        for seq in range(max(st.executed, self.stable) + 1, self.stable + self.params.log_window + 1):
+        for seq in range(max(st.settled, self.stable) + 1, self.stable + self.params.log_window + 1):
             slot = self.log.get(seq)
             if slot is None or slot.pre_prepare is None:
                 continue
@@ -468,6 +557,13 @@ class Replica:
             if sent >= STATUS_SLOTS_MAX:
                 break
 
+    def _settled(self) -> int:
+        """What peers need not resend us: everything up to it. A replica that executed a batch
+        before a view change still has to prepare and commit it again when the new view
+        re-proposes it, or the others cannot commit it without us."""
+        unsettled = (s for s, slot in self.log.items() if s <= self.executed and not slot.committed)
+        return min(min(unsettled, default=self.executed + 1) - 1, self.executed)
+
     def _maybe_fetch_state(self) -> None:
         """Runs every status interval while we lack a certified checkpoint: ask a voter for its
         manifest, or keep fetching partitions (again from another voter if one went quiet)."""
@@ -475,8 +571,11 @@ class Replica:
             return
         seq, d = self.fetch_target
         own = self.own_checkpoints.get(seq)
-        if seq <= self.executed and own is not None and own.root == d:
-            self._make_stable(seq)
+        if seq <= self.executed:
+            self.fetch_target = None  # we got there by executing
+            votes = self.checkpoint_votes.get(seq, {})
+            if own is not None and sum(v == own.root for v in votes.values()) >= 2 * self.f + 1:
+                self._make_stable(seq)
             return
         voters = sorted(r for r, v in self.checkpoint_votes.get(seq, {}).items() if v == d and r != self.id)
         if not voters:
@@ -546,6 +645,7 @@ class Replica:
         self.stats["state-transfers"] += 1
         log.info("replica %d installed state at checkpoint %d", self.id, t.seq)
         self._make_stable(t.seq)
+        self._arm_view_timer()
         self._execute_ready()
 
     def _install(self, seq: int, snap: Snapshot) -> str | None:
@@ -558,6 +658,8 @@ class Replica:
         except ValueError:
             return "malformed-state"
         self.last_capture = snap
+        self.tentative_seq = 0
+        self.executed_batches.clear()
         self.executed = max(self.executed, seq)
         self.own_checkpoints[seq] = snap
         self.next_seq = max(self.next_seq, seq + 1)
@@ -584,21 +686,38 @@ class Replica:
     def _view_timeout(self) -> int:
         return self.params.view_timeout_ms << min(self.view_attempt, VIEW_BACKOFF_MAX)
 
+    def _arm_view_timer(self) -> None:
+        """The paper's rule (section 4.4): the timer runs for one request we wait on, the oldest;
+        it restarts only when that one executes and others still wait. Progress on other
+        requests does not restart it, so a primary that censors a client is replaced."""
+        if self.view_changing:
+            return
+        for key in [k for k in self.waiting if not self.clients.is_new(*k)]:
+            del self.waiting[key]  # executed meanwhile (by state transfer, say)
+        head = next(iter(self.waiting), None)
+        if head is None:
+            self.view_deadline_ms = self.waiting_head = None
+        elif head != self.waiting_head or self.view_deadline_ms is None:
+            self.waiting_head = head
+            self.view_deadline_ms = self.now_ms + self._view_timeout()
+
     def _record_pre_prepare(self, pp: PrePrepare) -> None:
         """Q-set and batch store: what we pre-prepared, kept across views for view changes."""
         q = self.qset.setdefault(pp.seq, {})
         q[pp.digest] = pp.view
         self.batches[(pp.seq, pp.digest)] = (pp.timestamp, pp.requests)
         if len(q) > QSET_ENTRIES_MAX:
-            oldest = min(q, key=lambda d: (q[d], d))
+            # Evict the oldest, but never the digest our P entry names: A2 needs its support.
+            prepared = self.pset.get(pp.seq, (None,))[0]
+            oldest = min((d for d in q if d != prepared), key=lambda d: (q[d], d))
             del q[oldest]
-            if self.pset.get(pp.seq, (None,))[0] != oldest:
-                self.batches.pop((pp.seq, oldest), None)
+            self.batches.pop((pp.seq, oldest), None)
 
     def _start_view_change(self, view: int) -> None:
         assert view > self.view or (view == self.view and not self.view_changing)
         log.info("replica %d: view change to view %d", self.id, view)
         self.stats["view-changes-started"] += 1
+        self._rollback_tentative()
         self.view = view
         self.view_changing = True
         self.view_attempt += 1
@@ -613,8 +732,8 @@ class Replica:
             view,
             self.stable,
             tuple(sorted((s, snap.root) for s, snap in self.own_checkpoints.items())),
-            tuple(sorted((s, d, v) for s, (d, v) in self.pset.items())),
-            tuple(sorted((s, tuple(sorted(q.items()))) for s, q in self.qset.items())),
+            tuple(sorted((s, d, v) for s, (d, v) in self.pset.items() if self.in_window(s))),
+            tuple(sorted((s, tuple(sorted(q.items()))) for s, q in self.qset.items() if self.in_window(s))),
             self.id,
         )
         for v in [v for v in self.view_changes if v < view]:
@@ -677,7 +796,11 @@ class Replica:
         decision = decide(vcs, self.f, self.params.log_window)
         if decision is None:
             return
-        missing = [(s, d) for s, d in decision.batches if d != NULL_DIGEST and (s, d) not in self.batches]
+        missing = [
+            (s, d)
+            for s, d in decision.batches
+            if s > self.stable and d != NULL_DIGEST and (s, d) not in self.batches
+        ]
         if missing:
             # Condition A3: we must hold every chosen batch; whoever prepared it can send it.
             for s, d in missing:
@@ -704,6 +827,7 @@ class Replica:
         self._enter_view(nv)
 
     def _enter_view(self, nv: NewView) -> None:
+        self._rollback_tentative()
         self.view = nv.view
         self.view_changing = False
         self.new_view = nv
@@ -715,6 +839,7 @@ class Replica:
         self.stats["views-entered"] += 1
         log.info("replica %d: entered view %d (primary %d)", self.id, self.view, self.primary)
         n0, d0 = nv.checkpoint
+        self.view_floor = n0
         if n0 > self.stable:
             own = self.own_checkpoints.get(n0)
             if own is not None and own.root == d0:
@@ -750,8 +875,9 @@ class Replica:
                     self.pending_ids.add(key)
             self.waiting.clear()
             self._try_propose(self.now_ms)
-        elif self.waiting:
-            self.view_deadline_ms = self.now_ms + self._view_timeout()
+        else:
+            self.waiting_head = None
+            self._arm_view_timer()
 
     def on_fetch_batch(self, fb: FetchBatch, now_ms: int) -> None:
         batch = self.batches.get((fb.seq, fb.digest))

@@ -20,14 +20,14 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgpack
 
 from bft.core.client import ClientCore
 from bft.core.clients import ClientTable
 from bft.core.params import Params
-from bft.core.replica import ALL, PERSIST, Persist, Replica
+from bft.core.replica import ALL, COMMITTED, PERSIST, Persist, Replica
 from bft.messages import Message, PrePrepare, Reply, roundtrip
 from bft.service import KVService
 
@@ -92,6 +92,8 @@ class _Checker:
         self.reference_seq = 0
         self.results: dict[tuple[int, int], bytes] = {}
         self.written: dict[bytes, set[bytes]] = {}
+        self.unverified: dict[tuple[int, int], bytes] = {}
+        self.unverified_reads: list[tuple[int, bytes, bytes]] = []
 
     def executed(self, replica: int, pp: PrePrepare) -> None:
         known = self.batches.setdefault(pp.seq, pp)
@@ -105,9 +107,14 @@ class _Checker:
                     cmd = KVService._parse(r.op)
                     if cmd is not None and cmd[0] == "put":
                         self.written.setdefault(cmd[1], set()).add(cmd[2])
+                        self.unverified_reads = [
+                            (c, k, v) for c, k, v in self.unverified_reads if (k, v) != (cmd[1], cmd[2])
+                        ]
                     res = self.reference.execute(r.op, r.client, self.reference_time)
                     self.reference_clients.record(r.client, r.timestamp, res)
                     self.results[(r.client, r.timestamp)] = res
+                    if (r.client, r.timestamp) in self.unverified:
+                        self.completed(r.client, r.timestamp, self.unverified.pop((r.client, r.timestamp)))
             self.reference_seq += 1
 
     def checkpoint(self, replica: int, seq: int, d: bytes) -> None:
@@ -120,11 +127,20 @@ class _Checker:
             ok, value = msgpack.unpackb(result)
         except (ValueError, TypeError, msgpack.ExtraData) as exc:
             raise Violation(f"read-only: client {client} got a malformed result {result!r}") from exc
-        if not ok or (value is not None and value not in self.written.get(key, ())):
-            raise Violation(f"read-only: client {client} read {value!r} for {key!r}, never written")
+        if not ok:
+            raise Violation(f"read-only: client {client} read {value!r} for {key!r}: an error")
+        if value is not None and value not in self.written.get(key, ()):
+            # A fallen-back read may have been accepted on tentative replies: the write it saw
+            # must commit (the run fails if it never does).
+            self.unverified_reads.append((client, key, value))
 
     def completed(self, client: int, ts: int, result: bytes) -> None:
-        expected = self.results.get((client, ts))
+        if (client, ts) not in self.results:
+            # Accepted on 2f+1 tentative replies before any replica committed it: check it
+            # when it commits (and fail the run if it never does).
+            self.unverified[(client, ts)] = result
+            return
+        expected = self.results[(client, ts)]
         if expected != result:
             raise Violation(
                 f"linearisability: client {client} request {ts} got {result!r}, sequential order gives {expected!r}"
@@ -134,9 +150,15 @@ class _Checker:
 class _SimReplica(Replica):
     checker: _Checker
 
-    def _execute(self, pp: PrePrepare) -> None:
-        self.checker.executed(self.id, pp)
-        super()._execute(pp)
+    def _execute(self, pp: PrePrepare, mode: int) -> None:
+        # A tentative execution may be rolled back: only what commits is checked for agreement.
+        if mode == COMMITTED:
+            self.checker.executed(self.id, pp)
+        super()._execute(pp, mode)
+
+    def _tentative_committed(self) -> None:
+        self.checker.executed(self.id, self.executed_batches[self.tentative_seq])
+        super()._tentative_committed()
 
     def _take_checkpoint(self) -> None:
         super()._take_checkpoint()
@@ -156,9 +178,14 @@ class Simulation:
         fault_phase_ms: int = 4_000,
         heal_budget_ms: int = 30_000,
         params: Params = SIM_PARAMS,
+        tentative: bool | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        if tentative is None:
+            # Drawn apart from the main stream so that the fault schedule of a seed stays put.
+            tentative = random.Random(seed ^ 0x7E57).random() < 0.5
+        params = replace(params, tentative=tentative)
         self.f = f
         self.n = 3 * f + 1
         self.faults = faults or Faults()
@@ -302,7 +329,8 @@ class Simulation:
         of the latest stable checkpoint. PBFT does not promise more: a correct replica that
         started a view change alone stays out of the view until the others change view too,
         and follows by state transfer meanwhile."""
-        if self.outstanding or any(self.ops_left) or self._faulty_phase():
+        unverified = self.checker.unverified or self.checker.unverified_reads
+        if self.outstanding or any(self.ops_left) or self._faulty_phase() or unverified:
             return False
         live = [r for i, r in enumerate(self.replicas) if i not in self.crashed]
         stable = max(r.stable for r in live)
