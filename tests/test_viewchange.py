@@ -3,9 +3,11 @@ moving to a new view through a fake link when the primary is silent."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bft.core.replica import Replica
 from bft.core.viewchange import decide
-from bft.messages import NULL_DIGEST, NewView, ViewChange
+from bft.messages import NULL_DIGEST, Checkpoint, Commit, NewView, PrePrepare, ViewChange
 
 from .test_core import NOW, PARAMS, Link, put, results
 
@@ -157,3 +159,61 @@ def test_f_plus_1_view_changes_pull_a_replica_along() -> None:
     assert r3.view == 0
     r3.step(vc(2, view=3), NOW)
     assert r3.view == 2 and r3.view_changing  # joins the smallest view of the f+1
+
+
+def test_byzantine_new_primary_cannot_reorder_below_the_new_view_checkpoint() -> None:
+    """Found in review: replicas that lack the NEW-VIEW's checkpoint kept their old low mark,
+    and a Byzantine new primary could order a different batch at a sequence number the
+    others had already executed."""
+    params = replace(PARAMS, batch_size_max=1, inflight_max=8, client_window=16)
+    link = Link(params=params)
+
+    def phase1(src, dst, msg):  # 2 misses the pre-prepares; 1 commits only to 0; no checkpoints
+        return (
+            (isinstance(msg, PrePrepare) and dst == 2)
+            or (isinstance(msg, Commit) and src == 1 and dst != 0)
+            or isinstance(msg, Checkpoint)
+        )
+
+    link.drop = phase1
+    for ts in range(1, 5):
+        link.request(put(9, ts, b"k", b"good%d" % ts))
+    assert [r.executed for r in link.replicas] == [4, 4, 0, 0]
+    for r in link.replicas:
+        r._start_view_change(1)
+        r.take_outbox()
+    new_primary = link.replicas[1]
+    for r in link.replicas:
+        if r.id != 1:
+            new_primary.step(r.view_changes[1][r.id], NOW)
+    new_primary.take_outbox()
+    nv = new_primary.new_view
+    assert nv is not None and nv.checkpoint[0] == 4
+    for i in (0, 2, 3):
+        link.replicas[i].step(nv, NOW)
+        link.replicas[i].take_outbox()
+    evil = PrePrepare.make(1, 1, NOW, (put(9, 1, b"k", b"EVIL"),), 1)
+    link.drop = lambda src, dst, msg: dst in (0, 1)
+    for i in (2, 3):
+        link.post(i, link.replicas[i].step(evil, NOW))
+        link.post(i, link.replicas[i].step(Commit(1, 1, evil.digest, 1), NOW))
+    link.run()
+    for i in (2, 3):
+        assert link.replicas[i].executed == 0
+        assert link.replicas[i].dropped["below-new-view-checkpoint"] >= 1
+
+
+def test_a_primary_that_censors_one_client_is_replaced() -> None:
+    """Found in review: progress on other clients' requests kept restarting the view timer."""
+    link = Link()
+    censored = put(2, 1, b"c", b"censored")
+    link.drop = lambda src, dst, msg: src == 0 and isinstance(msg, PrePrepare) and censored in msg.requests
+    for backup in (1, 2, 3):
+        link.request(censored, to=backup)
+    t = NOW
+    for ts in range(1, 60):  # client 1 keeps the primary busy with other work
+        link.request(put(1, ts, b"k", b"%d" % ts), now=t)
+        link.tick(t)
+        t += 50
+    assert all(r.view >= 1 for r in link.replicas[1:])
+    assert set(results(link, 2, 1)) >= {1, 2, 3}

@@ -218,12 +218,13 @@ class Replica:
         cached = self.clients.cached(req.client, req.timestamp)
         if cached is not None:
             self.stats["retransmitted-replies"] += 1
-            tentative = self.tentative_seq > 0 and any(
-                (r.client, r.timestamp) == (req.client, req.timestamp)
-                for r in self.executed_batches[self.tentative_seq].requests
-            )
+            tentative = (req.client, req.timestamp) in self._tentative_requests()
             reply = Reply(self.view, req.timestamp, req.client, self.id, cached, tentative)
             self.outbox.append((req.client, reply))
+            if tentative and not self.is_primary() and len(self.waiting) < WAITING_REQUESTS_MAX:
+                # Executed only tentatively: if it never commits, the primary is to blame.
+                self.waiting.setdefault((req.client, req.timestamp), req)
+                self._arm_view_timer()
             return
         if self.clients.too_old(req.client, req.timestamp):
             self._drop("old-timestamp", req)
@@ -385,7 +386,8 @@ class Replica:
         tentative = mode == TENTATIVE
         for req in pp.requests:
             self.pending_ids.discard((req.client, req.timestamp))
-            self.waiting.pop((req.client, req.timestamp), None)
+            if not tentative:  # a tentative execution may be undone: keep waiting on it
+                self.waiting.pop((req.client, req.timestamp), None)
             if not self.clients.is_new(req.client, req.timestamp):
                 continue  # a duplicate ordered twice executes once, the same way everywhere
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
@@ -409,9 +411,17 @@ class Replica:
 
     def _tentative_committed(self) -> None:
         seq, self.tentative_seq = self.tentative_seq, 0
+        for req in self.executed_batches[seq].requests:
+            self.waiting.pop((req.client, req.timestamp), None)
+        self._arm_view_timer()
         self._serve_deferred_reads()
         if seq % self.params.checkpoint_interval == 0:
             self._take_checkpoint()
+
+    def _tentative_requests(self) -> set[tuple[int, int]]:
+        if not self.tentative_seq:
+            return set()
+        return {(r.client, r.timestamp) for r in self.executed_batches[self.tentative_seq].requests}
 
     def _rollback_tentative(self) -> None:
         """A tentatively executed batch that has not committed is undone before a view change
@@ -692,7 +702,8 @@ class Replica:
         requests does not restart it, so a primary that censors a client is replaced."""
         if self.view_changing:
             return
-        for key in [k for k in self.waiting if not self.clients.is_new(*k)]:
+        tentative = self._tentative_requests()
+        for key in [k for k in self.waiting if not self.clients.is_new(*k) and k not in tentative]:
             del self.waiting[key]  # executed meanwhile (by state transfer, say)
         head = next(iter(self.waiting), None)
         if head is None:
