@@ -614,6 +614,8 @@ class Replica:
         target = self.fetch_target
         if target is None or st.seq != target[0] or (self.transfer is not None and self.transfer.seq == st.seq):
             return self._drop("unrequested-state", st)
+        if st.seq <= self.executed:
+            return self._drop("state-already-reached", st)
         digests = decode_manifest(st.manifest, target[1], self.params.frame_bytes_max // 32)
         if digests is None:
             # A lying replica cannot mislead us: the certified digest decides; ask another next time.
@@ -649,6 +651,8 @@ class Replica:
             self._ask_partitions(t)
             return
         self.transfer = None
+        if self.executed >= t.seq:
+            return  # we got there by executing while we fetched: our own state is newer
         problem = self._install(t.seq, t.snapshot())
         if problem:
             return self._drop(problem, State(t.seq, b"", t.source))
@@ -661,6 +665,7 @@ class Replica:
     def _install(self, seq: int, snap: Snapshot) -> str | None:
         """Replace our state by the snapshot of checkpoint ``seq``, whose partitions were
         checked against its root; or say why it cannot be used."""
+        assert seq > self.executed, "installing an older state than we hold would lose executions"
         try:
             self.service, self.clients, self.batch_time_ms = rebuild(
                 self.service_factory, self.params.client_window, snap.parts
@@ -670,7 +675,7 @@ class Replica:
         self.last_capture = snap
         self.tentative_seq = 0
         self.executed_batches.clear()
-        self.executed = max(self.executed, seq)
+        self.executed = seq
         self.own_checkpoints[seq] = snap
         self.next_seq = max(self.next_seq, seq + 1)
         return None

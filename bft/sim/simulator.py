@@ -2,7 +2,8 @@
 clock, every choice drawn from one seeded RNG, so any run replays exactly from its seed.
 
 A run has a fault phase followed by a healed phase in which every submitted request must
-complete. Faults: random delays that reorder, duplicated and lost messages; up to f faulty
+complete. Faults: random delays that reorder, duplicated and lost messages; partitions that cut
+one replica (the primary too) off for longer than the log window; up to f faulty
 replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted from
 its data directory or with a wiped state, or, for view 0's primary, equivocating: it sends a
 different pre-prepare for each sequence number to half of the backups.
@@ -44,11 +45,12 @@ class Faults:
     crashes: bool = True
     restarts: bool = True  # crashed replicas may come back with an empty state
     byzantine: bool = True  # view 0's primary may equivocate
+    partitions: bool = True  # one replica at a time may be cut off, for longer than the log window
 
     @staticmethod
     def named(name: str) -> Faults:
         if name == "none":
-            return Faults(0.0, 0.0, 2, False, False, False)
+            return Faults(0.0, 0.0, 2, False, False, False, False)
         if name == "network":
             return Faults(crashes=False, restarts=False, byzantine=False)
         if name == "crash":
@@ -223,6 +225,15 @@ class Simulation:
             self.crash_at.sort()
             self.restart_at.sort()
         self.crash_schedule = tuple((v, at) for at, v in self.crash_at)  # (replica, time), for reports
+        # Partitions come from a stream of their own, so that adding them kept every seed's
+        # other faults where they were (the regression seeds depend on it).
+        self.partitions: list[tuple[int, int, int]] = []  # (start, end, isolated replica)
+        if self.faults.partitions:
+            prng = random.Random(seed ^ 0x9A27)
+            for _ in range(prng.randint(0, 2)):
+                start = prng.randrange(fault_phase_ms)
+                end = min(fault_phase_ms, start + prng.randint(300, 1500))
+                self.partitions.append((start, end, prng.randrange(self.n)))
 
     def _new_replica(self, i: int) -> _SimReplica:
         r = _SimReplica(i, self.f, self.params, KVService)
@@ -238,9 +249,17 @@ class Simulation:
     def _faulty_phase(self) -> bool:
         return self.now < self.fault_phase_ms
 
+    def _cut_off(self, src: tuple[str, int], dst: tuple[str, int]) -> bool:
+        for start, end, r in self.partitions:
+            if start <= self.now < end and (src == ("replica", r)) != (dst == ("replica", r)):
+                return True
+        return False
+
     def _send(self, src: tuple[str, int], dst: tuple[str, int], msg: Message) -> None:
         copies = 1
         if self._faulty_phase():
+            if self._cut_off(src, dst):
+                return
             if self.rng.random() < self.faults.loss:
                 return
             if self.rng.random() < self.faults.duplicate:
