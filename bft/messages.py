@@ -175,6 +175,7 @@ class Reply:
     replica: int
     result: bytes
     tentative: bool = False
+    digest_only: bool = False  # ``result`` is the digest of the result (TOCS 2002, 5.1.1)
 
     TYPE = 5
 
@@ -350,7 +351,7 @@ def _fields(msg: Message) -> tuple:
         case Prepare() | Commit():
             return (msg.view, msg.seq, msg.digest, msg.replica)
         case Reply():
-            return (msg.view, msg.timestamp, msg.client, msg.replica, msg.result, msg.tentative)
+            return (msg.view, msg.timestamp, msg.client, msg.replica, msg.result, msg.tentative, msg.digest_only)
         case Checkpoint():
             return (msg.seq, msg.digest, msg.replica)
         case Status():
@@ -540,7 +541,8 @@ _DECODERS = {
     ),
     Commit.TYPE: lambda f, lim: Commit(_int(_list(f, 4)[0]), _int(f[1]), _digest(f[2]), _int(f[3])),
     Reply.TYPE: lambda f, lim: Reply(
-        _int(_list(f, 6)[0]), _int(f[1]), _int(f[2]), _int(f[3]), _bytes(f[4], lim.op_bytes_max), _bool(f[5])
+        _int(_list(f, 7)[0]), _int(f[1]), _int(f[2]), _int(f[3]), _bytes(f[4], lim.op_bytes_max), _bool(f[5]),
+        _bool(f[6]),
     ),
     Checkpoint.TYPE: lambda f, lim: Checkpoint(_int(_list(f, 3)[0]), _digest(f[1]), _int(f[2])),
     Status.TYPE: lambda f, lim: Status(_int(_list(f, 5)[0]), _int(f[1]), _int(f[2]), _bool(f[3]), _int(f[4])),

@@ -11,7 +11,7 @@ from bft.core.client import ClientCore
 from bft.core.params import Params
 from bft.core.replica import ALL, PERSIST, Replica
 from bft.core.unreplicated import Unreplicated
-from bft.messages import Checkpoint, Commit, FetchPartition, Prepare, PrePrepare, Reply, Request, State, Status
+from bft.messages import Checkpoint, Commit, FetchPartition, Prepare, PrePrepare, Reply, Request, State, Status, digest
 from bft.service import KVService, NullService
 
 PARAMS = Params(checkpoint_interval=4, log_window=8, batch_size_max=8, inflight_max=1, client_window=4)
@@ -383,3 +383,37 @@ def test_stable_checkpoints_are_persisted_and_a_restart_resumes_from_them() -> N
     damaged = replace(saved, snapshot=replace(snap, parts=(snap.parts[0] + b"x", *snap.parts[1:])))
     with pytest.raises(ValueError, match="damaged"):
         Replica(2, 1, PARAMS, KVService).restore(damaged)
+
+
+def test_digest_replies_one_full_result_and_digests_from_the_others() -> None:
+    link = Link()
+    big = b"v" * 1000
+    link.request(put(1, 1, b"k", big))
+    link.replies.clear()
+    req = Request.make(1, 2, KVService.get(b"k"))
+    link.request(req)
+    replies = [r for r in link.replies if r.timestamp == 2]
+    full = [r for r in replies if not r.digest_only]
+    assert len(replies) == 4 and [r.replica for r in full] == [(1 + 2) % 4]
+    assert all(r.result == digest(full[0].result) for r in replies if r.digest_only)
+    client = ClientCore(1, 1, PARAMS, first_timestamp=2)
+    client.submit(KVService.get(b"k"), 0)
+    for r in sorted(replies, key=lambda r: r.digest_only, reverse=True):  # digests first
+        client.on_reply(r, 1)
+    assert client.take_completed() == [(2, msgpack.packb([True, big]))]
+    link.replies.clear()
+    link.request(req, to=0)  # a retransmission gets the full result, whoever answers
+    assert [r.digest_only for r in link.replies] == [False]
+
+
+def test_client_waits_for_the_full_result_behind_agreeing_digests() -> None:
+    client = ClientCore(1, 1, replace(PARAMS, read_only=False), first_timestamp=5)
+    client.submit(b"op", 0)
+    result = b"r" * 500
+    client.on_reply(Reply(0, 5, 1, 0, digest(result), digest_only=True), 1)
+    client.on_reply(Reply(0, 5, 1, 1, digest(result), digest_only=True), 1)
+    assert client.take_completed() == []  # f+1 agree, but nobody sent the result itself
+    client.on_reply(Reply(0, 5, 1, 2, b"x" * 500), 1)  # a liar's full result does not match
+    assert client.take_completed() == []
+    client.on_reply(Reply(0, 5, 1, 3, result), 1)
+    assert client.take_completed() == [(5, result)]

@@ -92,7 +92,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
     FetchBatch: st.builds(FetchBatch, u63, digests, sender_ids),
     Prepare: st.builds(Prepare, u63, u63, digests, sender_ids),
     Commit: st.builds(Commit, u63, u63, digests, sender_ids),
-    Reply: st.builds(Reply, u63, u63, u63, sender_ids, small_bytes, st.booleans()),
+    Reply: st.builds(Reply, u63, u63, u63, sender_ids, small_bytes, st.booleans(), st.booleans()),
     Checkpoint: st.builds(Checkpoint, u63, digests, sender_ids),
     Status: st.builds(Status, u63, u63, u63, st.booleans(), sender_ids),
     ViewChange: view_changes | signed_view_changes,
@@ -498,7 +498,7 @@ def _replace(fields: list, index: int, value: object) -> list:
 
 PREPARE = [0, 1, bytes(32), 2]
 REQUEST = [1, 2, b"op", False]
-REPLY = [0, 2, 5, 1, b"r", True]
+REPLY = [0, 2, 5, 1, b"r", True, False]
 VC_FIELDS = [1, 0, [], [], [], 2]
 
 BAD_PAYLOADS = {

@@ -18,12 +18,22 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from bft.core.params import Params
-from bft.core.replica import ALL, Outbound
-from bft.messages import Reply, Request
+from bft.core.replica import ALL, DIGEST_REPLY_BYTES_MIN, Outbound
+from bft.messages import Reply, Request, digest
 
 log = logging.getLogger("bft.client")
 
 TIMEOUT_BACKOFF_MAX = 16
+
+
+def result_key(reply: Reply) -> bytes:
+    """What replies are matched on: a large result by its digest, so a full reply and digest
+    replies for the same result agree; a small one (never sent as a digest) by itself."""
+    if reply.digest_only:
+        return b"D" + reply.result
+    if len(reply.result) > DIGEST_REPLY_BYTES_MIN:
+        return b"D" + digest(reply.result)
+    return b"F" + reply.result
 
 
 @dataclass(slots=True)
@@ -103,7 +113,8 @@ class ClientCore:
             self.dropped["unknown-replica"] += 1
             return
         pending.replies[reply.replica] = reply
-        matching = [r for r in pending.replies.values() if r.result == reply.result]
+        key = result_key(reply)
+        matching = [r for r in pending.replies.values() if result_key(r) == key]
         # f+1 committed replies include a correct replica's; tentative results need 2f+1 so
         # they survive a view change (TOCS 2002, 5.1.2). With the read-only optimisation on,
         # every result needs 2f+1 (5.1.3): otherwise a read by 2f+1 replicas, f of them lying
@@ -113,9 +124,12 @@ class ClientCore:
             enough = len(matching) >= 2 * self.f + 1
         else:
             enough = committed >= self.f + 1 or len(matching) >= 2 * self.f + 1
+        full = next((r.result for r in matching if not r.digest_only), None)
+        if enough and full is None:
+            return  # agreed on a digest; the full result comes from the designated replica or on resend
         if not enough:
             if pending.request.read_only:
-                best = max(Counter(r.result for r in pending.replies.values()).values())
+                best = max(Counter(result_key(r) for r in pending.replies.values()).values())
                 if best + self.n - len(pending.replies) < 2 * self.f + 1:
                     self._fall_back(pending, now_ms)  # replicas disagree: no quorum can form
             return
@@ -123,7 +137,7 @@ class ClientCore:
         views = sorted((r.view for r in matching), reverse=True)
         self.view = max(self.view, views[self.f])
         del self.inflight[reply.timestamp]
-        self.completed.append((pending.origin, reply.result))
+        self.completed.append((pending.origin, full))
 
     def tick(self, now_ms: int) -> list[Outbound]:
         for pending in list(self.inflight.values()):

@@ -21,6 +21,7 @@ class Params:
     # The paper's optimisations, each switchable so its worth can be measured.
     read_only: bool = True  # execute read-only requests at once, 2f+1 matching replies
     tentative: bool = False  # execute once prepared, 2f+1 matching tentative replies
+    digest_replies: bool = True  # one replica sends a large result, the others its digest
 
     def __post_init__(self) -> None:
         for f in fields(self):
