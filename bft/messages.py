@@ -77,26 +77,33 @@ class PrePrepare:
     view: int
     seq: int
     timestamp: int  # the primary's proposed batch time (non-deterministic input, agreed here)
-    requests: tuple[Request, ...]
+    # A large request travels by its digest only: the client sent it to every replica itself
+    # ("separate request transmission", TOCS 2002, 5.1.4); backups resolve it before preparing.
+    requests: tuple[Request | bytes, ...]
     replica: int
     digest: bytes = field(default=b"", compare=False, repr=False)
 
     TYPE = 2
 
     @staticmethod
-    def make(view: int, seq: int, timestamp: int, requests: tuple[Request, ...], replica: int) -> PrePrepare:
+    def make(view: int, seq: int, timestamp: int, requests: tuple[Request | bytes, ...], replica: int) -> PrePrepare:
         return PrePrepare(view, seq, timestamp, requests, replica, batch_digest(timestamp, requests))
+
+    @property
+    def resolved(self) -> bool:
+        return all(isinstance(r, Request) for r in self.requests)
 
     @property
     def sender(self) -> int:
         return self.replica
 
 
-def batch_digest(timestamp: int, requests: tuple[Request, ...]) -> bytes:
+def batch_digest(timestamp: int, requests: tuple[Request | bytes, ...]) -> bytes:
+    """The digest of a batch: the same whether a request travels inline or by its digest."""
     h = hashlib.blake2b(digest_size=DIGEST_BYTES)
     h.update(timestamp.to_bytes(8, "big", signed=True))
     for r in requests:
-        h.update(r.digest)
+        h.update(r.digest if isinstance(r, Request) else r)
     return h.digest()
 
 
@@ -347,7 +354,8 @@ def signed_bytes(type_: int, sender: int, payload: bytes) -> bytes:
 def _fields(msg: Message) -> tuple:
     match msg:
         case PrePrepare():
-            return (msg.view, msg.seq, msg.timestamp, [(r.raw, r.auth) for r in msg.requests], msg.replica)
+            entries = [(r.raw, r.auth) if isinstance(r, Request) else (r,) for r in msg.requests]
+            return (msg.view, msg.seq, msg.timestamp, entries, msg.replica)
         case Prepare() | Commit():
             return (msg.view, msg.seq, msg.digest, msg.replica)
         case Reply():
@@ -488,9 +496,12 @@ def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> 
     )
 
 
-def _requests(v: object, limits: Limits) -> tuple[Request, ...]:
-    reqs = []
+def _requests(v: object, limits: Limits, refs: bool = False) -> tuple[Request | bytes, ...]:
+    reqs: list[Request | bytes] = []
     for item in _list(v, max_len=limits.batch_len_max):
+        if refs and type(item) is list and len(item) == 1:
+            reqs.append(_digest(item[0]))
+            continue
         raw, auth = _list(item, 2)
         reqs.append(decode_request(_bytes(raw, limits.frame_bytes_max), _bytes(auth, 4096), limits))
     return tuple(reqs)
@@ -499,7 +510,7 @@ def _requests(v: object, limits: Limits) -> tuple[Request, ...]:
 def _pre_prepare(f: list, limits: Limits) -> PrePrepare:
     _list(f, 5)
     view, seq, ts = _int(f[0]), _int(f[1]), _int(f[2], INT_MIN, INT_MAX)
-    requests = _requests(f[3], limits)
+    requests = _requests(f[3], limits, refs=True)
     return PrePrepare(view, seq, ts, requests, _int(f[4]), batch_digest(ts, requests))
 
 

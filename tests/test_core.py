@@ -417,3 +417,25 @@ def test_client_waits_for_the_full_result_behind_agreeing_digests() -> None:
     assert client.take_completed() == []
     client.on_reply(Reply(0, 5, 1, 3, result), 1)
     assert client.take_completed() == [(5, result)]
+
+
+def test_large_requests_travel_apart_from_their_batch() -> None:
+    params = replace(PARAMS, large_request_bytes=100)
+    link = Link(params=params)
+    big = put(1, 1, b"k", b"v" * 500)
+    client = ClientCore(1, 1, params, first_timestamp=1)
+    sent = client.submit(big.op, 0)
+    assert client.take_outbox() == [(ALL, sent)]  # a large request goes to every replica
+    # Replica 3 does not get the body from the client; the others do.
+    sent_pp = []
+    link.drop = lambda src, dst, msg: isinstance(msg, PrePrepare) and (sent_pp.append(msg) or True)
+    for i in (1, 2, 0):
+        link.request(big, to=i)
+    assert sent_pp and all(r == big.digest for pp in sent_pp for r in pp.requests)  # by digest only
+    link.drop = lambda src, dst, msg: False
+    link.queue += [(0, j, pp) for pp in sent_pp[:1] for j in (1, 2, 3)]
+    link.run()
+    assert [r.executed for r in link.replicas] == [1, 1, 1, 0]
+    assert 1 in link.replicas[3].unresolved
+    link.tick(NOW + 1_000)  # replica 3 fetches the batch from the primary and catches up
+    assert link.replicas[3].executed == 1 and not link.replicas[3].unresolved

@@ -80,7 +80,8 @@ class ClientCore:
         self.next_timestamp += 1
         timeout = self.params.request_timeout_ms
         self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, req.timestamp)
-        self.outbox.append((ALL if read_only else self.primary, req))
+        large = self.params.separate_large_requests and len(req.raw) > self.params.large_request_bytes
+        self.outbox.append((ALL if read_only or large else self.primary, req))
         return req
 
     def abandon(self, origin: int) -> bool:

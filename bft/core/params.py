@@ -22,6 +22,8 @@ class Params:
     read_only: bool = True  # execute read-only requests at once, 2f+1 matching replies
     tentative: bool = False  # execute once prepared, 2f+1 matching tentative replies
     digest_replies: bool = True  # one replica sends a large result, the others its digest
+    separate_large_requests: bool = True  # clients send large requests to all; batches carry digests
+    large_request_bytes: int = 4096  # what "large" means for the line above
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -53,6 +53,8 @@ STATUS_SLOTS_MAX = 64
 QSET_ENTRIES_MAX = 4
 # Requests a backup holds for its view-change timer; more are relayed but not remembered.
 WAITING_REQUESTS_MAX = 4096
+# Large request bodies a replica keeps while their pre-prepare may still come.
+REQUEST_STORE_MAX = 4096
 # Results up to this size always travel in full: a digest would save nothing.
 DIGEST_REPLY_BYTES_MIN = 64
 # Exponential back-off of successive view changes stops doubling here.
@@ -123,6 +125,10 @@ class Replica:
         self.fetch_from = 0
         # View change state (TOCS 2002, section 4.4): P and Q sets, known batches, timers.
         self.tentative_seq = 0  # the batch executed tentatively and not yet committed, if any
+        # Separate request transmission: large request bodies by digest, and pre-prepares that
+        # still wait for some of them.
+        self.request_store: dict[bytes, Request] = {}
+        self.unresolved: dict[int, PrePrepare] = {}
         self.executed_batches: dict[int, PrePrepare] = {}  # executed above h, for rollback replay
         self.deferred_reads: list[Request] = []  # read-only requests waiting for a commit
         self.view_changing = False
@@ -189,6 +195,7 @@ class Replica:
             status = Status(self.view, self.stable, self._settled(), self.view_changing, self.id)
             self.outbox.append((ALL, status))
             self._maybe_fetch_state()
+            self._fetch_unresolved()
             if self.view_changing and self.is_primary():
                 self._try_new_view()
         if self.view_deadline_ms is not None and now_ms >= self.view_deadline_ms:
@@ -232,13 +239,16 @@ class Replica:
             self._drop("old-timestamp", req)
             return
         key = (req.client, req.timestamp)
+        large = self._is_large(req)
+        if large:
+            self._store_request(req)
         if not self.is_primary() or self.view_changing:
             # A client that timed out sends to everyone. Relay so the primary hears of it, and
             # hold it: if it is not executed in time the primary is faulty (section 4.4).
             if len(self.waiting) < WAITING_REQUESTS_MAX:
                 self.waiting.setdefault(key, req)
                 self._arm_view_timer()
-            if not self.view_changing:
+            if not self.view_changing and not large:  # the client sent a large one to all
                 self.outbox.append((self.primary, req))
             return
         if key in self.pending_ids:
@@ -266,7 +276,7 @@ class Replica:
             budget = p.frame_bytes_max - 4096
             while self.pending and len(batch) < p.batch_size_max:
                 r = self.pending[0]
-                cost = len(r.raw) + len(r.auth) + 16
+                cost = 64 if self._is_large(r) else len(r.raw) + len(r.auth) + 16  # large: by digest
                 if batch and size + cost > budget:
                     break
                 batch.append(self.pending.popleft())
@@ -279,7 +289,7 @@ class Replica:
             self._record_pre_prepare(pp)
             self.stats["batches"] += 1
             self.stats["batched-requests"] += len(batch)
-            self.outbox.append((ALL, pp))
+            self.outbox.append((ALL, self._by_reference(pp)))
             self._check_prepared(pp.seq)
 
     # -- normal case ------------------------------------------------------------------------
@@ -300,6 +310,16 @@ class Replica:
             if slot.pre_prepare.digest != pp.digest:
                 self._drop("conflicting-pre-prepare", pp)
             return
+        if not pp.resolved:
+            full = self._resolve(pp)
+            if full is None:
+                # Some request bodies have not reached us yet: keep it, resolve it when they
+                # come (or fetch the batch from the primary at the next status tick).
+                if len(self.unresolved) < self.params.log_window:
+                    self.unresolved[pp.seq] = pp
+                return
+            pp = full
+        self.unresolved.pop(pp.seq, None)
         if slot.expected is not None:
             # Re-proposed by a NEW-VIEW: the decision fixed the batch, time checks do not apply.
             if pp.digest != slot.expected:
@@ -388,6 +408,7 @@ class Replica:
         tentative = mode == TENTATIVE
         for req in pp.requests:
             self.pending_ids.discard((req.client, req.timestamp))
+            self.request_store.pop(req.digest, None)
             if not tentative:  # a tentative execution may be undone: keep waiting on it
                 self.waiting.pop((req.client, req.timestamp), None)
             if not self.clients.is_new(req.client, req.timestamp):
@@ -409,6 +430,43 @@ class Replica:
             self.stats["tentative-batches"] += 1
         elif self.executed % self.params.checkpoint_interval == 0:
             self._take_checkpoint()
+
+    # -- separate request transmission (large requests) -------------------------------------
+
+    def _is_large(self, req: Request) -> bool:
+        return self.params.separate_large_requests and len(req.raw) > self.params.large_request_bytes
+
+    def _store_request(self, req: Request) -> None:
+        if len(self.request_store) >= REQUEST_STORE_MAX:
+            del self.request_store[next(iter(self.request_store))]  # oldest; a fetch recovers it
+        self.request_store[req.digest] = req
+        for pp in [self.unresolved[s] for s in sorted(self.unresolved)]:
+            if req.digest in pp.requests:
+                self.on_pre_prepare(pp, self.now_ms)
+
+    def _by_reference(self, pp: PrePrepare) -> PrePrepare:
+        """The pre-prepare as sent: large requests replaced by their digests."""
+        if not any(self._is_large(r) for r in pp.requests):
+            return pp
+        refs = tuple(r.digest if self._is_large(r) else r for r in pp.requests)
+        return PrePrepare(pp.view, pp.seq, pp.timestamp, refs, pp.replica, pp.digest)
+
+    def _resolve(self, pp: PrePrepare) -> PrePrepare | None:
+        requests = []
+        for r in pp.requests:
+            body = self.request_store.get(r) if isinstance(r, bytes) else r
+            if body is None:
+                return None
+            requests.append(body)
+        return PrePrepare(pp.view, pp.seq, pp.timestamp, tuple(requests), pp.replica, pp.digest)
+
+    def _fetch_unresolved(self) -> None:
+        for seq, pp in list(self.unresolved.items()):
+            if pp.view != self.view or not self.in_window(seq):
+                del self.unresolved[seq]
+                continue
+            self.wanted_batches.add((seq, pp.digest))
+            self.outbox.append((pp.replica, FetchBatch(seq, pp.digest, self.id)))
 
     def _reply(self, req: Request, result: bytes, tentative: bool) -> Reply:
         """Digest replies (TOCS 2002, 5.1.1): one designated replica, rotating with the
@@ -529,6 +587,8 @@ class Replica:
             del self.batches[key]
         for s in [s for s in self.executed_batches if s <= seq]:
             del self.executed_batches[s]
+        for d in [d for d, r in self.request_store.items() if not self.clients.is_new(r.client, r.timestamp)]:
+            del self.request_store[d]  # executed here by state transfer, or never to come
         if self.fetch_target is not None and self.fetch_target[0] <= seq:
             self.fetch_target = None
         if self.transfer is not None and self.transfer.seq <= seq:
@@ -891,7 +951,7 @@ class Replica:
                 slot.pre_prepare = pp
                 self._record_pre_prepare(pp)
                 self.proposed_time_ms = max(self.proposed_time_ms, ts)
-                self.outbox.append((ALL, pp))
+                self.outbox.append((ALL, self._by_reference(pp)))
         if self.is_primary():
             top = max((s for s, _ in nv.decisions), default=n0)
             self.next_seq = max(top, n0, self.executed) + 1
@@ -917,6 +977,9 @@ class Replica:
             return self._drop("unrequested-batch", b)
         self.wanted_batches.discard(key)
         self.batches[key] = (b.timestamp, b.requests)
+        for r in b.requests:
+            if self._is_large(r):
+                self._store_request(r)
         if self.view_changing and self.is_primary():
             self._try_new_view()
 
