@@ -22,11 +22,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from bft import config as cfg
 from bft.cli import start_replicas, stop_replicas
-from bft.local import free_base_port
+from bft.core.params import DEFAULT_PARAMS
+from bft.local import free_base_port, wait_for_port
 from bft.service import NullService
 from client import Client
 
@@ -168,12 +170,55 @@ def plot(results: dict, path: Path) -> bool:
     return True
 
 
+# Each optimisation's switch, with the operation whose latency it is meant to cut.
+OPTIMISATIONS = [
+    ("tentative execution", "tentative", (0, 0)),
+    ("digest replies", "digest_replies", (0, 4096)),
+    ("separate large requests", "separate_large_requests", (4096, 0)),
+]
+
+
+def measure_optimisations(tmp: Path, ops: int) -> dict:
+    """Median read-write latency with each optimisation off and on, on a fresh cluster each."""
+    out: dict = {}
+    for label, switch, (arg, res) in OPTIMISATIONS:
+        out[switch] = {}
+        for on in (False, True):
+            directory = tmp / f"{switch}-{on}"
+            params = replace(DEFAULT_PARAMS, **{switch: on})
+            cfg.keygen(directory, 1, 2, base_port=free_base_port(4), params=params)
+            cluster = cfg.load(directory / "cluster.toml")
+            procs = start_replicas(cluster, "null", directory / "logs", "warning")
+            try:
+                for r in cluster.replicas:
+                    wait_for_port(r.host, r.port)
+                r = run_loop(latency(lambda i, c=cluster: Client(cluster=c, client_id=i), arg, res, ops))
+            finally:
+                stop_replicas(procs)
+            out[switch]["on" if on else "off"] = r
+            print(f"  {label:<24} {'on ' if on else 'off'} {arg // 1024}/{res // 1024} KB  "
+                  f"median {r['median_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms", flush=True)
+    return out
+
+
+def optimisation_table(opt: dict) -> str:
+    lines = ["| optimisation | operation | off: median (p90) ms | on: median (p90) ms |", "|---|---|---|---|"]
+    for label, switch, (arg, res) in OPTIMISATIONS:
+        off, on = opt[switch]["off"], opt[switch]["on"]
+        lines.append(
+            f"| {label} | {arg // 1024}/{res // 1024} KB read-write | {off['median_ms']:.3f} ({off['p90_ms']:.3f}) "
+            f"| {on['median_ms']:.3f} ({on['p90_ms']:.3f}) |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", type=int, default=2000, help="sequential operations per 0/0 latency run")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of the throughput run")
     ap.add_argument("--clients", type=int, default=16, help="closed-loop clients for throughput")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--skip-optimisations", action="store_true", help="skip the per-switch comparison")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,8 +245,13 @@ def main() -> None:
             stop_replicas(procs)
             server.terminate()
             server.wait(5)
+        if not args.skip_optimisations:
+            print("each optimisation off and on (a fresh cluster each):", flush=True)
+            results["optimisations"] = measure_optimisations(Path(tmp), max(200, args.ops // 2))
 
     md = table(results, args.clients)
+    if "optimisations" in results:
+        md += "\n\n" + optimisation_table(results["optimisations"])
     print()
     print(md)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -156,7 +156,13 @@ class KVService:
         return {k: v for bucket in self._buckets for k, v in bucket.items()}
 
 
-SERVICES = {"null": NullService, "kv": KVService}
+def _bfs() -> Service:
+    from bfs.fs import FileSystem  # the file system lives in its own package
+
+    return FileSystem()
+
+
+SERVICES = {"null": NullService, "kv": KVService, "bfs": _bfs}
 
 
 def make_service(name: str) -> Service:

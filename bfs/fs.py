@@ -1,0 +1,583 @@
+"""BFS: an NFSv3-like file system as a deterministic replicated state machine.
+
+Every operation is a msgpack array ``[name, [uid, gid, [groups]], args...]`` and every result
+``[errno, value]`` (errno 0 on success), computed identically by every correct replica: no clock
+(times come from the agreed batch time), no randomness, no host file system. Inode numbers are
+handles, as in NFS; a generation number distinguishes reuses of a number.
+
+State: an inode table (regular files, directories, symlinks, FIFOs) with POSIX attributes,
+directory entries with stable readdir cookies, and file data in fixed-size blocks, so sparse files
+cost only the blocks written. For checkpoints the state is split into partitions: metadata by
+inode number, data blocks by (inode, block); only partitions written since the last checkpoint
+are encoded again.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgpack
+
+ROOT = 1
+BLOCK = 16 * 1024
+NAME_MAX = 255
+SYMLINK_MAX = 4095
+META_PARTITIONS = 256
+DATA_PARTITIONS = 768
+
+REG, DIR, LNK, FIFO = "f", "d", "l", "p"
+KIND_BITS = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, LNK: stat.S_IFLNK, FIFO: stat.S_IFIFO}
+READ_ONLY_OPS = frozenset({"getattr", "lookup", "access", "readlink", "read", "readdir", "fsstat", "fsinfo"})
+R_OK, W_OK, X_OK = 4, 2, 1
+
+
+class FsError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(errno.errorcode.get(code, str(code)))
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    bytes_max: int = 1 << 40  # total file data
+    inodes_max: int = 1 << 24
+    file_bytes_max: int = 1 << 38
+
+
+@dataclass(slots=True)
+class Inode:
+    ino: int
+    kind: str
+    mode: int  # permission bits (07777)
+    uid: int
+    gid: int
+    nlink: int
+    size: int = 0
+    atime: int = 0  # nanoseconds, from the agreed batch time
+    mtime: int = 0
+    ctime: int = 0
+    gen: int = 0
+    target: bytes = b""  # symlink
+    entries: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # name -> (ino, cookie)
+    next_cookie: int = 1
+    parent: int = 0  # directories only, for rename loop checks and ".."
+
+    def attrs(self) -> list:
+        return [self.ino, self.kind, self.mode, self.nlink, self.uid, self.gid, self.size,
+                self.atime, self.mtime, self.ctime, self.gen]
+
+    def encode(self) -> list:
+        return [self.ino, self.kind, self.mode, self.uid, self.gid, self.nlink, self.size, self.atime,
+                self.mtime, self.ctime, self.gen, self.target,
+                sorted((n, i, c) for n, (i, c) in self.entries.items()), self.next_cookie, self.parent]
+
+    @staticmethod
+    def decode(row: list) -> Inode:
+        (ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, gen, target, entries,
+         next_cookie, parent) = row
+        node = Inode(ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, gen, target)
+        node.entries = {bytes(n): (i, c) for n, i, c in entries}
+        node.next_cookie, node.parent = next_cookie, parent
+        return node
+
+
+@dataclass(frozen=True, slots=True)
+class Creds:
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
+
+
+class FileSystem:
+    """The BFS service (bft's service interface: execute, is_read_only, partitions, restore)."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.inodes: dict[int, Inode] = {}
+        self.blocks: dict[tuple[int, int], bytes] = {}
+        self.next_ino = ROOT + 1
+        self.generation = 0
+        self.bytes_used = 0
+        self.now = 0
+        self.inodes[ROOT] = Inode(ROOT, DIR, 0o755, 0, 0, 2, parent=ROOT)
+        self._encoded: list[bytes] = [b""] * (1 + META_PARTITIONS + DATA_PARTITIONS)
+        self._dirty: set[int] = set(range(len(self._encoded)))
+        # Which inodes or blocks each partition holds, so encoding one costs its own size.
+        self._members: list[set] = [set() for _ in self._encoded]
+        self._members[_meta_partition(ROOT)].add(ROOT)
+
+    # -- service interface ------------------------------------------------------------------
+
+    def is_read_only(self, op: bytes) -> bool:
+        try:
+            name = msgpack.unpackb(op, max_bin_len=0, max_array_len=4, max_map_len=0)[0]
+        except (ValueError, TypeError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            return False
+        return name in READ_ONLY_OPS
+
+    def execute(self, op: bytes, client: int, timestamp_ms: int) -> bytes:
+        self.now = timestamp_ms * 1_000_000
+        try:
+            args = msgpack.unpackb(op, max_map_len=0, max_ext_len=0, strict_map_key=True)
+            name, (uid, gid, groups), *rest = args
+            handler = _OPS[name]
+            creds = Creds(_uint(uid), _uint(gid), frozenset(_uint(g) for g in groups[:32]))
+        except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            return msgpack.packb([errno.EINVAL, None])
+        try:
+            return msgpack.packb([0, handler(self, creds, *rest)])
+        except FsError as exc:
+            return msgpack.packb([exc.code, None])
+        except (TypeError, ValueError):
+            return msgpack.packb([errno.EINVAL, None])
+
+    def partitions(self) -> tuple[bytes, ...]:
+        """Partition 0: counters; then metadata by inode number; then data blocks by (inode,
+        block). Only partitions touched since the last call are encoded again."""
+        for p in self._dirty:
+            if p == 0:
+                self._encoded[0] = msgpack.packb([self.next_ino, self.generation, self.bytes_used])
+            elif p <= META_PARTITIONS:
+                members = self._members[p]
+                self._encoded[p] = msgpack.packb(sorted(self.inodes[i].encode() for i in members))
+            else:
+                rows = sorted([k[0], k[1], self.blocks[k]] for k in self._members[p])
+                self._encoded[p] = msgpack.packb(rows)
+        self._dirty = set()
+        return tuple(self._encoded)
+
+    def restore(self, partitions: Sequence[bytes]) -> None:
+        if len(partitions) != len(self._encoded):
+            raise ValueError(f"a bfs snapshot has {len(self._encoded)} partitions, not {len(partitions)}")
+        try:
+            self.next_ino, self.generation, self.bytes_used = msgpack.unpackb(partitions[0])
+            inodes: dict[int, Inode] = {}
+            for part in partitions[1:1 + META_PARTITIONS]:
+                for row in msgpack.unpackb(part, max_map_len=0, max_ext_len=0):
+                    node = Inode.decode(row)
+                    inodes[node.ino] = node
+            blocks: dict[tuple[int, int], bytes] = {}
+            for part in partitions[1 + META_PARTITIONS:]:
+                for ino, index, block in msgpack.unpackb(part, max_map_len=0, max_ext_len=0):
+                    blocks[(ino, index)] = bytes(block)
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise ValueError(f"malformed bfs partition: {exc}") from None
+        if ROOT not in inodes:
+            raise ValueError("bfs snapshot without a root directory")
+        self.inodes, self.blocks = inodes, blocks
+        self._members = [set() for _ in self._encoded]
+        for ino in inodes:
+            self._members[_meta_partition(ino)].add(ino)
+        for key in blocks:
+            self._members[_block_partition(key)].add(key)
+        self._encoded = list(partitions)
+        self._dirty = set()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _touch_meta(self, node: Inode) -> None:
+        self._dirty.add(_meta_partition(node.ino))
+
+    def _touch_block(self, key: tuple[int, int]) -> None:
+        p = _block_partition(key)
+        self._dirty.add(p)
+        if key in self.blocks:
+            self._members[p].add(key)
+        else:
+            self._members[p].discard(key)
+
+    def _node(self, ino: object) -> Inode:
+        node = self.inodes.get(ino) if type(ino) is int else None
+        if node is None:
+            raise FsError(errno.ESTALE)
+        return node
+
+    def _dir(self, ino: object) -> Inode:
+        node = self._node(ino)
+        if node.kind != DIR:
+            raise FsError(errno.ENOTDIR)
+        return node
+
+    def _check(self, creds: Creds, node: Inode, want: int) -> None:
+        if creds.uid == 0:
+            # root may do anything but execute a file nobody may execute
+            if want & X_OK and node.kind != DIR and not node.mode & 0o111:
+                raise FsError(errno.EACCES)
+            return
+        if creds.uid == node.uid:
+            bits = (node.mode >> 6) & 7
+        elif creds.in_group(node.gid):
+            bits = (node.mode >> 3) & 7
+        else:
+            bits = node.mode & 7
+        if want & ~bits:
+            raise FsError(errno.EACCES)
+
+    def _name(self, name: object) -> bytes:
+        if type(name) is not bytes or not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+            raise FsError(errno.EINVAL)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        return name
+
+    def _new_inode(self, creds: Creds, parent: Inode, kind: str, mode: int) -> Inode:
+        if len(self.inodes) >= self.limits.inodes_max:
+            raise FsError(errno.ENOSPC)
+        ino = self.next_ino
+        self.next_ino += 1
+        self.generation += 1
+        gid = parent.gid if parent.mode & stat.S_ISGID else creds.gid
+        node = Inode(ino, kind, _uint(mode) & 0o7777, creds.uid, gid, 2 if kind == DIR else 1,
+                     atime=self.now, mtime=self.now, ctime=self.now, gen=self.generation)
+        self.inodes[ino] = node
+        self._members[_meta_partition(ino)].add(ino)
+        self._dirty.add(0)
+        self._touch_meta(node)
+        return node
+
+    def _link_entry(self, directory: Inode, name: bytes, ino: int) -> None:
+        directory.entries[name] = (ino, directory.next_cookie)
+        directory.next_cookie += 1
+        directory.mtime = directory.ctime = self.now
+        self._touch_meta(directory)
+
+    def _prepare_create(self, creds: Creds, dir_ino: object, name: object) -> tuple[Inode, bytes]:
+        directory = self._dir(dir_ino)
+        name = self._name(name)
+        self._check(creds, directory, W_OK | X_OK)
+        if name in directory.entries:
+            raise FsError(errno.EEXIST)
+        return directory, name
+
+    def _sticky_denied(self, creds: Creds, directory: Inode, node: Inode) -> bool:
+        return bool(directory.mode & stat.S_ISVTX) and creds.uid not in (0, directory.uid, node.uid)
+
+    def _drop_link(self, node: Inode) -> None:
+        node.nlink -= 1
+        node.ctime = self.now
+        self._touch_meta(node)
+        if node.nlink <= 0 or (node.kind == DIR and node.nlink <= 1):
+            self._truncate(node, 0)
+            del self.inodes[node.ino]
+            self._members[_meta_partition(node.ino)].discard(node.ino)
+
+    def _truncate(self, node: Inode, size: int) -> None:
+        if size < node.size:
+            first = (size + BLOCK - 1) // BLOCK
+            for index in range(first, (node.size + BLOCK - 1) // BLOCK):
+                block = self.blocks.pop((node.ino, index), None)
+                if block is not None:
+                    self.bytes_used -= len(block)
+                    self._touch_block((node.ino, index))
+            if size % BLOCK:
+                key = (node.ino, size // BLOCK)
+                block = self.blocks.get(key)
+                if block is not None and len(block) > size % BLOCK:
+                    self.bytes_used -= len(block) - size % BLOCK
+                    self.blocks[key] = block[: size % BLOCK]
+                    self._touch_block(key)
+        node.size = size
+        self._dirty.add(0)
+
+    # -- operations (NFSv3 names) -----------------------------------------------------------
+
+    def op_getattr(self, creds: Creds, ino: object) -> list:
+        return self._node(ino).attrs()
+
+    def op_setattr(self, creds: Creds, ino: object, changes: list) -> list:
+        """``changes`` is [mode, uid, gid, size, atime, mtime], nil where unchanged; a time of
+        -1 means "now" (the agreed time)."""
+        node = self._node(ino)
+        mode, uid, gid, size, atime, mtime = changes
+        owner = creds.uid in (0, node.uid)
+        if mode is not None:
+            if not owner:
+                raise FsError(errno.EPERM)
+            node.mode = _uint(mode) & 0o7777
+            if creds.uid != 0 and not creds.in_group(node.gid):
+                node.mode &= ~stat.S_ISGID
+        if uid is not None and uid != node.uid:
+            if creds.uid != 0:
+                raise FsError(errno.EPERM)
+            node.uid = _uint(uid)
+        if gid is not None and gid != node.gid:
+            if creds.uid != 0 and not (creds.uid == node.uid and creds.in_group(gid)):
+                raise FsError(errno.EPERM)
+            node.gid = _uint(gid)
+        if size is not None:
+            if node.kind == DIR:
+                raise FsError(errno.EISDIR)
+            if node.kind != REG:
+                raise FsError(errno.EINVAL)
+            self._check(creds, node, W_OK)
+            size = _uint(size)
+            if size > self.limits.file_bytes_max:
+                raise FsError(errno.EFBIG)
+            self._truncate(node, size)
+            node.mtime = self.now
+        for value, attr in ((atime, "atime"), (mtime, "mtime")):
+            if value is None:
+                continue
+            if not owner:
+                # only "set to now" is allowed to writers who do not own the file
+                if value != -1:
+                    raise FsError(errno.EPERM)
+                self._check(creds, node, W_OK)
+            setattr(node, attr, self.now if value == -1 else int(value))
+        node.ctime = self.now
+        self._touch_meta(node)
+        return node.attrs()
+
+    def op_lookup(self, creds: Creds, dir_ino: object, name: object) -> list:
+        directory = self._dir(dir_ino)
+        self._check(creds, directory, X_OK)
+        if name == b".":
+            return directory.attrs()
+        if name == b"..":
+            return self.inodes[directory.parent].attrs()
+        entry = directory.entries.get(name) if type(name) is bytes else None
+        if entry is None:
+            if type(name) is bytes and len(name) > NAME_MAX:
+                raise FsError(errno.ENAMETOOLONG)
+            raise FsError(errno.ENOENT)
+        return self.inodes[entry[0]].attrs()
+
+    def op_access(self, creds: Creds, ino: object, mask: object) -> int:
+        self._check(creds, self._node(ino), _uint(mask) & 7)
+        return 0
+
+    def op_readlink(self, creds: Creds, ino: object) -> bytes:
+        node = self._node(ino)
+        if node.kind != LNK:
+            raise FsError(errno.EINVAL)
+        return node.target
+
+    def op_read(self, creds: Creds, ino: object, offset: object, count: object) -> list:
+        node = self._node(ino)
+        if node.kind == DIR:
+            raise FsError(errno.EISDIR)
+        self._check(creds, node, R_OK)
+        offset, count = _uint(offset), min(_uint(count), 1 << 24)
+        end = min(node.size, offset + count)
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            index, within = divmod(pos, BLOCK)
+            take = min(BLOCK - within, end - pos)
+            block = self.blocks.get((node.ino, index), b"")
+            chunk = block[within:within + take]
+            out += chunk + bytes(take - len(chunk))  # holes read as zeros
+            pos += take
+        return [bytes(out), end >= node.size]
+
+    def op_write(self, creds: Creds, ino: object, offset: object, data: object) -> list:
+        node = self._node(ino)
+        if node.kind == DIR:
+            raise FsError(errno.EISDIR)
+        if node.kind != REG:
+            raise FsError(errno.EINVAL)
+        if type(data) is not bytes:
+            raise FsError(errno.EINVAL)
+        self._check(creds, node, W_OK)
+        offset = _uint(offset)
+        end = offset + len(data)
+        if end > self.limits.file_bytes_max:
+            raise FsError(errno.EFBIG)
+        pos = offset
+        while pos < end:
+            index, within = divmod(pos, BLOCK)
+            take = min(BLOCK - within, end - pos)
+            key = (node.ino, index)
+            old = self.blocks.get(key, b"")
+            grown = max(len(old), within + take)
+            if self.bytes_used + grown - len(old) > self.limits.bytes_max:
+                raise FsError(errno.ENOSPC)
+            new = bytearray(old) + bytes(max(0, within - len(old)))
+            new[within:within + take] = data[pos - offset:pos - offset + take]
+            self.blocks[key] = bytes(new)
+            self.bytes_used += len(new) - len(old)
+            self._touch_block(key)
+            pos += take
+        node.size = max(node.size, end)
+        node.mtime = node.ctime = self.now
+        if creds.uid != 0:
+            node.mode &= ~(stat.S_ISUID | stat.S_ISGID)
+        self._dirty.add(0)
+        self._touch_meta(node)
+        return node.attrs()
+
+    def op_create(self, creds: Creds, dir_ino: object, name: object, mode: object, exclusive: object) -> list:
+        directory = self._dir(dir_ino)
+        entry = directory.entries.get(name) if type(name) is bytes else None
+        if entry is not None:
+            if exclusive:
+                raise FsError(errno.EEXIST)
+            node = self.inodes[entry[0]]
+            if node.kind == DIR:
+                raise FsError(errno.EISDIR)
+            self._check(creds, node, W_OK)
+            return node.attrs()
+        directory, name = self._prepare_create(creds, dir_ino, name)
+        node = self._new_inode(creds, directory, REG, _uint(mode))
+        self._link_entry(directory, name, node.ino)
+        return node.attrs()
+
+    def op_mkdir(self, creds: Creds, dir_ino: object, name: object, mode: object) -> list:
+        directory, name = self._prepare_create(creds, dir_ino, name)
+        node = self._new_inode(creds, directory, DIR, _uint(mode))
+        node.parent = directory.ino
+        if directory.mode & stat.S_ISGID:
+            node.mode |= stat.S_ISGID
+        directory.nlink += 1
+        self._link_entry(directory, name, node.ino)
+        return node.attrs()
+
+    def op_symlink(self, creds: Creds, dir_ino: object, name: object, target: object) -> list:
+        if type(target) is not bytes or not target or len(target) > SYMLINK_MAX:
+            raise FsError(errno.ENAMETOOLONG if type(target) is bytes and target else errno.EINVAL)
+        directory, name = self._prepare_create(creds, dir_ino, name)
+        node = self._new_inode(creds, directory, LNK, 0o777)
+        node.target = target
+        node.size = len(target)
+        self._link_entry(directory, name, node.ino)
+        return node.attrs()
+
+    def op_mknod(self, creds: Creds, dir_ino: object, name: object, mode: object) -> list:
+        directory, name = self._prepare_create(creds, dir_ino, name)
+        node = self._new_inode(creds, directory, FIFO, _uint(mode))
+        self._link_entry(directory, name, node.ino)
+        return node.attrs()
+
+    def _unlink_checks(self, creds: Creds, dir_ino: object, name: object) -> tuple[Inode, bytes, Inode]:
+        directory = self._dir(dir_ino)
+        name = self._name(name)
+        self._check(creds, directory, W_OK | X_OK)
+        entry = directory.entries.get(name)
+        if entry is None:
+            raise FsError(errno.ENOENT)
+        node = self.inodes[entry[0]]
+        if self._sticky_denied(creds, directory, node):
+            raise FsError(errno.EPERM)
+        return directory, name, node
+
+    def op_remove(self, creds: Creds, dir_ino: object, name: object) -> None:
+        directory, name, node = self._unlink_checks(creds, dir_ino, name)
+        if node.kind == DIR:
+            raise FsError(errno.EISDIR)
+        del directory.entries[name]
+        directory.mtime = directory.ctime = self.now
+        self._touch_meta(directory)
+        self._drop_link(node)
+
+    def op_rmdir(self, creds: Creds, dir_ino: object, name: object) -> None:
+        directory, name, node = self._unlink_checks(creds, dir_ino, name)
+        if node.kind != DIR:
+            raise FsError(errno.ENOTDIR)
+        if node.entries:
+            raise FsError(errno.ENOTEMPTY)
+        del directory.entries[name]
+        directory.nlink -= 1
+        directory.mtime = directory.ctime = self.now
+        self._touch_meta(directory)
+        node.nlink = 0
+        self._drop_link(node)
+
+    def op_rename(self, creds: Creds, src_dir: object, src_name: object, dst_dir: object, dst_name: object) -> None:
+        source, src_name, node = self._unlink_checks(creds, src_dir, src_name)
+        target_dir = self._dir(dst_dir)
+        dst_name = self._name(dst_name)
+        self._check(creds, target_dir, W_OK | X_OK)
+        if node.kind == DIR:
+            # refuse to move a directory into its own subtree
+            walk = target_dir.ino
+            while True:
+                if walk == node.ino:
+                    raise FsError(errno.EINVAL)
+                if walk == ROOT:
+                    break
+                walk = self.inodes[walk].parent
+        existing = target_dir.entries.get(dst_name)
+        if existing is not None:
+            victim = self.inodes[existing[0]]
+            if victim.ino == node.ino:
+                return
+            if self._sticky_denied(creds, target_dir, victim):
+                raise FsError(errno.EPERM)
+            if node.kind == DIR and victim.kind != DIR:
+                raise FsError(errno.ENOTDIR)
+            if node.kind != DIR and victim.kind == DIR:
+                raise FsError(errno.EISDIR)
+            if victim.kind == DIR and victim.entries:
+                raise FsError(errno.ENOTEMPTY)
+            del target_dir.entries[dst_name]
+            if victim.kind == DIR:
+                target_dir.nlink -= 1
+                victim.nlink = 0
+            self._drop_link(victim)
+        del source.entries[src_name]
+        source.mtime = source.ctime = self.now
+        self._touch_meta(source)
+        self._link_entry(target_dir, dst_name, node.ino)
+        if node.kind == DIR and source.ino != target_dir.ino:
+            node.parent = target_dir.ino
+            source.nlink -= 1
+            target_dir.nlink += 1
+        node.ctime = self.now
+        self._touch_meta(node)
+
+    def op_link(self, creds: Creds, ino: object, dir_ino: object, name: object) -> list:
+        node = self._node(ino)
+        if node.kind == DIR:
+            raise FsError(errno.EPERM)
+        directory, name = self._prepare_create(creds, dir_ino, name)
+        node.nlink += 1
+        node.ctime = self.now
+        self._touch_meta(node)
+        self._link_entry(directory, name, node.ino)
+        return node.attrs()
+
+    def op_readdir(self, creds: Creds, dir_ino: object, cookie: object, count: object) -> list:
+        """Entries after ``cookie``, in cookie order: [[name, attrs, cookie], ...], eof."""
+        directory = self._dir(dir_ino)
+        self._check(creds, directory, R_OK)
+        cookie, count = _uint(cookie), max(1, min(_uint(count), 4096))
+        after = sorted((c, n, i) for n, (i, c) in directory.entries.items() if c > cookie)
+        page = after[:count]
+        return [[[n, self.inodes[i].attrs(), c] for c, n, i in page], len(page) == len(after)]
+
+    def op_fsstat(self, creds: Creds) -> list:
+        lim = self.limits
+        return [lim.bytes_max, max(0, lim.bytes_max - self.bytes_used), lim.inodes_max,
+                max(0, lim.inodes_max - len(self.inodes)), BLOCK]
+
+    def op_fsinfo(self, creds: Creds) -> list:
+        return [BLOCK, 1 << 20, 1 << 20, self.limits.file_bytes_max, NAME_MAX]
+
+    def op_commit(self, creds: Creds, ino: object) -> int:
+        self._node(ino)
+        return 0  # every write is committed when its reply is agreed
+
+
+def _uint(v: object) -> int:
+    if type(v) is not int or v < 0 or v >= 1 << 63:
+        raise FsError(errno.EINVAL)
+    return v
+
+
+def _meta_partition(ino: int) -> int:
+    return 1 + ino % META_PARTITIONS
+
+
+def _block_partition(key: tuple[int, int]) -> int:
+    h = hashlib.blake2b(b"%d:%d" % key, digest_size=4).digest()
+    return 1 + META_PARTITIONS + int.from_bytes(h, "big") % DATA_PARTITIONS
+
+
+_OPS = {name[3:]: fn for name, fn in vars(FileSystem).items() if name.startswith("op_")}
