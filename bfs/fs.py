@@ -116,9 +116,14 @@ class FileSystem:
     # -- service interface ------------------------------------------------------------------
 
     def is_read_only(self, op: bytes) -> bool:
+        # Only the operation's name is read: the arguments may be large (a write's data).
+        unpacker = msgpack.Unpacker(max_buffer_size=len(op) + 1)
+        unpacker.feed(op)
         try:
-            name = msgpack.unpackb(op, max_bin_len=0, max_array_len=4, max_map_len=0)[0]
-        except (ValueError, TypeError, IndexError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            if unpacker.read_array_header() < 1:
+                return False
+            name = unpacker.unpack()
+        except (ValueError, TypeError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError):
             return False
         return name in READ_ONLY_OPS
 

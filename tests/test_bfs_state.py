@@ -1,0 +1,159 @@
+"""The BFS state machine driven directly (the mount comes with the file-system issue)."""
+
+from __future__ import annotations
+
+import errno
+
+import msgpack
+import pytest
+
+from bfs.fs import BLOCK, DIR, ROOT, FileSystem, Limits
+from bft.core.clients import ClientTable
+from bft.core.state import capture
+
+ROOT_CREDS = [0, 0, []]
+ALICE = [1000, 1000, [1000]]
+BOB = [1001, 1001, []]
+
+
+class Fs:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.fs = FileSystem(limits)
+        self.time = 1_000
+
+    def __call__(self, name: str, *args: object, who: list = ROOT_CREDS) -> object:
+        self.time += 1
+        code, value = msgpack.unpackb(self.fs.execute(msgpack.packb([name, who, *args]), 0, self.time))
+        if code:
+            raise OSError(code, errno.errorcode[code])
+        return value
+
+    def err(self, name: str, *args: object, who: list = ROOT_CREDS) -> int:
+        with pytest.raises(OSError) as exc:
+            self(name, *args, who=who)
+        return exc.value.errno
+
+
+def ino(attrs: list) -> int:
+    return attrs[0]
+
+
+def test_create_write_read_and_sparse_files() -> None:
+    fs = Fs()
+    f = ino(fs("create", ROOT, b"a.txt", 0o644, False))
+    fs("write", f, 0, b"hello")
+    assert fs("read", f, 0, 100) == [b"hello", True]
+    fs("write", f, 3 * BLOCK + 10, b"tail")  # a hole of three blocks
+    data, eof = fs("read", f, 0, 4 * BLOCK)
+    assert eof and len(data) == 3 * BLOCK + 14 and data[5:3 * BLOCK + 10] == bytes(3 * BLOCK + 5)
+    assert len(fs.fs.blocks) == 2  # the hole costs nothing
+    assert fs("getattr", f)[6] == 3 * BLOCK + 14
+    fs("setattr", f, [None, None, None, 2, None, None])  # truncate
+    assert fs("read", f, 0, 100) == [b"he", True]
+    assert fs.err("create", ROOT, b"a.txt", 0o644, True) == errno.EEXIST
+
+
+def test_directories_rename_link_symlink_and_errors() -> None:
+    fs = Fs()
+    d = ino(fs("mkdir", ROOT, b"d", 0o755))
+    sub = ino(fs("mkdir", d, b"sub", 0o755))
+    f = ino(fs("create", d, b"f", 0o644, False))
+    assert fs("getattr", d)[3] == 3  # nlink: ".", its entry, and sub's ".."
+    assert fs.err("rmdir", ROOT, b"d") == errno.ENOTEMPTY
+    assert fs.err("rename", ROOT, b"d", sub, b"x") == errno.EINVAL  # into its own subtree
+    fs("rename", d, b"f", ROOT, b"moved")
+    assert fs.err("lookup", d, b"f") == errno.ENOENT
+    assert ino(fs("lookup", ROOT, b"moved")) == f
+    fs("link", f, d, b"hard")
+    assert fs("getattr", f)[3] == 2
+    fs("remove", ROOT, b"moved")
+    assert fs("getattr", f)[3] == 1
+    link = ino(fs("symlink", ROOT, b"ln", b"d/hard"))
+    assert fs("readlink", link) == b"d/hard"
+    assert fs.err("remove", ROOT, b"d") == errno.EISDIR
+    assert fs.err("rmdir", d, b"hard") == errno.ENOTDIR
+    assert fs.err("lookup", ROOT, b"x" * 256) == errno.ENAMETOOLONG
+    assert fs.err("create", ROOT, b"x" * 256, 0o644, False) == errno.ENAMETOOLONG
+    assert fs.err("getattr", 999) == errno.ESTALE
+    fs("mknod", ROOT, b"fifo", 0o600)
+    assert fs("lookup", ROOT, b"fifo")[1] == "p"
+    # rename over an existing file replaces it
+    a = ino(fs("create", ROOT, b"a", 0o644, False))
+    fs("create", ROOT, b"b", 0o644, False)
+    fs("rename", ROOT, b"a", ROOT, b"b")
+    assert ino(fs("lookup", ROOT, b"b")) == a
+
+
+def test_permissions_follow_the_callers_credentials() -> None:
+    fs = Fs()
+    home = ino(fs("mkdir", ROOT, b"home", 0o755))
+    fs("setattr", home, [None, 1000, 1000, None, None, None])
+    f = ino(fs("create", home, b"secret", 0o600, False, who=ALICE))
+    fs("write", f, 0, b"mine", who=ALICE)
+    assert fs.err("read", f, 0, 10, who=BOB) == errno.EACCES
+    assert fs.err("create", home, b"intruder", 0o644, False, who=BOB) == errno.EACCES
+    assert fs.err("setattr", f, [0o644, None, None, None, None, None], who=BOB) == errno.EPERM
+    assert fs.err("setattr", f, [None, 1001, None, None, None, None], who=ALICE) == errno.EPERM
+    fs("setattr", f, [0o644, None, None, None, None, None], who=ALICE)
+    assert fs("read", f, 0, 10, who=BOB) == [b"mine", True]
+    tmp = ino(fs("mkdir", ROOT, b"tmp", 0o1777))  # sticky: only owners remove
+    fs("create", tmp, b"alice", 0o644, False, who=ALICE)
+    assert fs.err("remove", tmp, b"alice", who=BOB) == errno.EPERM
+    fs("remove", tmp, b"alice", who=ALICE)
+
+
+def test_readdir_pages_through_a_large_directory_with_stable_cookies() -> None:
+    fs = Fs()
+    d = ino(fs("mkdir", ROOT, b"big", 0o755))
+    for i in range(10_000):
+        fs("create", d, b"f%05d" % i, 0o644, False)
+    names, cookie, eof = [], 0, False
+    while not eof:
+        entries, eof = fs("readdir", d, cookie, 1000)
+        names += [n for n, _, _ in entries]
+        cookie = entries[-1][2] if entries else cookie
+        if cookie == 3000:
+            fs("remove", d, b"f00000")  # changes behind the cursor do not disturb it
+    assert len(names) == 10_000 and len(set(names)) == 10_000
+
+
+def test_limits_and_malformed_operations() -> None:
+    fs = Fs(Limits(bytes_max=3 * BLOCK, inodes_max=4, file_bytes_max=1 << 20))
+    f = ino(fs("create", ROOT, b"f", 0o644, False))
+    assert fs.err("write", f, 0, bytes(4 * BLOCK)) == errno.ENOSPC
+    assert fs.err("write", f, 1 << 20, b"x") == errno.EFBIG
+    fs("create", ROOT, b"g", 0o644, False)
+    fs("create", ROOT, b"h", 0o644, False)
+    assert fs.err("create", ROOT, b"i", 0o644, False) == errno.ENOSPC
+    for bad in (b"", b"\xc1", msgpack.packb(["nope", ROOT_CREDS]), msgpack.packb(["read", ROOT_CREDS, "x"])):
+        assert msgpack.unpackb(fs.fs.execute(bad, 0, 1))[0] == errno.EINVAL
+
+
+def test_times_come_from_the_agreed_clock() -> None:
+    fs = Fs()
+    f = fs("create", ROOT, b"t", 0o644, False)
+    assert f[7] == f[8] == f[9] == fs.time * 1_000_000
+    assert fs.fs.is_read_only(msgpack.packb(["read", ROOT_CREDS, ino(f), 0, 1]))
+    assert not fs.fs.is_read_only(msgpack.packb(["write", ROOT_CREDS, ino(f), 0, b"x"]))
+
+
+def test_snapshots_restore_and_cost_what_changed() -> None:
+    fs = Fs()
+    for i in range(50):
+        f = ino(fs("create", ROOT, b"f%d" % i, 0o644, False))
+        fs("write", f, 0, bytes([i]) * 40_000)
+    table = ClientTable(4)
+    first = capture(fs.fs, table, 0, None)
+    fs("write", f, 0, b"changed")
+    second = capture(fs.fs, table, 0, first)
+    changed = sum(a is not b for a, b in zip(first.parts, second.parts, strict=True))
+    assert 1 <= changed <= 4  # the counters, the inode, one block, the table
+    copy = FileSystem()
+    copy.restore(fs.fs.partitions())
+    assert copy.partitions() == fs.fs.partitions()
+    g = Fs()
+    g.fs = copy
+    assert g("read", f, 0, 7) == [b"changed", False]
+    assert g("getattr", ROOT)[1] == DIR
+    with pytest.raises(ValueError):
+        FileSystem().restore([b"x"])
