@@ -1,9 +1,147 @@
-"""The ``bfs`` command. The file system and its FUSE mount are not built yet."""
+"""The ``bfs`` command: mount the replicated file system with FUSE."""
 
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+from bft import config as cfg
+from bft.cli import _run_async, _setup_logging
+
+log = logging.getLogger("bfs")
 
 
-def main() -> None:
-    print("bfs: not yet: the replicated file system arrives with the BFS issue; "
-          "use 'bft up' and 'bft invoke' for the key-value service meanwhile", file=sys.stderr)
-    sys.exit(2)
+class MountError(Exception):
+    pass
+
+
+def _check_mountpoint(path: Path) -> None:
+    if not path.exists():
+        raise MountError(f"mount point {path} does not exist")
+    if not path.is_dir():
+        raise MountError(f"mount point {path} is not a directory")
+    if os.path.ismount(path):
+        raise MountError(f"{path} is already a mount point (unmount it with: fusermount3 -u {path})")
+    if not Path("/dev/fuse").exists():
+        raise MountError("no /dev/fuse on this machine: load the fuse module or run where FUSE is available")
+
+
+def _make_client(a: argparse.Namespace):
+    from client import Client
+
+    if a.unreplicated:
+        host, _, port = a.unreplicated.rpartition(":")
+        if not host or not port.isdigit():
+            raise MountError(f"--unreplicated wants HOST:PORT, not {a.unreplicated!r}")
+        return Client.unreplicated(host, int(port), a.client)
+    if not a.config:
+        raise MountError("give --config CLUSTER.toml (or --unreplicated HOST:PORT)")
+    return Client(cfg.load(a.config), a.client)
+
+
+async def _serve(a: argparse.Namespace, mountpoint: Path) -> None:
+    import pyfuse3
+    import pyfuse3.asyncio
+
+    from bfs.mount import BfsOperations
+    from client import QuorumTimeout
+
+    pyfuse3.asyncio.enable()
+    client = _make_client(a)
+    await client.start()
+    try:
+        try:
+            await client.wait_connected(a.timeout)
+            ops = BfsOperations(client, a.attr_timeout)
+            me = [os.geteuid(), os.getegid(), []]
+            await asyncio.wait_for(ops._call("getattr", me, pyfuse3.ROOT_INODE), a.timeout)
+        except (QuorumTimeout, TimeoutError, pyfuse3.FUSEError):
+            raise MountError("the cluster does not answer (are the replicas up, with the bfs service?)") from None
+        options = set(pyfuse3.default_options) | {"fsname=bfs", "subtype=bfs"}
+        options.discard("default_permissions")  # the replicas check permissions, as an NFS server does
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        try:
+            pyfuse3.init(ops, str(mountpoint), options)
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount on {mountpoint}: {exc}") from None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, pyfuse3.terminate)
+        log.info("mounted BFS on %s", mountpoint)
+        try:
+            await pyfuse3.main()
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        await client.close()
+
+
+def cmd_mount(a: argparse.Namespace) -> None:
+    mountpoint = Path(a.mountpoint).resolve()
+    _check_mountpoint(mountpoint)
+    if a.foreground:
+        print(f"mounting BFS on {mountpoint}; Ctrl-C unmounts", flush=True)
+        _run_async(_serve(a, mountpoint))
+        return
+    # Background: run ourselves in the foreground in a new session and wait for the mount.
+    argv = [sys.executable, "-m", "bfs", "--log-level", a.log_level, "mount", "--foreground",
+            "--client", str(a.client), "--timeout", str(a.timeout), "--attr-timeout", str(a.attr_timeout)]
+    argv += ["--config", str(Path(a.config).resolve())] if a.config else ["--unreplicated", a.unreplicated]
+    if a.log_file:
+        argv += ["--log-file", a.log_file]
+    child = subprocess.Popen(
+        [*argv, str(mountpoint)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )
+    deadline = time.monotonic() + a.timeout + 5
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            print(f"BFS mounted on {mountpoint} (pid {child.pid}); unmount with: fusermount3 -u {mountpoint}")
+            return
+        if child.poll() is not None:
+            lines = child.stderr.read().decode(errors="replace").strip().splitlines()
+            raise MountError(lines[-1].removeprefix("bfs: error: ") if lines else "the mount process exited")
+        time.sleep(0.05)
+    child.terminate()
+    raise MountError(f"no mount appeared on {mountpoint} within {a.timeout + 5:.0f} s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bfs", description="BFS: a Byzantine-fault-tolerant file system over PBFT.")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mount", help="mount BFS with FUSE (in the background unless --foreground)")
+    m.add_argument("mountpoint")
+    m.add_argument("--config", help="cluster.toml of a cluster running the bfs service")
+    m.add_argument("--client", type=int, default=0, help="client id (its key must be in the cluster's keys/)")
+    m.add_argument("--unreplicated", metavar="HOST:PORT", help="mount a 'bft serve --service bfs' server instead")
+    m.add_argument("--foreground", action="store_true")
+    m.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the cluster")
+    m.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel caches attributes and names")
+    m.add_argument("--log-file")
+    m.set_defaults(func=cmd_mount)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level, getattr(args, "log_file", None))
+    try:
+        args.func(args)
+    except (MountError, cfg.ConfigError, ValueError) as exc:
+        print(f"bfs: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

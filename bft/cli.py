@@ -141,6 +141,29 @@ def _demo(cluster: cfg.Cluster) -> None:
     _run_async(run())
 
 
+def _mount(cluster: cfg.Cluster, mountpoint: Path, log_file: Path) -> Path:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bfs", "--log-level", "info", "mount", "--config", str(cluster.path),
+         "--client", "0", "--log-file", str(log_file), str(mountpoint)],
+        capture_output=True, text=True,
+    )
+    if out.returncode:
+        raise CliError(out.stderr.strip().removeprefix("bfs: error: ") or "bfs mount failed")
+    return mountpoint.resolve()
+
+
+def _demo_fs(mountpoint: Path) -> None:
+    t0 = time.perf_counter()
+    (mountpoint / "demo").mkdir(exist_ok=True)
+    for i in range(20):
+        (mountpoint / "demo" / f"file-{i}.txt").write_text(f"file {i}, replicated by PBFT\n")
+    names = sorted(p.name for p in (mountpoint / "demo").iterdir())
+    text = (mountpoint / "demo" / "file-7.txt").read_text().strip()
+    ms = (time.perf_counter() - t0) * 1000
+    print(f"demo: made demo/ with {len(names)} files through the mount in {ms:.0f} ms; file-7.txt says {text!r}")
+
+
 def cmd_up(a: argparse.Namespace) -> None:
     directory = Path(a.dir)
     cluster = _ensure_cluster(directory, a.f, a.clients, a.base_port)
@@ -156,11 +179,17 @@ def cmd_up(a: argparse.Namespace) -> None:
     ports = ", ".join(f"{r.host}:{r.port}" for r in cluster.replicas)
     print(f"started {cluster.n} replicas (f = {cluster.f}, service {a.service}) on {ports}")
     print(f"logs in {directory / 'logs'}; status: bft status --config {cluster.path}")
+    mounted: Path | None = None
     try:
+        if a.mount:
+            mounted = _mount(cluster, Path(a.mount), directory / "logs" / "bfs-mount.log")
         if a.demo:
             time.sleep(0.5)
-            _demo(cluster)
-        print(f"try: bft invoke --config {cluster.path} --client 0 put greeting hello")
+            _demo_fs(mounted) if mounted else _demo(cluster)
+        if mounted:
+            print(f"BFS is mounted on {mounted}: use it with any program (ls, cp, tar, git, make ...)")
+        else:
+            print(f"try: bft invoke --config {cluster.path} --client 0 put greeting hello")
         print("stop with Ctrl-C (or SIGTERM)", flush=True)
         reported: set[int] = set()
         while not stopping:
@@ -172,6 +201,9 @@ def cmd_up(a: argparse.Namespace) -> None:
                 break
             time.sleep(0.2)
     finally:
+        if mounted is not None:
+            subprocess.run(["fusermount3", "-u", str(mounted)], check=False)
+            print(f"unmounted {mounted}")
         stop_replicas(procs)
         print("stopped all replicas")
 
@@ -303,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--base-port", type=_positive, default=7000)
     u.add_argument("--service", default="kv", choices=sorted(SERVICES))
     u.add_argument("--demo", action="store_true", help="run a short demo workload once the cluster is up")
+    u.add_argument("--mount", metavar="DIR", help="with --service bfs: mount the file system on DIR")
     u.set_defaults(func=cmd_up, log_level="info")
 
     i = sub.add_parser("invoke", help="run one operation and print the agreed result")

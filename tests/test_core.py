@@ -409,11 +409,11 @@ def test_digest_replies_one_full_result_and_digests_from_the_others() -> None:
 def test_client_waits_for_the_full_result_behind_agreeing_digests() -> None:
     client = ClientCore(1, 1, replace(PARAMS, read_only=False), first_timestamp=5)
     client.submit(b"op", 0)
-    result = b"r" * 500
+    result = b"r" * 1000
     client.on_reply(Reply(0, 5, 1, 0, digest(result), digest_only=True), 1)
     client.on_reply(Reply(0, 5, 1, 1, digest(result), digest_only=True), 1)
     assert client.take_completed() == []  # f+1 agree, but nobody sent the result itself
-    client.on_reply(Reply(0, 5, 1, 2, b"x" * 500), 1)  # a liar's full result does not match
+    client.on_reply(Reply(0, 5, 1, 2, b"x" * 1000), 1)  # a liar's full result does not match
     assert client.take_completed() == []
     client.on_reply(Reply(0, 5, 1, 3, result), 1)
     assert client.take_completed() == [(5, result)]

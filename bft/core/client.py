@@ -127,12 +127,19 @@ class ClientCore:
             enough = committed >= self.f + 1 or len(matching) >= 2 * self.f + 1
         full = next((r.result for r in matching if not r.digest_only), None)
         if enough and full is None:
-            return  # agreed on a digest; the full result comes from the designated replica or on resend
+            # Agreed on a digest; the full result comes from the designated replica, or, if it
+            # is slow or down, from everyone when we resend, which we do soon rather than late.
+            pending.deadline_ms = min(pending.deadline_ms, now_ms + self.params.request_timeout_ms // 10)
+            return
         if not enough:
             if pending.request.read_only:
+                # Fall back to the ordered path once no quorum can form, or once 2f+1 replicas
+                # disagree: the rest may be down, and waiting for them costs a time-out, while
+                # ordering costs one more round (a replica that is merely behind shows up here).
                 best = max(Counter(result_key(r) for r in pending.replies.values()).values())
-                if best + self.n - len(pending.replies) < 2 * self.f + 1:
-                    self._fall_back(pending, now_ms)  # replicas disagree: no quorum can form
+                quorum = 2 * self.f + 1
+                if best + self.n - len(pending.replies) < quorum or len(pending.replies) >= quorum:
+                    self._fall_back(pending, now_ms)
             return
         # f+1 replicas vouch for this view or a later one; a single liar cannot push us ahead.
         views = sorted((r.view for r in matching), reverse=True)

@@ -56,7 +56,7 @@ WAITING_REQUESTS_MAX = 4096
 # Large request bodies a replica keeps while their pre-prepare may still come.
 REQUEST_STORE_MAX = 4096
 # Results up to this size always travel in full: a digest would save nothing.
-DIGEST_REPLY_BYTES_MIN = 64
+DIGEST_REPLY_BYTES_MIN = 256
 # Exponential back-off of successive view changes stops doubling here.
 VIEW_BACKOFF_MAX = 6
 

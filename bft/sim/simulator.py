@@ -301,7 +301,7 @@ class Simulation:
             else:
                 # Every third value is large enough for digest replies (no RNG draw, so the
                 # seeds' schedules stay as they were).
-                pad = b"." * 80 if self.ops_left[c] % 3 == 0 else b""
+                pad = b"." * 300 if self.ops_left[c] % 3 == 0 else b""
                 op = KVService.put(key, b"c%d-%d" % (c, self.ops_left[c]) + pad)
             req = client.submit(op, self.now, read_only)
             self.outstanding[(c, req.timestamp)] = op

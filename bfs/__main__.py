@@ -1,0 +1,3 @@
+from bfs.cli import main
+
+main()

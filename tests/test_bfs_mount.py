@@ -1,0 +1,207 @@
+"""BFS through a real FUSE mount on a real 4-replica cluster: POSIX behaviour, data integrity,
+real programs, two mounts, and a replica killed in the middle of a workload."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bft.core.params import Params
+from bft.local import LocalCluster
+
+
+def _fuse_missing() -> str | None:
+    if not Path("/dev/fuse").exists():
+        return "no /dev/fuse on this machine"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (Debian package fuse3)"
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError as exc:
+        return f"pyfuse3 does not import: {exc}"
+    return None
+
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(_fuse_missing() is not None, reason=str(_fuse_missing()))]
+
+
+def mount(cluster_path: Path, mountpoint: Path, client: int) -> None:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "bfs", "mount", "--config", str(cluster_path), "--client", str(client),
+         "--attr-timeout", "0.2", str(mountpoint)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def unmount(mountpoint: Path) -> None:
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, capture_output=True)
+
+
+@pytest.fixture
+def bfs(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
+    lc = LocalCluster(tmp_path / "cluster", 1, "bfs", Params(checkpoint_interval=64, log_window=128))
+    mnt = tmp_path / "mnt"
+    try:
+        mount(lc.cluster.path, mnt, 0)
+        yield lc, mnt
+    finally:
+        unmount(mnt)
+        lc.stop()
+
+
+def expect_errno(code: int, fn, *args) -> None:
+    with pytest.raises(OSError) as exc:
+        fn(*args)
+    assert exc.value.errno == code, f"{fn.__name__}{args}: {exc.value}"
+
+
+def test_posix_behaviour(bfs) -> None:
+    _, mnt = bfs
+    f = mnt / "a.txt"
+    f.write_bytes(b"hello")
+    with open(f, "ab") as fh:
+        fh.write(b" world")
+    assert f.read_bytes() == b"hello world"
+    os.truncate(f, 5)
+    assert f.read_bytes() == b"hello"
+    os.rename(f, mnt / "b.txt")
+    expect_errno(errno.ENOENT, os.stat, f)
+    os.link(mnt / "b.txt", mnt / "hard")
+    assert os.stat(mnt / "hard").st_nlink == 2
+    os.symlink("b.txt", mnt / "sym")
+    assert os.readlink(mnt / "sym") == "b.txt" and (mnt / "sym").read_bytes() == b"hello"
+    os.chmod(mnt / "b.txt", 0o600)
+    assert os.stat(mnt / "b.txt").st_mode & 0o777 == 0o600
+    os.utime(mnt / "b.txt", ns=(1_000_000_000, 2_000_000_000))
+    assert os.stat(mnt / "b.txt").st_mtime_ns == 2_000_000_000
+    os.mkdir(mnt / "d")
+    expect_errno(errno.EEXIST, os.mkdir, mnt / "d")
+    (mnt / "d" / "x").write_text("x")
+    expect_errno(errno.ENOTEMPTY, os.rmdir, mnt / "d")
+    expect_errno(errno.ENOTDIR, os.listdir, mnt / "b.txt")
+    expect_errno(errno.EISDIR, open, mnt / "d", "w")
+    expect_errno(errno.EINVAL, os.rename, mnt / "d", mnt / "d" / "inside")
+    deep = mnt.joinpath(*[f"level{i}" for i in range(30)])
+    deep.mkdir(parents=True)
+    (deep / "leaf").write_text("deep")
+    big = mnt / "big"
+    big.mkdir()
+    for i in range(1000):
+        (big / f"entry-{i:04d}").touch()
+    assert sorted(os.listdir(big)) == [f"entry-{i:04d}" for i in range(1000)]
+    shutil.rmtree(mnt / "level0")
+    shutil.rmtree(big)
+    assert sorted(os.listdir(mnt)) == ["b.txt", "d", "hard", "sym"]
+    os.mkfifo(mnt / "fifo")
+    assert (mnt / "fifo").is_fifo()
+
+
+def test_permissions_for_an_unprivileged_user(bfs) -> None:
+    _, mnt = bfs
+    (mnt / "root-only").write_text("secret")
+    os.chmod(mnt / "root-only", 0o600)
+    os.mkdir(mnt / "shared")
+    os.chmod(mnt / "shared", 0o777)
+    # Start inside the mount: the test's own temporary directories are root's alone.
+    code = (
+        "import os, sys\n"
+        f"os.chdir({str(mnt)!r})\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "try:\n    open('root-only').read()\nexcept PermissionError:\n    print('denied')\n"
+        "open('shared/mine', 'w').write('ok')\n"
+        "print(os.stat('shared/mine').st_uid)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["denied", "65534"]
+
+
+def test_data_integrity_of_a_large_and_a_sparse_file(bfs) -> None:
+    _, mnt = bfs
+    data = os.urandom(1 << 20) * 48  # 48 MiB, written in the kernel's large chunks
+    with open(mnt / "large", "wb") as fh:
+        fh.write(data)
+    assert hashlib.sha256((mnt / "large").read_bytes()).digest() == hashlib.sha256(data).digest()
+    with open(mnt / "sparse", "wb") as fh:
+        fh.seek(10 << 20)
+        fh.write(b"end")
+    content = (mnt / "sparse").read_bytes()
+    assert len(content) == (10 << 20) + 3 and content[:-3] == bytes(10 << 20) and content[-3:] == b"end"
+
+
+def test_real_programs(bfs, tmp_path: Path) -> None:
+    _, mnt = bfs
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}.txt").write_text(f"file {i}\n" * 100)
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(src, arcname="src")
+    subprocess.run(["tar", "-xf", str(archive), "-C", str(mnt)], check=True)
+    assert sorted(os.listdir(mnt / "src")) == sorted(os.listdir(src))
+    if shutil.which("git"):
+        repo = mnt / "repo"
+        repo.mkdir()
+        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@x"}
+        for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "first"]):
+            (repo / "file").write_text("content\n")
+            subprocess.run(["git", *cmd], cwd=repo, check=True, env=env)
+        log = subprocess.run(["git", "log", "--oneline"], cwd=repo, check=True, capture_output=True, text=True)
+        assert "first" in log.stdout
+    if shutil.which("cc") and shutil.which("make"):
+        proj = mnt / "c"
+        proj.mkdir()
+        (proj / "hello.c").write_text('#include <stdio.h>\nint main(void){puts("hi from bfs");return 0;}\n')
+        (proj / "Makefile").write_text("hello: hello.c\n\tcc -o hello hello.c\n")
+        subprocess.run(["make", "-s"], cwd=proj, check=True)
+        assert subprocess.run([str(proj / "hello")], capture_output=True, text=True).stdout == "hi from bfs\n"
+    db = sqlite3.connect(mnt / "db.sqlite")
+    db.execute("create table t (k integer primary key, v text)")
+    db.executemany("insert into t values (?, ?)", [(i, f"v{i}") for i in range(500)])
+    db.commit()
+    assert db.execute("select count(*), max(v) from t").fetchone() == (500, "v99")
+    db.close()
+
+
+def test_two_mounts_see_each_others_closed_files(bfs, tmp_path: Path) -> None:
+    lc, mnt = bfs
+    other = tmp_path / "mnt2"
+    mount(lc.cluster.path, other, 1)
+    try:
+        (mnt / "shared.txt").write_text("written through mount one")
+        time.sleep(0.3)  # the attribute cache timeout
+        assert (other / "shared.txt").read_text() == "written through mount one"
+        (other / "shared.txt").write_text("and changed through mount two")
+        time.sleep(0.3)
+        assert (mnt / "shared.txt").read_text() == "and changed through mount two"
+    finally:
+        unmount(other)
+
+
+@pytest.mark.parametrize("victim", [3, 0], ids=["backup", "primary"])
+def test_workload_survives_a_killed_replica(bfs, victim: int) -> None:
+    lc, mnt = bfs
+    expected = {}
+    for i in range(60):
+        if i == 20:
+            lc.kill(victim)
+        data = f"file {i} ".encode() * 500
+        (mnt / f"w{i}").write_bytes(data)
+        expected[f"w{i}"] = data
+    for name, data in expected.items():
+        assert (mnt / name).read_bytes() == data
