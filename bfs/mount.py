@@ -171,6 +171,9 @@ class BfsOperations(pyfuse3.Operations):
         creds = self._creds(ctx)
         mask = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}[flags & os.O_ACCMODE]
         await self._call("access", creds, inode, mask)
+        if flags & os.O_TRUNC:
+            # libfuse 3 passes O_TRUNC on to open (atomic_o_trunc) instead of a setattr first.
+            await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
         # keep_cache=False drops the kernel's cached pages: close-to-open consistency.
         return pyfuse3.FileInfo(fh=self._handle(inode, creds), keep_cache=False)
 

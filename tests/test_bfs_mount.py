@@ -131,7 +131,7 @@ def test_permissions_for_an_unprivileged_user(bfs) -> None:
 
 def test_data_integrity_of_a_large_and_a_sparse_file(bfs) -> None:
     _, mnt = bfs
-    data = os.urandom(1 << 20) * 48  # 48 MiB, written in the kernel's large chunks
+    data = os.urandom(1 << 20) * 200  # 200 MiB, written in the kernel's large chunks
     with open(mnt / "large", "wb") as fh:
         fh.write(data)
     assert hashlib.sha256((mnt / "large").read_bytes()).digest() == hashlib.sha256(data).digest()
@@ -205,3 +205,83 @@ def test_workload_survives_a_killed_replica(bfs, victim: int) -> None:
         expected[f"w{i}"] = data
     for name, data in expected.items():
         assert (mnt / name).read_bytes() == data
+
+
+def test_model_check_against_a_local_directory(bfs, tmp_path: Path) -> None:
+    """Random sequences of file operations applied to the mount and to a local directory, the
+    two compared after every step (hypothesis stateful testing)."""
+    from hypothesis import settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+    _, mnt = bfs
+    names = st.sampled_from(["a", "b", "c", "d/e", "d/f"])
+    data = st.binary(max_size=3000)
+    offsets = st.integers(0, 40_000)
+    roots = {"mnt": mnt / "model", "ref": tmp_path / "model-ref"}
+
+    def both(fn) -> tuple[object, object]:
+        out = {}
+        for side, root in roots.items():
+            try:
+                out[side] = ("ok", fn(root))
+            except OSError as exc:
+                out[side] = ("err", exc.errno)
+        return out["mnt"], out["ref"]
+
+    class Model(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            for root in roots.values():
+                shutil.rmtree(root, ignore_errors=True)
+                root.mkdir()
+                (root / "d").mkdir()
+
+        @rule(name=names, payload=data)
+        def write(self, name: str, payload: bytes) -> None:
+            a, b = both(lambda r: (r / name).write_bytes(payload))
+            assert a == b
+
+        @rule(name=names, payload=data, offset=offsets)
+        def pwrite(self, name: str, payload: bytes, offset: int) -> None:
+            def op(r: Path) -> int:
+                fd = os.open(r / name, os.O_WRONLY | os.O_CREAT, 0o644)
+                try:
+                    return os.pwrite(fd, payload, offset)
+                finally:
+                    os.close(fd)
+            a, b = both(op)
+            assert a == b
+
+        @rule(name=names, size=offsets)
+        def truncate(self, name: str, size: int) -> None:
+            a, b = both(lambda r: os.truncate(r / name, size))
+            assert a == b
+
+        @rule(src=names, dst=names)
+        def rename(self, src: str, dst: str) -> None:
+            a, b = both(lambda r: os.rename(r / src, r / dst))
+            assert a == b
+
+        @rule(name=names)
+        def remove(self, name: str) -> None:
+            a, b = both(lambda r: os.unlink(r / name))
+            assert a == b
+
+        @rule(name=names)
+        def read(self, name: str) -> None:
+            a, b = both(lambda r: (r / name).read_bytes())
+            assert a == b
+
+        @invariant()
+        def same_tree(self) -> None:
+            def listing(r: Path) -> list:
+                return sorted(
+                    (str(p.relative_to(r)), p.is_dir(), p.stat().st_size if p.is_file() else 0)
+                    for p in r.rglob("*")
+                )
+            a, b = both(listing)
+            assert a == b
+
+    Model.TestCase.settings = settings(max_examples=15, stateful_step_count=15, deadline=None)
+    Model.TestCase().runTest()
