@@ -43,9 +43,20 @@ class FsError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """The file system's limits, from the ``[bfs]`` table of cluster.toml."""
+
     bytes_max: int = 1 << 40  # total file data
     inodes_max: int = 1 << 24
     file_bytes_max: int = 1 << 38
+    name_max: int = NAME_MAX
+
+    def __post_init__(self) -> None:
+        for name in ("bytes_max", "inodes_max", "file_bytes_max", "name_max"):
+            value = getattr(self, name)
+            if type(value) is not int or value <= 0:
+                raise ValueError(f"bfs limit {name} must be a positive integer")
+        if self.name_max > NAME_MAX:
+            raise ValueError(f"bfs limit name_max cannot exceed {NAME_MAX}")
 
 
 @dataclass(slots=True)
@@ -228,7 +239,7 @@ class FileSystem:
     def _name(self, name: object) -> bytes:
         if type(name) is not bytes or not name or b"/" in name or b"\0" in name or name in (b".", b".."):
             raise FsError(errno.EINVAL)
-        if len(name) > NAME_MAX:
+        if len(name) > self.limits.name_max:
             raise FsError(errno.ENAMETOOLONG)
         return name
 
@@ -349,7 +360,7 @@ class FileSystem:
             return self.inodes[directory.parent].attrs()
         entry = directory.entries.get(name) if type(name) is bytes else None
         if entry is None:
-            if type(name) is bytes and len(name) > NAME_MAX:
+            if type(name) is bytes and len(name) > self.limits.name_max:
                 raise FsError(errno.ENAMETOOLONG)
             raise FsError(errno.ENOENT)
         return self.inodes[entry[0]].attrs()
@@ -563,7 +574,7 @@ class FileSystem:
                 max(0, lim.inodes_max - len(self.inodes)), BLOCK]
 
     def op_fsinfo(self, creds: Creds) -> list:
-        return [BLOCK, 1 << 20, 1 << 20, self.limits.file_bytes_max, NAME_MAX]
+        return [BLOCK, 1 << 20, 1 << 20, self.limits.file_bytes_max, self.limits.name_max]
 
     def op_commit(self, creds: Creds, ino: object) -> int:
         self._node(ino)

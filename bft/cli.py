@@ -67,8 +67,9 @@ def cmd_replica(a: argparse.Namespace) -> None:
     from bft.runtime.node import replica_node
 
     cluster = cfg.load(a.config)
-    make_service(a.service)  # fail early, with one line, on an unknown service name
-    node = replica_node(cluster, a.id, lambda: make_service(a.service), Path(a.data) if a.data else None)
+    options = cluster.services.get(a.service, {})
+    make_service(a.service, options)  # fail early, with one line, on a bad name or option
+    node = replica_node(cluster, a.id, lambda: make_service(a.service, options), Path(a.data) if a.data else None)
     _run_async(_serve_until_signal(node))
 
 

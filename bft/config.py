@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import tomli_w
@@ -39,6 +39,7 @@ class Cluster:
     params: Params
     replicas: tuple[ReplicaInfo, ...]
     clients: dict[int, PublicKeys]
+    services: dict[str, dict] = field(default_factory=dict)  # per-service options, e.g. [bfs]
 
     @property
     def n(self) -> int:
@@ -136,7 +137,13 @@ def load(path: str | os.PathLike) -> Cluster:
         if cid in clients:
             raise ConfigError(f"{p}: client id {cid} is listed twice")
         clients[cid] = _public(row, f"{where} {cid}")
-    return Cluster(p, f, params, tuple(replicas), clients)
+    services = {}
+    for name in ("bfs",):
+        table = doc.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{p}: [{name}] must be a table")
+        services[name] = table
+    return Cluster(p, f, params, tuple(replicas), clients, services)
 
 
 def load_private(path: Path) -> PrivateKeys:
@@ -188,9 +195,12 @@ def keygen(
         os.chmod(key_path, 0o600)
         return private.public()
 
+    from bfs.fs import Limits
+
     doc = {
         "f": f,
         "protocol": asdict(params or Params()),
+        "bfs": asdict(Limits()),  # the file system's limits, used when replicas run bfs
         "replicas": [],
         "clients": [],
     }

@@ -156,17 +156,25 @@ class KVService:
         return {k: v for bucket in self._buckets for k, v in bucket.items()}
 
 
-def _bfs() -> Service:
-    from bfs.fs import FileSystem  # the file system lives in its own package
+def _bfs(options: dict) -> Service:
+    from bfs.fs import FileSystem, Limits  # the file system lives in its own package
 
-    return FileSystem()
-
-
-SERVICES = {"null": NullService, "kv": KVService, "bfs": _bfs}
-
-
-def make_service(name: str) -> Service:
     try:
-        return SERVICES[name]()
-    except KeyError:
-        raise ValueError(f"unknown service {name!r} (choose from {', '.join(SERVICES)})") from None
+        return FileSystem(Limits(**options))
+    except TypeError:
+        raise ValueError(f"unknown [bfs] setting among {sorted(options)}") from None
+
+
+SERVICES = {
+    "null": lambda options: NullService(),
+    "kv": lambda options: KVService(),
+    "bfs": _bfs,
+}
+
+
+def make_service(name: str, options: dict | None = None) -> Service:
+    """A fresh instance of a service, with its options (the service's table in cluster.toml)."""
+    factory = SERVICES.get(name)
+    if factory is None:
+        raise ValueError(f"unknown service {name!r} (choose from {', '.join(SERVICES)})")
+    return factory(options or {})

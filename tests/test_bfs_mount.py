@@ -109,6 +109,7 @@ def test_posix_behaviour(bfs) -> None:
     assert (mnt / "fifo").is_fifo()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
 def test_permissions_for_an_unprivileged_user(bfs) -> None:
     _, mnt = bfs
     (mnt / "root-only").write_text("secret")

@@ -157,3 +157,21 @@ def test_snapshots_restore_and_cost_what_changed() -> None:
     assert g("getattr", ROOT)[1] == DIR
     with pytest.raises(ValueError):
         FileSystem().restore([b"x"])
+
+
+def test_limits_come_from_the_cluster_config(tmp_path) -> None:
+    from bft import config as cfg
+    from bft.service import make_service
+
+    path = cfg.keygen(tmp_path, 1, 1, base_port=12000)
+    text = path.read_text().replace("name_max = 255", "name_max = 8")
+    path.write_text(text)
+    cluster = cfg.load(path)
+    fs = Fs()
+    fs.fs = make_service("bfs", cluster.services["bfs"])
+    assert fs.err("create", ROOT, b"123456789", 0o644, False) == errno.ENAMETOOLONG
+    fs("create", ROOT, b"12345678", 0o644, False)
+    with pytest.raises(ValueError, match="name_max"):
+        make_service("bfs", {"name_max": 0})
+    with pytest.raises(ValueError, match="unknown"):
+        make_service("bfs", {"color": 3})
