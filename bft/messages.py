@@ -46,6 +46,16 @@ def digest(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
 
 
+class _FromReplica:
+    """Messages sent by a replica name it in their ``replica`` field."""
+
+    __slots__ = ()
+
+    @property
+    def sender(self) -> int:
+        return self.replica  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     client: int
@@ -73,7 +83,7 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class PrePrepare:
+class PrePrepare(_FromReplica):
     view: int
     seq: int
     timestamp: int  # the primary's proposed batch time (non-deterministic input, agreed here)
@@ -93,10 +103,6 @@ class PrePrepare:
     def resolved(self) -> bool:
         return all(isinstance(r, Request) for r in self.requests)
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 def batch_digest(timestamp: int, requests: tuple[Request | bytes, ...]) -> bytes:
     """The digest of a batch: the same whether a request travels inline or by its digest."""
@@ -112,7 +118,7 @@ NULL_DIGEST = batch_digest(0, ())
 
 
 @dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(_FromReplica):
     """A batch sent to a replica that asked for it by digest (the new primary, condition A3 of
     the view change); the receiver checks the digest, so any replica may send it."""
 
@@ -128,26 +134,18 @@ class Batch:
     def of(pp: PrePrepare, replica: int) -> Batch:
         return Batch(pp.seq, pp.timestamp, pp.requests, replica, pp.digest)
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class FetchBatch:
+class FetchBatch(_FromReplica):
     seq: int
     digest: bytes
     replica: int
 
     TYPE = 14
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class Prepare:
+class Prepare(_FromReplica):
     view: int
     seq: int
     digest: bytes
@@ -155,13 +153,9 @@ class Prepare:
 
     TYPE = 3
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(_FromReplica):
     view: int
     seq: int
     digest: bytes
@@ -169,13 +163,9 @@ class Commit:
 
     TYPE = 4
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(_FromReplica):
     view: int
     timestamp: int
     client: int
@@ -186,26 +176,18 @@ class Reply:
 
     TYPE = 5
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class Checkpoint:
+class Checkpoint(_FromReplica):
     seq: int
     digest: bytes  # state digest after executing seq
     replica: int
 
     TYPE = 6
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class Status:
+class Status(_FromReplica):
     """Periodic summary a replica sends so peers can retransmit what it lacks (the paper's
     implementation recovers lost messages this way rather than trusting the transport)."""
 
@@ -217,13 +199,9 @@ class Status:
 
     TYPE = 7
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class ViewChange:
+class ViewChange(_FromReplica):
     """Signed VIEW-CHANGE(v+1, h, C, P, Q) of TOCS 2002 section 4.4 (MAC-compatible view change)."""
 
     view: int
@@ -238,13 +216,9 @@ class ViewChange:
 
     TYPE = 8
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class NewView:
+class NewView(_FromReplica):
     """Signed NEW-VIEW(v+1, V, X): the view changes used, each with its sender's signature so
     every backup can re-run the decision, and the decision taken from them."""
 
@@ -256,13 +230,9 @@ class NewView:
 
     TYPE = 9
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class FetchState:
+class FetchState(_FromReplica):
     """Ask a replica for its state at checkpoint ``seq``."""
 
     seq: int
@@ -270,13 +240,9 @@ class FetchState:
 
     TYPE = 10
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class State:
+class State(_FromReplica):
     """The manifest of checkpoint ``seq``: its partition digests, msgpack-encoded. The receiver
     checks them against the checkpoint digest it holds a certificate for, then fetches the
     partitions it lacks."""
@@ -287,26 +253,18 @@ class State:
 
     TYPE = 11
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class FetchPartition:
+class FetchPartition(_FromReplica):
     seq: int
     index: int
     replica: int
 
     TYPE = 15
 
-    @property
-    def sender(self) -> int:
-        return self.replica
-
 
 @dataclass(frozen=True, slots=True)
-class Partition:
+class Partition(_FromReplica):
     """One partition of checkpoint ``seq``, checked by the receiver against the manifest."""
 
     seq: int
@@ -315,10 +273,6 @@ class Partition:
     replica: int
 
     TYPE = 16
-
-    @property
-    def sender(self) -> int:
-        return self.replica
 
 
 @dataclass(frozen=True, slots=True)
