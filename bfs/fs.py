@@ -136,7 +136,7 @@ class FileSystem:
             name = unpacker.unpack()
         except (ValueError, TypeError, msgpack.OutOfData, msgpack.FormatError, msgpack.StackError):
             return False
-        return name in READ_ONLY_OPS
+        return type(name) is str and name in READ_ONLY_OPS
 
     def execute(self, op: bytes, client: int, timestamp_ms: int) -> bytes:
         self.now = timestamp_ms * 1_000_000
@@ -145,13 +145,17 @@ class FileSystem:
             name, (uid, gid, groups), *rest = args
             handler = _OPS[name]
             creds = Creds(_uint(uid), _uint(gid), frozenset(_uint(g) for g in groups[:32]))
-        except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        except (FsError, ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
             return msgpack.packb([errno.EINVAL, None])
         try:
             return msgpack.packb([0, handler(self, creds, *rest)])
         except FsError as exc:
             return msgpack.packb([exc.code, None])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, KeyError, IndexError):
+            # A malformed argument that slipped past the checks. Every replica fails the same
+            # way; re-encode everything so no checkpoint can disagree with what the failed
+            # operation may have left behind.
+            self._dirty = set(range(len(self._encoded)))
             return msgpack.packb([errno.EINVAL, None])
 
     def partitions(self) -> tuple[bytes, ...]:
@@ -236,6 +240,13 @@ class FileSystem:
         if want & ~bits:
             raise FsError(errno.EACCES)
 
+    def _check_write(self, creds: Creds, node: Inode) -> None:
+        """Write access for writing or truncating a file. The owner may always, as knfsd's
+        owner override allows: a program that creates a file read-only and writes it through
+        the descriptor it got (git does) must not fail; opening for write was checked at open."""
+        if creds.uid != node.uid:
+            self._check(creds, node, W_OK)
+
     def _name(self, name: object) -> bytes:
         if type(name) is not bytes or not name or b"/" in name or b"\0" in name or name in (b".", b".."):
             raise FsError(errno.EINVAL)
@@ -309,44 +320,57 @@ class FileSystem:
 
     def op_setattr(self, creds: Creds, ino: object, changes: list) -> list:
         """``changes`` is [mode, uid, gid, size, atime, mtime], nil where unchanged; a time of
-        -1 means "now" (the agreed time)."""
+        -1 means "now" (the agreed time). Everything is checked before anything changes, so a
+        refused setattr changes nothing."""
         node = self._node(ino)
         mode, uid, gid, size, atime, mtime = changes
         owner = creds.uid in (0, node.uid)
         if mode is not None:
+            mode = _uint(mode) & 0o7777
             if not owner:
                 raise FsError(errno.EPERM)
-            node.mode = _uint(mode) & 0o7777
-            if creds.uid != 0 and not creds.in_group(node.gid):
-                node.mode &= ~stat.S_ISGID
-        if uid is not None and uid != node.uid:
-            if creds.uid != 0:
-                raise FsError(errno.EPERM)
-            node.uid = _uint(uid)
-        if gid is not None and gid != node.gid:
-            if creds.uid != 0 and not (creds.uid == node.uid and creds.in_group(gid)):
-                raise FsError(errno.EPERM)
-            node.gid = _uint(gid)
+        if uid is not None and _uint(uid) != node.uid and creds.uid != 0:
+            raise FsError(errno.EPERM)
+        changes_gid = gid is not None and _uint(gid) != node.gid
+        if changes_gid and creds.uid != 0 and not (creds.uid == node.uid and creds.in_group(gid)):
+            raise FsError(errno.EPERM)
         if size is not None:
+            size = _uint(size)
             if node.kind == DIR:
                 raise FsError(errno.EISDIR)
             if node.kind != REG:
                 raise FsError(errno.EINVAL)
-            self._check(creds, node, W_OK)
-            size = _uint(size)
+            self._check_write(creds, node)
             if size > self.limits.file_bytes_max:
                 raise FsError(errno.EFBIG)
-            self._truncate(node, size)
-            node.mtime = self.now
+            if size > node.size and self.bytes_used > self.limits.bytes_max:
+                raise FsError(errno.ENOSPC)
+        times = []
         for value, attr in ((atime, "atime"), (mtime, "mtime")):
             if value is None:
                 continue
+            if type(value) is not int or not -1 <= value < 1 << 63:
+                raise FsError(errno.EINVAL)
             if not owner:
                 # only "set to now" is allowed to writers who do not own the file
                 if value != -1:
                     raise FsError(errno.EPERM)
                 self._check(creds, node, W_OK)
-            setattr(node, attr, self.now if value == -1 else int(value))
+            times.append((attr, self.now if value == -1 else value))
+        if mode is not None:
+            node.mode = mode
+            if creds.uid != 0 and not creds.in_group(node.gid):
+                node.mode &= ~stat.S_ISGID
+        if (uid is not None and uid != node.uid) or (gid is not None and gid != node.gid):
+            node.uid = node.uid if uid is None else uid
+            node.gid = node.gid if gid is None else gid
+            if node.kind != DIR:
+                node.mode &= ~(stat.S_ISUID | stat.S_ISGID)  # as Linux does on chown
+        if size is not None:
+            self._truncate(node, size)
+            node.mtime = self.now
+        for attr, value in times:
+            setattr(node, attr, value)
         node.ctime = self.now
         self._touch_meta(node)
         return node.attrs()
@@ -379,6 +403,8 @@ class FileSystem:
         node = self._node(ino)
         if node.kind == DIR:
             raise FsError(errno.EISDIR)
+        if node.kind != REG:
+            raise FsError(errno.EINVAL)
         self._check(creds, node, R_OK)
         offset, count = _uint(offset), min(_uint(count), 1 << 24)
         end = min(node.size, offset + count)
@@ -401,20 +427,26 @@ class FileSystem:
             raise FsError(errno.EINVAL)
         if type(data) is not bytes:
             raise FsError(errno.EINVAL)
-        self._check(creds, node, W_OK)
+        self._check_write(creds, node)
         offset = _uint(offset)
         end = offset + len(data)
         if end > self.limits.file_bytes_max:
             raise FsError(errno.EFBIG)
+        if not data:
+            return node.attrs()
+        # Check the space first: a refused write must change nothing.
+        growth = 0
+        for index in range(offset // BLOCK, (end - 1) // BLOCK + 1):
+            old_len = len(self.blocks.get((node.ino, index), b""))
+            growth += max(0, min(BLOCK, end - index * BLOCK) - old_len)
+        if self.bytes_used + growth > self.limits.bytes_max:
+            raise FsError(errno.ENOSPC)
         pos = offset
         while pos < end:
             index, within = divmod(pos, BLOCK)
             take = min(BLOCK - within, end - pos)
             key = (node.ino, index)
             old = self.blocks.get(key, b"")
-            grown = max(len(old), within + take)
-            if self.bytes_used + grown - len(old) > self.limits.bytes_max:
-                raise FsError(errno.ENOSPC)
             new = bytearray(old) + bytes(max(0, within - len(old)))
             new[within:within + take] = data[pos - offset:pos - offset + take]
             self.blocks[key] = bytes(new)
@@ -431,6 +463,7 @@ class FileSystem:
 
     def op_create(self, creds: Creds, dir_ino: object, name: object, mode: object, exclusive: object) -> list:
         directory = self._dir(dir_ino)
+        self._check(creds, directory, X_OK)
         entry = directory.entries.get(name) if type(name) is bytes else None
         if entry is not None:
             if exclusive:
@@ -438,7 +471,7 @@ class FileSystem:
             node = self.inodes[entry[0]]
             if node.kind == DIR:
                 raise FsError(errno.EISDIR)
-            self._check(creds, node, W_OK)
+            self._check_write(creds, node)
             return node.attrs()
         directory, name = self._prepare_create(creds, dir_ino, name)
         node = self._new_inode(creds, directory, REG, _uint(mode))
@@ -511,6 +544,8 @@ class FileSystem:
         dst_name = self._name(dst_name)
         self._check(creds, target_dir, W_OK | X_OK)
         if node.kind == DIR:
+            if source.ino != target_dir.ino:
+                self._check(creds, node, W_OK)  # its ".." entry changes
             # refuse to move a directory into its own subtree
             walk = target_dir.ino
             while True:

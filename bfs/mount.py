@@ -169,7 +169,9 @@ class BfsOperations(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         creds = self._creds(ctx)
-        mask = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}[flags & os.O_ACCMODE]
+        mask = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(flags & os.O_ACCMODE)
+        if mask is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
         await self._call("access", creds, inode, mask)
         if flags & os.O_TRUNC:
             # libfuse 3 passes O_TRUNC on to open (atomic_o_trunc) instead of a setattr first.
@@ -206,10 +208,11 @@ class BfsOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Offsets 1 and 2 follow "." and ".."; an entry with BFS cookie c ends at offset c + 2.
         inode, creds = self.handles[fh]
-        for offset, name in ((1, b"."), (2, b"..")):
-            if start_id < offset:
-                attrs = await self._call("lookup", creds, inode, name)
-                if not pyfuse3.readdir_reply(token, name, self._entry(attrs), offset):
+        if start_id < 2:
+            # The kernel takes only the type from these; getattr needs no search permission.
+            attrs = await self._call("getattr", creds, inode)
+            for offset, name in ((1, b"."), (2, b"..")):
+                if start_id < offset and not pyfuse3.readdir_reply(token, name, self._entry(attrs), offset):
                     return
         cookie = max(0, start_id - 2)
         while True:

@@ -175,3 +175,37 @@ def test_limits_come_from_the_cluster_config(tmp_path) -> None:
         make_service("bfs", {"name_max": 0})
     with pytest.raises(ValueError, match="unknown"):
         make_service("bfs", {"color": 3})
+
+
+def test_hostile_operations_get_an_errno_and_change_nothing() -> None:
+    """Found in review: these raised out of execute (which would stop a replica) or left a
+    partial change that checkpoints did not record."""
+    fs = Fs(Limits(bytes_max=3 * BLOCK))
+    f = ino(fs("create", ROOT, b"f", 0o644, False))
+    for op in (["getattr", [-1, 0, []], ROOT], ["getattr", [0, 0, ["x"]], ROOT],
+               ["setattr", ROOT_CREDS, f, [None, None, None, None, 1e300, None]],
+               ["setattr", ROOT_CREDS, f, [None, None, None, 5, None, "x"]]):
+        assert msgpack.unpackb(fs.fs.execute(msgpack.packb(op), 0, 5))[0] == errno.EINVAL
+    assert not fs.fs.is_read_only(msgpack.packb([[1], ROOT_CREDS]))
+    assert fs("getattr", f)[6] == 0  # the refused truncate to 5 did not happen
+    assert fs.err("write", f, 0, bytes(4 * BLOCK)) == errno.ENOSPC
+    assert fs.fs.bytes_used == 0 and not fs.fs.blocks  # nothing half-written
+    fs("setattr", f, [None, None, None, 10, None, None])
+    assert fs("read", f, 0, 10) == [bytes(10), True]
+    assert fs.err("setattr", f, [0o600, 5, None, None, None, None], who=ALICE) == errno.EPERM
+    assert fs("getattr", f)[2] == 0o644  # a refused setattr changes nothing
+    copy = FileSystem()
+    copy.restore(fs.fs.partitions())
+    assert copy.partitions() == fs.fs.partitions()
+
+
+def test_owner_writes_a_file_it_created_read_only() -> None:
+    fs = Fs()
+    home = ino(fs("mkdir", ROOT, b"home", 0o777))
+    f = ino(fs("create", home, b"obj", 0o444, True, who=ALICE))  # git's loose objects
+    fs("write", f, 0, b"data", who=ALICE)
+    fs("setattr", f, [None, None, None, 2, None, None], who=ALICE)
+    assert fs.err("write", f, 0, b"x", who=BOB) == errno.EACCES
+    assert fs("write", f, 100, b"", who=ALICE)[6] == 2  # an empty write does not extend
+    link = ino(fs("symlink", ROOT, b"ln", b"target"))
+    assert fs.err("read", link, 0, 10) == errno.EINVAL
