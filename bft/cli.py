@@ -59,7 +59,8 @@ async def _serve_until_signal(node) -> None:
 
 
 def cmd_keygen(a: argparse.Namespace) -> None:
-    path = cfg.keygen(a.out, a.f, a.clients, a.host, a.base_port, a.force)
+    hosts = a.hosts.split(",") if a.hosts else None
+    path = cfg.keygen(a.out, a.f, a.clients, a.host, a.base_port, a.force, hosts=hosts)
     print(f"wrote {path} ({3 * a.f + 1} replicas, {a.clients} clients) and keys in {path.parent / 'keys'}")
 
 
@@ -315,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--f", type=_positive, default=1, help="faults tolerated; n = 3f+1 replicas")
     k.add_argument("--clients", type=_positive, default=4, help="authorised clients")
     k.add_argument("--out", required=True, help="directory for cluster.toml and keys/")
-    k.add_argument("--host", default="127.0.0.1")
+    k.add_argument("--host", default="127.0.0.1", help="the host of every replica (a local cluster)")
+    k.add_argument("--hosts", help="comma-separated host of each replica, in id order (a real cluster)")
     k.add_argument("--base-port", type=_positive, default=7000, help="replica i listens on base+i, admin on base+100+i")
     k.add_argument("--force", action="store_true", help="replace an existing cluster")
     k.set_defaults(func=cmd_keygen)
