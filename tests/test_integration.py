@@ -243,6 +243,7 @@ async def test_wiped_replica_catches_up_by_state_transfer_and_restart_resumes_fr
             lc.restart(3)  # replica 3 comes back from its data directory
             resumed = lc.status(3)
             assert resumed["stable_checkpoint"] >= 32 and resumed["executed"] >= resumed["stable_checkpoint"]
+            assert resumed["persisted_checkpoint"] == resumed["stable_checkpoint"]  # what it read back
             await asyncio.gather(workload(a, b"a", 200), workload(b, b"b", 200))
             for _ in range(100):  # give the replicas a few status rounds to settle
                 s = [lc.status(i) for i in range(4)]

@@ -186,6 +186,8 @@ class Node:
                 "log_slots": len(core.log),
                 "pending_requests": len(core.pending),
             }
+        if self.store is not None:
+            out["persisted_checkpoint"] = self.store.saved_seq
         out["dropped"] = dict(sorted((core.dropped + self.transport_drops).items()))
         out["stats"] = dict(sorted(core.stats.items()))
         return out
