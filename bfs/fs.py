@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -219,6 +219,14 @@ class FileSystem:
             raise FsError(errno.ESTALE)
         return node
 
+    def _regular(self, ino: object) -> Inode:
+        node = self._node(ino)
+        if node.kind == DIR:
+            raise FsError(errno.EISDIR)
+        if node.kind != REG:
+            raise FsError(errno.EINVAL)
+        return node
+
     def _dir(self, ino: object) -> Inode:
         node = self._node(ino)
         if node.kind != DIR:
@@ -336,10 +344,7 @@ class FileSystem:
             raise FsError(errno.EPERM)
         if size is not None:
             size = _uint(size)
-            if node.kind == DIR:
-                raise FsError(errno.EISDIR)
-            if node.kind != REG:
-                raise FsError(errno.EINVAL)
+            self._regular(ino)
             self._check_write(creds, node)
             if size > self.limits.file_bytes_max:
                 raise FsError(errno.EFBIG)
@@ -400,31 +405,18 @@ class FileSystem:
         return node.target
 
     def op_read(self, creds: Creds, ino: object, offset: object, count: object) -> list:
-        node = self._node(ino)
-        if node.kind == DIR:
-            raise FsError(errno.EISDIR)
-        if node.kind != REG:
-            raise FsError(errno.EINVAL)
+        node = self._regular(ino)
         self._check(creds, node, R_OK)
         offset, count = _uint(offset), min(_uint(count), 1 << 24)
         end = min(node.size, offset + count)
         out = bytearray()
-        pos = offset
-        while pos < end:
-            index, within = divmod(pos, BLOCK)
-            take = min(BLOCK - within, end - pos)
-            block = self.blocks.get((node.ino, index), b"")
-            chunk = block[within:within + take]
+        for index, within, take, _ in _spans(offset, end):
+            chunk = self.blocks.get((node.ino, index), b"")[within:within + take]
             out += chunk + bytes(take - len(chunk))  # holes read as zeros
-            pos += take
         return [bytes(out), end >= node.size]
 
     def op_write(self, creds: Creds, ino: object, offset: object, data: object) -> list:
-        node = self._node(ino)
-        if node.kind == DIR:
-            raise FsError(errno.EISDIR)
-        if node.kind != REG:
-            raise FsError(errno.EINVAL)
+        node = self._regular(ino)
         if type(data) is not bytes:
             raise FsError(errno.EINVAL)
         self._check_write(creds, node)
@@ -435,16 +427,12 @@ class FileSystem:
         if not data:
             return node.attrs()
         # Check the space first: a refused write must change nothing.
-        growth = 0
-        for index in range(offset // BLOCK, (end - 1) // BLOCK + 1):
-            old_len = len(self.blocks.get((node.ino, index), b""))
-            growth += max(0, min(BLOCK, end - index * BLOCK) - old_len)
+        spans = list(_spans(offset, end))
+        growth = sum(max(0, within + take - len(self.blocks.get((node.ino, index), b"")))
+                     for index, within, take, _ in spans)
         if self.bytes_used + growth > self.limits.bytes_max:
             raise FsError(errno.ENOSPC)
-        pos = offset
-        while pos < end:
-            index, within = divmod(pos, BLOCK)
-            take = min(BLOCK - within, end - pos)
+        for index, within, take, pos in spans:
             key = (node.ino, index)
             old = self.blocks.get(key, b"")
             new = bytearray(old) + bytes(max(0, within - len(old)))
@@ -452,7 +440,6 @@ class FileSystem:
             self.blocks[key] = bytes(new)
             self.bytes_used += len(new) - len(old)
             self._touch_block(key)
-            pos += take
         node.size = max(node.size, end)
         node.mtime = node.ctime = self.now
         if creds.uid != 0:
@@ -620,6 +607,16 @@ def _uint(v: object) -> int:
     if type(v) is not int or v < 0 or v >= 1 << 63:
         raise FsError(errno.EINVAL)
     return v
+
+
+def _spans(offset: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """The pieces of bytes [offset, end) by block: (block, offset in it, length, file offset)."""
+    pos = offset
+    while pos < end:
+        index, within = divmod(pos, BLOCK)
+        take = min(BLOCK - within, end - pos)
+        yield index, within, take, pos
+        pos += take
 
 
 def _meta_partition(ino: int) -> int:
