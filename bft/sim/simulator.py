@@ -18,6 +18,7 @@ After every delivered message the checker asserts:
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from collections import Counter
@@ -29,7 +30,7 @@ from bft.core.client import ClientCore
 from bft.core.clients import ClientTable
 from bft.core.params import Params
 from bft.core.replica import ALL, COMMITTED, PERSIST, Persist, Replica
-from bft.messages import Message, PrePrepare, Reply, roundtrip
+from bft.messages import Message, PrePrepare, Reply, encode_payload, roundtrip
 from bft.service import KVService
 
 
@@ -83,6 +84,7 @@ class Result:
     completed: int = 0
     crashed: tuple[int, ...] = ()
     dropped: Counter[str] = field(default_factory=Counter)
+    transcript: str = ""  # digest of every message sent, in order (golden transcripts)
 
 
 class _Checker:
@@ -209,6 +211,9 @@ class Simulation:
         self.counter = 0
         self.messages = 0
         self.completed = 0
+        # Every message sent, in order, with its time and both ends: the golden transcripts pin
+        # a seed's whole run to this digest, so a refactoring that changes behaviour shows.
+        self.transcript = hashlib.blake2b(digest_size=16)
         # Up to f faulty replicas: an equivocating primary, crashes, restarts with a wiped state.
         self.crash_at: list[tuple[int, int]] = []
         self.restart_at: list[tuple[int, int]] = []
@@ -257,6 +262,7 @@ class Simulation:
         return False
 
     def _send(self, src: tuple[str, int], dst: tuple[str, int], msg: Message) -> None:
+        self.transcript.update(msgpack.packb((self.now, src, dst, msg.TYPE, encode_payload(msg))))
         copies = 1
         if self._faulty_phase():
             if self._cut_off(src, dst):
@@ -389,7 +395,15 @@ class Simulation:
         for r in self.replicas:
             dropped.update(r.dropped)
         return Result(
-            self.seed, ok, error, self.now, self.messages, self.completed, tuple(sorted(self.crashed)), dropped
+            self.seed,
+            ok,
+            error,
+            self.now,
+            self.messages,
+            self.completed,
+            tuple(sorted(self.crashed)),
+            dropped,
+            self.transcript.hexdigest(),
         )
 
 
