@@ -18,8 +18,8 @@ from collections import Counter
 
 from bft.config import Cluster
 from bft.core.client import ClientCore
+from bft.core.effects import Broadcast, Send
 from bft.core.params import DEFAULT_PARAMS, Params
-from bft.core.replica import ALL
 from bft.crypto import CLIENT
 from bft.messages import Hello, Reply
 from bft.runtime.node import limits_of
@@ -131,14 +131,14 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _send(self, out: list) -> None:
-        for dest, msg in out:
-            data = self.wire.seal(msg)
-            if dest == ALL:
+    def _send(self, effects: list[Send | Broadcast]) -> None:
+        for effect in effects:
+            data = self.wire.seal(effect.msg)
+            if isinstance(effect, Broadcast):
                 for p in self._peers:
                     p.send(data)
             else:
-                self._peers[dest].send(data)
+                self._peers[effect.to].send(data)
 
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data)

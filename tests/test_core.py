@@ -8,8 +8,9 @@ import msgpack
 import pytest
 
 from bft.core.client import ClientCore
+from bft.core.effects import Broadcast, Executed, Persist, ReplyTo, Send
 from bft.core.params import Params
-from bft.core.replica import ALL, PERSIST, Replica
+from bft.core.replica import Replica
 from bft.core.unreplicated import Unreplicated
 from bft.messages import Checkpoint, Commit, FetchPartition, Prepare, PrePrepare, Reply, Request, State, Status, digest
 from bft.service import KVService, NullService
@@ -31,16 +32,21 @@ class Link:
         self.queue: list[tuple[int, int, object]] = []
         self.persisted: dict[int, object] = {}
 
-    def post(self, src: int, out: list) -> None:
-        for dest, msg in out:
-            if dest == PERSIST:
-                self.persisted[src] = msg
-            elif isinstance(msg, Reply):
-                self.replies.append(msg)
-            elif dest == ALL:
-                self.queue += [(src, j, msg) for j in range(len(self.replicas)) if j != src]
-            else:
-                self.queue.append((src, dest, msg))
+    def post(self, src: int, effects: list) -> None:
+        for effect in effects:
+            match effect:
+                case Persist():
+                    self.persisted[src] = effect
+                case ReplyTo(_, reply):
+                    self.replies.append(reply)
+                case Broadcast(msg):
+                    self.queue += [(src, j, msg) for j in range(len(self.replicas)) if j != src]
+                case Send(to, msg):
+                    self.queue.append((src, to, msg))
+                case Executed():
+                    pass
+                case _:
+                    raise AssertionError(f"unknown effect {effect!r}")
 
     def run(self, now: int = NOW) -> None:
         while self.queue:
@@ -156,7 +162,7 @@ def test_backup_ignores_equivocation_and_messages_not_from_primary() -> None:
     a = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"a"),), 0)
     b = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"b"),), 0)
     out = backup.step(a, NOW)
-    assert [type(m) for _, m in out] == [Prepare]
+    assert [type(e.msg) for e in out] == [Prepare]
     assert backup.step(b, NOW) == []
     assert backup.dropped["conflicting-pre-prepare"] == 1
     assert backup.step(replace(a, replica=2), NOW) == []
@@ -231,8 +237,8 @@ def test_lagging_replica_catches_up_by_state_transfer_and_resists_a_liar() -> No
 
     def lying_partition(fp, now):
         honest_on_partition(fp, now)
-        dest, part = link.replicas[1].outbox.pop()
-        link.replicas[1].outbox.append((dest, replace(part, data=part.data + b"x")))
+        sent = link.replicas[1].outbox.pop()
+        link.replicas[1].outbox.append(Send(sent.to, replace(sent.msg, data=sent.msg.data + b"x")))
 
     link.replicas[1]._handlers = {**Replica._handlers, FetchPartition: lambda r, m, now: lying_partition(m, now)}
     link.tick(NOW + 1_000)  # learns the certified checkpoint from peers' checkpoint messages
@@ -252,7 +258,7 @@ def test_lagging_replica_catches_up_by_state_transfer_and_resists_a_liar() -> No
 def test_client_needs_f_plus_1_matching_replies_and_learns_the_view() -> None:
     client = ClientCore(5, 1, replace(PARAMS, read_only=False), first_timestamp=100)
     req = client.submit(KVService.get(b"k"), 0)
-    assert client.take_outbox() == [(0, req)]
+    assert client.take_outbox() == [Send(0, req)]
     client.on_reply(Reply(0, 100, 5, 0, b"lie"), 1)
     client.on_reply(Reply(9, 100, 5, 1, b"truth"), 1)
     assert client.take_completed() == []
@@ -288,9 +294,9 @@ def test_client_resends_to_all_on_timeout_with_backoff() -> None:
     req = client.submit(b"op", 0)
     client.take_outbox()
     assert client.tick(PARAMS.request_timeout_ms - 1) == []
-    assert client.tick(PARAMS.request_timeout_ms) == [(ALL, req)]
+    assert client.tick(PARAMS.request_timeout_ms) == [Broadcast(req)]
     assert client.tick(2 * PARAMS.request_timeout_ms) == []
-    assert client.tick(3 * PARAMS.request_timeout_ms) == [(ALL, req)]
+    assert client.tick(3 * PARAMS.request_timeout_ms) == [Broadcast(req)]
 
 
 def test_client_window_is_a_timestamp_range() -> None:
@@ -310,8 +316,8 @@ def test_client_window_is_a_timestamp_range() -> None:
 def test_unreplicated_core_is_exactly_once() -> None:
     server = Unreplicated(PARAMS, NullService())
     req = Request.make(1, 1, NullService.op(10))
-    [(dest, reply)] = server.step(req, NOW)
-    assert dest == 1 and reply.result == bytes(10)
+    [sent] = server.step(req, NOW)
+    assert sent.client == 1 and sent.reply.result == bytes(10)
     server.step(req, NOW)
     assert server.stats["executed-requests"] == 1
 
@@ -343,13 +349,14 @@ def test_read_only_request_runs_at_once_outside_the_order() -> None:
 def test_read_only_client_needs_2f_plus_1_and_falls_back_when_replies_disagree() -> None:
     client = ClientCore(5, 1, PARAMS, first_timestamp=100)
     req = client.submit(KVService.get(b"k"), 0, read_only=True)
-    assert client.take_outbox() == [(ALL, req)]
+    assert client.take_outbox() == [Broadcast(req)]
     client.on_reply(Reply(0, 100, 5, 0, b"a"), 1)
     client.on_reply(Reply(0, 100, 5, 1, b"a"), 1)
     assert client.take_completed() == []  # f+1 is not enough for a read-only result
     client.on_reply(Reply(0, 100, 5, 2, b"b"), 1)
     client.on_reply(Reply(0, 100, 5, 3, b"c"), 1)  # now no 2f+1 can agree: fall back
-    [(dest, ordered)] = client.take_outbox()
+    [sent] = client.take_outbox()
+    dest, ordered = sent.to, sent.msg
     assert dest == 0 and not ordered.read_only and ordered.timestamp == 101
     assert client.stats["read-only-fallbacks"] == 1
     client.on_reply(Reply(0, 100, 5, 2, b"a"), 2)  # a late read-only reply no longer counts
@@ -362,7 +369,8 @@ def test_read_only_client_falls_back_on_timeout() -> None:
     client = ClientCore(5, 1, PARAMS, first_timestamp=100)
     client.submit(KVService.get(b"k"), 0, read_only=True)
     client.take_outbox()
-    [(dest, ordered)] = client.tick(PARAMS.request_timeout_ms)
+    [sent] = client.tick(PARAMS.request_timeout_ms)
+    dest, ordered = sent.to, sent.msg
     assert dest == 0 and not ordered.read_only
 
 
@@ -425,7 +433,7 @@ def test_large_requests_travel_apart_from_their_batch() -> None:
     big = put(1, 1, b"k", b"v" * 500)
     client = ClientCore(1, 1, params, first_timestamp=1)
     sent = client.submit(big.op, 0)
-    assert client.take_outbox() == [(ALL, sent)]  # a large request goes to every replica
+    assert client.take_outbox() == [Broadcast(sent)]  # a large request goes to every replica
     # Replica 3 does not get the body from the client; the others do.
     sent_pp = []
     link.drop = lambda src, dst, msg: isinstance(msg, PrePrepare) and (sent_pp.append(msg) or True)

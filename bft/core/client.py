@@ -17,8 +17,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-from bft.core.params import Params
-from bft.core.replica import ALL, DIGEST_REPLY_BYTES_MIN, Outbound
+from bft.core.effects import Broadcast, Send
+from bft.core.params import DIGEST_REPLY_BYTES_MIN, Params
 from bft.messages import Reply, Request, digest
 
 log = logging.getLogger("bft.client")
@@ -54,7 +54,7 @@ class ClientCore:
         self.view = 0
         self.next_timestamp = first_timestamp
         self.inflight: dict[int, Pending] = {}
-        self.outbox: list[Outbound] = []
+        self.outbox: list[Send | Broadcast] = []
         self.completed: list[tuple[int, bytes]] = []  # (timestamp, result), drained by the driver
         self.dropped: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
@@ -81,7 +81,7 @@ class ClientCore:
         timeout = self.params.request_timeout_ms
         self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, req.timestamp)
         large = self.params.separate_large_requests and len(req.raw) > self.params.large_request_bytes
-        self.outbox.append((ALL if read_only or large else self.primary, req))
+        self.outbox.append(Broadcast(req) if read_only or large else Send(self.primary, req))
         return req
 
     def abandon(self, origin: int) -> bool:
@@ -103,7 +103,7 @@ class ClientCore:
         timeout = self.params.request_timeout_ms
         self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, pending.origin)
         self.stats["read-only-fallbacks"] += 1
-        self.outbox.append((self.primary, req))
+        self.outbox.append(Send(self.primary, req))
 
     def on_reply(self, reply: Reply, now_ms: int) -> None:
         pending = self.inflight.get(reply.timestamp)
@@ -147,7 +147,7 @@ class ClientCore:
         del self.inflight[reply.timestamp]
         self.completed.append((pending.origin, full))
 
-    def tick(self, now_ms: int) -> list[Outbound]:
+    def tick(self, now_ms: int) -> list[Send | Broadcast]:
         for pending in list(self.inflight.values()):
             if now_ms < pending.deadline_ms:
                 continue
@@ -160,10 +160,10 @@ class ClientCore:
                 pending.deadline_ms = now_ms + pending.timeout_ms
                 self.stats["retransmissions"] += 1
                 log.debug("client %d resends %d to all", self.id, pending.request.timestamp)
-                self.outbox.append((ALL, pending.request))
+                self.outbox.append(Broadcast(pending.request))
         return self.take_outbox()
 
-    def take_outbox(self) -> list[Outbound]:
+    def take_outbox(self) -> list[Send | Broadcast]:
         out, self.outbox = self.outbox, []
         return out
 

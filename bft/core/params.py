@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# Results up to this size always travel in full: a digest would save nothing.
+DIGEST_REPLY_BYTES_MIN = 256
+
 
 @dataclass(frozen=True, slots=True)
 class Params:

@@ -1,9 +1,8 @@
 """A PBFT replica as a pure state machine (Castro & Liskov, OSDI 1999 / TOCS 2002).
 
 ``step(msg, now)`` takes a message that the driver has already authenticated (MAC or signature)
-and decoded; ``tick(now)`` advances timers. Both append ``(destination, message)`` pairs to
-``outbox``; the driver drains it with ``take_outbox``. Destinations are a replica id, ``ALL`` (every
-other replica), or, for a ``Reply``, the client named in it. Byzantine input is dropped and counted
+and decoded; ``tick(now)`` advances timers. Both return the typed effects (``bft.core.effects``)
+they produced, in order. Byzantine input is dropped and counted
 in ``dropped`` by reason; it never raises. Assertions guard our own invariants.
 """
 
@@ -12,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from bft.core.clients import ClientTable
-from bft.core.params import Params
+from bft.core.effects import Broadcast, Effect, Executed, Persist, ReplyTo, Send
+from bft.core.params import DIGEST_REPLY_BYTES_MIN, Params
 from bft.core.state import Snapshot, Transfer, capture, decode_manifest, rebuild, root_of
 from bft.core.viewchange import decide
 from bft.messages import (
@@ -42,11 +41,8 @@ from bft.service import Service
 
 log = logging.getLogger("bft.replica")
 
-ALL = -1
-PERSIST = -2  # destination of a ``Persist`` effect: the driver writes it to the data directory
 # How a batch is executed: committed, tentatively (prepared only), or replayed after a rollback.
 COMMITTED, TENTATIVE, REPLAY = range(3)
-Outbound = tuple[int, Message]
 # Slots retransmitted in answer to one status message: bounds the work a peer can ask for.
 STATUS_SLOTS_MAX = 64
 # Q-set entries kept per sequence number (the most recent views): bounds a view change's size.
@@ -55,21 +51,8 @@ QSET_ENTRIES_MAX = 4
 WAITING_REQUESTS_MAX = 4096
 # Large request bodies a replica keeps while their pre-prepare may still come.
 REQUEST_STORE_MAX = 4096
-# Results up to this size always travel in full: a digest would save nothing.
-DIGEST_REPLY_BYTES_MIN = 256
 # Exponential back-off of successive view changes stops doubling here.
 VIEW_BACKOFF_MAX = 6
-
-
-@dataclass(frozen=True, slots=True)
-class Persist:
-    """A stable checkpoint to keep on disk: its snapshot and the 2f+1 (or, after a state
-    transfer, f+1) checkpoint messages that certify its digest. A restarted replica resumes
-    from it (``restore``) and catches up from there."""
-
-    seq: int
-    snapshot: Snapshot
-    proof: tuple[tuple[int, bytes], ...]  # (replica, digest) of the certifying checkpoints
 
 
 class Slot:
@@ -147,7 +130,7 @@ class Replica:
         self.view_attempt = 0  # successive view changes without progress: the back-off exponent
         self.next_status_ms = 0
         self.now_ms = 0  # the driver's clock at the last input
-        self.outbox: list[Outbound] = []
+        self.outbox: list[Effect] = []
         self.dropped: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
 
@@ -163,7 +146,7 @@ class Replica:
     def in_window(self, seq: int) -> bool:
         return self.stable < seq <= self.stable + self.params.log_window
 
-    def take_outbox(self) -> list[Outbound]:
+    def take_outbox(self) -> list[Effect]:
         out, self.outbox = self.outbox, []
         return out
 
@@ -179,7 +162,7 @@ class Replica:
 
     # -- inputs -----------------------------------------------------------------------------
 
-    def step(self, msg: Message, now_ms: int) -> list[Outbound]:
+    def step(self, msg: Message, now_ms: int) -> list[Effect]:
         self.now_ms = now_ms
         handler = self._handlers.get(type(msg))
         if handler is None:
@@ -188,12 +171,12 @@ class Replica:
             handler(self, msg, now_ms)
         return self.take_outbox()
 
-    def tick(self, now_ms: int) -> list[Outbound]:
+    def tick(self, now_ms: int) -> list[Effect]:
         self.now_ms = now_ms
         if now_ms >= self.next_status_ms:
             self.next_status_ms = now_ms + self.params.status_interval_ms
             status = Status(self.view, self.stable, self._settled(), self.view_changing, self.id)
-            self.outbox.append((ALL, status))
+            self.outbox.append(Broadcast(status))
             self._maybe_fetch_state()
             self._fetch_unresolved()
             if self.view_changing and self.is_primary():
@@ -222,14 +205,14 @@ class Replica:
                 return
             self.stats["read-only-requests"] += 1
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
-            self.outbox.append((req.client, self._reply(req, result, False)))
+            self.outbox.append(ReplyTo(req.client, self._reply(req, result, False)))
             return
         cached = self.clients.cached(req.client, req.timestamp)
         if cached is not None:
             self.stats["retransmitted-replies"] += 1
             tentative = (req.client, req.timestamp) in self._tentative_requests()
             reply = Reply(self.view, req.timestamp, req.client, self.id, cached, tentative)
-            self.outbox.append((req.client, reply))
+            self.outbox.append(ReplyTo(req.client, reply))
             if tentative and not self.is_primary() and len(self.waiting) < WAITING_REQUESTS_MAX:
                 # Executed only tentatively: if it never commits, the primary is to blame.
                 self.waiting.setdefault((req.client, req.timestamp), req)
@@ -249,7 +232,7 @@ class Replica:
                 self.waiting.setdefault(key, req)
                 self._arm_view_timer()
             if not self.view_changing and not large:  # the client sent a large one to all
-                self.outbox.append((self.primary, req))
+                self.outbox.append(Send(self.primary, req))
             return
         if key in self.pending_ids:
             return
@@ -289,7 +272,7 @@ class Replica:
             self._record_pre_prepare(pp)
             self.stats["batches"] += 1
             self.stats["batched-requests"] += len(batch)
-            self.outbox.append((ALL, self._by_reference(pp)))
+            self.outbox.append(Broadcast(self._by_reference(pp)))
             self._check_prepared(pp.seq)
 
     # -- normal case ------------------------------------------------------------------------
@@ -333,7 +316,7 @@ class Replica:
         slot.pre_prepare = pp
         self._record_pre_prepare(pp)
         slot.prepares[self.id] = pp.digest
-        self.outbox.append((ALL, Prepare(self.view, pp.seq, pp.digest, self.id)))
+        self.outbox.append(Broadcast(Prepare(self.view, pp.seq, pp.digest, self.id)))
         self._check_prepared(pp.seq)
 
     def on_prepare(self, p: Prepare, now_ms: int) -> None:
@@ -368,7 +351,7 @@ class Replica:
         slot.prepared = True
         self.pset[seq] = (slot.pre_prepare.digest, self.view)
         slot.commits.setdefault(self.id, slot.pre_prepare.digest)
-        self.outbox.append((ALL, Commit(self.view, seq, slot.pre_prepare.digest, self.id)))
+        self.outbox.append(Broadcast(Commit(self.view, seq, slot.pre_prepare.digest, self.id)))
         self._check_committed(seq)
         if self.params.tentative and not slot.committed:
             self._execute_ready()
@@ -404,6 +387,8 @@ class Replica:
 
     def _execute(self, pp: PrePrepare, mode: int) -> None:
         assert pp.seq == self.executed + 1 and not self.tentative_seq
+        if mode == COMMITTED:
+            self.outbox.append(Executed(pp))
         self.batch_time_ms = max(pp.timestamp, self.batch_time_ms + 1)
         tentative = mode == TENTATIVE
         for req in pp.requests:
@@ -416,7 +401,7 @@ class Replica:
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
             self.clients.record(req.client, req.timestamp, result)
             if mode != REPLAY:
-                self.outbox.append((req.client, self._reply(req, result, tentative)))
+                self.outbox.append(ReplyTo(req.client, self._reply(req, result, tentative)))
         self.executed = pp.seq
         self.executed_batches[pp.seq] = pp
         if mode == REPLAY:
@@ -466,7 +451,7 @@ class Replica:
                 del self.unresolved[seq]
                 continue
             self.wanted_batches.add((seq, pp.digest))
-            self.outbox.append((pp.replica, FetchBatch(seq, pp.digest, self.id)))
+            self.outbox.append(Send(pp.replica, FetchBatch(seq, pp.digest, self.id)))
 
     def _reply(self, req: Request, result: bytes, tentative: bool) -> Reply:
         """Digest replies (TOCS 2002, 5.1.1): one designated replica, rotating with the
@@ -479,6 +464,7 @@ class Replica:
 
     def _tentative_committed(self) -> None:
         seq, self.tentative_seq = self.tentative_seq, 0
+        self.outbox.append(Executed(self.executed_batches[seq]))
         for req in self.executed_batches[seq].requests:
             self.waiting.pop((req.client, req.timestamp), None)
         self._arm_view_timer()
@@ -527,7 +513,7 @@ class Replica:
         self.stats["checkpoints"] += 1
         log.debug("replica %d checkpoint %d", self.id, self.executed)
         cp = Checkpoint(self.executed, snap.root, self.id)
-        self.outbox.append((ALL, cp))
+        self.outbox.append(Broadcast(cp))
         self.on_checkpoint(cp, 0)
 
     def on_checkpoint(self, cp: Checkpoint, now_ms: int) -> None:
@@ -598,7 +584,7 @@ class Replica:
         if own is not None:
             votes = self.checkpoint_votes.get(seq, {})
             proof = tuple(sorted((r, d) for r, d in votes.items() if d == own.root))
-            self.outbox.append((PERSIST, Persist(seq, own, proof)))
+            self.outbox.append(Persist(seq, own, proof))
         self._try_propose(self.now_ms)  # the window moved: the primary may order what waits
 
     # -- loss recovery and state transfer ---------------------------------------------------
@@ -609,16 +595,16 @@ class Replica:
         if to == self.id:
             return self._drop("status-from-self", st)
         for seq in sorted(s for s in self.own_checkpoints if s > st.stable)[-2:]:
-            self.outbox.append((to, Checkpoint(seq, self.own_checkpoints[seq].root, self.id)))
+            self.outbox.append(Send(to, Checkpoint(seq, self.own_checkpoints[seq].root, self.id)))
         behind = st.view < self.view or (st.view == self.view and st.view_changing)
         if behind and not self.view_changing and self.is_primary() and self.new_view is not None:
-            self.outbox.append((to, self.new_view))  # it missed our NEW-VIEW
+            self.outbox.append(Send(to, self.new_view))  # it missed our NEW-VIEW
         if self.view_changing and (st.view < self.view or (st.view == self.view and st.view_changing)):
             # It may have missed our VIEW-CHANGE: to count it (f+1 pull a replica along, 2f+1
             # let the new primary decide) it needs it again.
             own = self.view_changes.get(self.view, {}).get(self.id)
             if own is not None:
-                self.outbox.append((to, own))
+                self.outbox.append(Send(to, own))
         if st.view != self.view or st.view_changing or self.view_changing:
             return
         sent = 0
@@ -628,11 +614,11 @@ class Replica:
                 continue
             pp = slot.pre_prepare
             if self.is_primary():
-                self.outbox.append((to, pp))
+                self.outbox.append(Send(to, pp))
             elif self.id in slot.prepares:
-                self.outbox.append((to, Prepare(self.view, seq, slot.prepares[self.id], self.id)))
+                self.outbox.append(Send(to, Prepare(self.view, seq, slot.prepares[self.id], self.id)))
             if self.id in slot.commits:
-                self.outbox.append((to, Commit(self.view, seq, slot.commits[self.id], self.id)))
+                self.outbox.append(Send(to, Commit(self.view, seq, slot.commits[self.id], self.id)))
             sent += 1
             if sent >= STATUS_SLOTS_MAX:
                 break
@@ -668,17 +654,17 @@ class Replica:
             self._ask_partitions(t)
             return
         self.stats["state-fetches"] += 1
-        self.outbox.append((voters[self.fetch_from], FetchState(seq, self.id)))
+        self.outbox.append(Send(voters[self.fetch_from], FetchState(seq, self.id)))
 
     def _ask_partitions(self, t: Transfer) -> None:
         for index in t.to_ask(self.now_ms, 4 * self.params.status_interval_ms):
-            self.outbox.append((t.source, FetchPartition(t.seq, index, self.id)))
+            self.outbox.append(Send(t.source, FetchPartition(t.seq, index, self.id)))
 
     def on_fetch_state(self, fs: FetchState, now_ms: int) -> None:
         own = self.own_checkpoints.get(fs.seq)
         if own is None:
             return self._drop("no-such-checkpoint", fs)
-        self.outbox.append((fs.replica, State(fs.seq, own.manifest(), self.id)))
+        self.outbox.append(Send(fs.replica, State(fs.seq, own.manifest(), self.id)))
 
     def on_state(self, st: State, now_ms: int) -> None:
         target = self.fetch_target
@@ -698,7 +684,7 @@ class Replica:
         own = self.own_checkpoints.get(fp.seq)
         if own is None or fp.index >= len(own.parts):
             return self._drop("no-such-partition", fp)
-        self.outbox.append((fp.replica, Partition(fp.seq, fp.index, own.parts[fp.index], self.id)))
+        self.outbox.append(Send(fp.replica, Partition(fp.seq, fp.index, own.parts[fp.index], self.id)))
 
     def on_partition(self, p: Partition, now_ms: int) -> None:
         t = self.transfer
@@ -825,7 +811,7 @@ class Replica:
         for v in [v for v in self.view_changes if v < view]:
             del self.view_changes[v]
         self._store_view_change(vc)
-        self.outbox.append((ALL, vc))
+        self.outbox.append(Broadcast(vc))
         self._view_change_progress()
 
     def _store_view_change(self, vc: ViewChange) -> None:
@@ -864,7 +850,7 @@ class Replica:
             return self._drop("view-change-from-self", vc)
         if vc.view < self.view or (vc.view == self.view and not self.view_changing):
             if vc.view == self.view and self.is_primary() and self.new_view is not None:
-                self.outbox.append((vc.replica, self.new_view))
+                self.outbox.append(Send(vc.replica, self.new_view))
             return self._drop("old-view-change", vc)
         if not self._valid_view_change(vc):
             return self._drop("malformed-view-change", vc)
@@ -891,10 +877,10 @@ class Replica:
             # Condition A3: we must hold every chosen batch; whoever prepared it can send it.
             for s, d in missing:
                 self.wanted_batches.add((s, d))
-                self.outbox.append((ALL, FetchBatch(s, d, self.id)))
+                self.outbox.append(Broadcast(FetchBatch(s, d, self.id)))
             return
         nv = NewView(self.view, tuple(vcs), decision.checkpoint, decision.batches, self.id)
-        self.outbox.append((ALL, nv))
+        self.outbox.append(Broadcast(nv))
         self._enter_view(nv)
 
     def on_new_view(self, nv: NewView, now_ms: int) -> None:
@@ -951,7 +937,7 @@ class Replica:
                 slot.pre_prepare = pp
                 self._record_pre_prepare(pp)
                 self.proposed_time_ms = max(self.proposed_time_ms, ts)
-                self.outbox.append((ALL, self._by_reference(pp)))
+                self.outbox.append(Broadcast(self._by_reference(pp)))
         if self.is_primary():
             top = max((s for s, _ in nv.decisions), default=n0)
             self.next_seq = max(top, n0, self.executed) + 1
@@ -969,7 +955,7 @@ class Replica:
         batch = self.batches.get((fb.seq, fb.digest))
         if batch is None:
             return self._drop("no-such-batch", fb)
-        self.outbox.append((fb.replica, Batch(fb.seq, batch[0], batch[1], self.id, fb.digest)))
+        self.outbox.append(Send(fb.replica, Batch(fb.seq, batch[0], batch[1], self.id, fb.digest)))
 
     def on_batch(self, b: Batch, now_ms: int) -> None:
         key = (b.seq, b.digest)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 
 from bft.core.clients import ClientTable
+from bft.core.effects import ReplyTo
 from bft.core.params import Params
-from bft.core.replica import Outbound
 from bft.messages import Message, Reply, Request
 from bft.service import Service
 
@@ -20,7 +20,7 @@ class Unreplicated:
         self.stats: Counter[str] = Counter()
         self.last_time_ms = 0
 
-    def step(self, msg: Message, now_ms: int) -> list[Outbound]:
+    def step(self, msg: Message, now_ms: int) -> list[ReplyTo]:
         if not isinstance(msg, Request):
             self.dropped["unexpected-type"] += 1
             return []
@@ -33,7 +33,7 @@ class Unreplicated:
             cached = self.service.execute(msg.op, msg.client, self.last_time_ms)
             self.clients.record(msg.client, msg.timestamp, cached)
             self.stats["executed-requests"] += 1
-        return [(msg.client, Reply(0, msg.timestamp, msg.client, 0, cached))]
+        return [ReplyTo(msg.client, Reply(0, msg.timestamp, msg.client, 0, cached))]
 
-    def tick(self, now_ms: int) -> list[Outbound]:
+    def tick(self, now_ms: int) -> list[ReplyTo]:
         return []

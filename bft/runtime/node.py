@@ -18,11 +18,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bft.config import Cluster
+from bft.core.effects import Broadcast, Effect, Executed, Persist, ReplyTo, Send
 from bft.core.params import DEFAULT_PARAMS, Params
-from bft.core.replica import ALL, PERSIST, Outbound, Replica
+from bft.core.replica import Replica
 from bft.core.unreplicated import Unreplicated
 from bft.crypto import REPLICA
-from bft.messages import Hello, Limits, Reply, Request
+from bft.messages import Hello, Limits, Request
 from bft.runtime.storage import CheckpointStore, StorageError
 from bft.runtime.transport import FrameProtocol, Peer
 from bft.runtime.wire import Wire
@@ -151,23 +152,29 @@ class Node:
             self.replica_conns.add(conn)
         self._dispatch(self.core.step(msg, wall_ms()))
 
-    def _dispatch(self, out: list[Outbound]) -> None:
-        for dest, msg in out:
-            if dest == PERSIST:
-                if self.store is not None:
-                    self.store.save(msg)
-            elif isinstance(msg, Reply):
-                conn = self.client_conns.get(dest)
-                if conn is None or not conn.send(self.wire.seal(msg)):
-                    self.transport_drops["reply-undeliverable"] += 1
-            elif dest == ALL:
-                data = self.wire.seal(msg)
-                for p in self.peers.values():
-                    p.send(data)
-            else:
-                peer = self.peers.get(dest)
-                if peer is not None:
-                    peer.send(self.wire.seal(msg, dest))
+    def _dispatch(self, effects: list[Effect]) -> None:
+        """The router: the core's effects become frames, disk writes and nothing else."""
+        for effect in effects:
+            match effect:
+                case Send(to, msg):
+                    peer = self.peers.get(to)
+                    if peer is not None:
+                        peer.send(self.wire.seal(msg, to))
+                case Broadcast(msg):
+                    data = self.wire.seal(msg)
+                    for p in self.peers.values():
+                        p.send(data)
+                case ReplyTo(client, reply):
+                    conn = self.client_conns.get(client)
+                    if conn is None or not conn.send(self.wire.seal(reply)):
+                        self.transport_drops["reply-undeliverable"] += 1
+                case Persist():
+                    if self.store is not None:
+                        self.store.save(effect)
+                case Executed():
+                    pass  # the core counts executions itself; only checkers read these
+                case _:
+                    raise AssertionError(f"the core asked for an unknown effect: {effect!r}")
 
     # -- admin ------------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import msgpack
 
-from bft.core.replica import Persist
+from bft.core.effects import Persist
 from bft.core.state import Snapshot
 
 log = logging.getLogger("bft.storage")

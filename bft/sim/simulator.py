@@ -28,9 +28,10 @@ import msgpack
 
 from bft.core.client import ClientCore
 from bft.core.clients import ClientTable
+from bft.core.effects import Broadcast, Effect, Executed, Persist, ReplyTo, Send
 from bft.core.params import Params
-from bft.core.replica import ALL, COMMITTED, PERSIST, Persist, Replica
-from bft.messages import Message, PrePrepare, Reply, encode_payload, roundtrip
+from bft.core.replica import Replica
+from bft.messages import Checkpoint, Message, PrePrepare, encode_payload, roundtrip
 from bft.service import KVService
 
 
@@ -152,24 +153,6 @@ class _Checker:
             )
 
 
-class _SimReplica(Replica):
-    checker: _Checker
-
-    def _execute(self, pp: PrePrepare, mode: int) -> None:
-        # A tentative execution may be rolled back: only what commits is checked for agreement.
-        if mode == COMMITTED:
-            self.checker.executed(self.id, pp)
-        super()._execute(pp, mode)
-
-    def _tentative_committed(self) -> None:
-        self.checker.executed(self.id, self.executed_batches[self.tentative_seq])
-        super()._tentative_committed()
-
-    def _take_checkpoint(self) -> None:
-        super()._take_checkpoint()
-        self.checker.checkpoint(self.id, self.executed, self.own_checkpoints[self.executed].root)
-
-
 class Simulation:
     TICK_MS = 10
 
@@ -241,10 +224,8 @@ class Simulation:
                 end = min(fault_phase_ms, start + prng.randint(300, 1500))
                 self.partitions.append((start, end, prng.randrange(self.n)))
 
-    def _new_replica(self, i: int) -> _SimReplica:
-        r = _SimReplica(i, self.f, self.params, KVService)
-        r.checker = self.checker
-        return r
+    def _new_replica(self, i: int) -> Replica:
+        return Replica(i, self.f, self.params, KVService)
 
     # -- event plumbing ---------------------------------------------------------------------
 
@@ -275,25 +256,36 @@ class Simulation:
             delay = self.rng.randint(1, self.faults.delay_ms_max if self._faulty_phase() else 2)
             self._schedule(self.now + delay, 0, (dst, msg))
 
-    def _route(self, src: tuple[str, int], outbound: list[tuple[int, Message]]) -> None:
-        for dest, msg in outbound:
-            if dest == PERSIST:
-                self.disks[src[1]] = msg
-                continue
-            if src == ("replica", self.equivocator) and isinstance(msg, PrePrepare) and dest == ALL:
-                # Same requests, another time: a different digest for the other half.
-                other = PrePrepare.make(msg.view, msg.seq, msg.timestamp + 1, msg.requests, msg.replica)
-                for j in range(1, self.n):
-                    self._send(src, ("replica", j), msg if j % 2 else other)
-                continue
-            if isinstance(msg, Reply):
-                self._send(src, ("client", dest), msg)
-            elif dest == ALL:
-                for j in range(self.n):
-                    if src != ("replica", j):
-                        self._send(src, ("replica", j), msg)
-            else:
-                self._send(src, ("replica", dest), msg)
+    def _route(self, src: tuple[str, int], effects: list[Effect]) -> None:
+        kind, i = src
+        for effect in effects:
+            match effect:
+                case Persist():
+                    self.disks[i] = effect
+                case Executed(batch):
+                    # Only what commits is checked: a tentative execution may be rolled back.
+                    self.checker.executed(i, batch)
+                case ReplyTo(client, reply):
+                    self._send(src, ("client", client), reply)
+                case Send(to, msg):
+                    self._check_sent(src, msg)
+                    self._send(src, ("replica", to), msg)
+                case Broadcast(msg) if src == ("replica", self.equivocator) and isinstance(msg, PrePrepare):
+                    # Same requests, another time: a different digest for the other half.
+                    other = PrePrepare.make(msg.view, msg.seq, msg.timestamp + 1, msg.requests, msg.replica)
+                    for j in range(1, self.n):
+                        self._send(src, ("replica", j), msg if j % 2 else other)
+                case Broadcast(msg):
+                    self._check_sent(src, msg)
+                    for j in range(self.n):
+                        if src != ("replica", j):
+                            self._send(src, ("replica", j), msg)
+                case _:
+                    raise AssertionError(f"{kind} {i} asked for an unknown effect: {effect!r}")
+
+    def _check_sent(self, src: tuple[str, int], msg: Message) -> None:
+        if isinstance(msg, Checkpoint) and src[0] == "replica" and src[1] != self.equivocator:
+            self.checker.checkpoint(src[1], msg.seq, msg.digest)
 
     def _submit(self, c: int) -> None:
         client = self.clients[c]
