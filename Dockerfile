@@ -13,7 +13,7 @@ COPY bft ./bft
 COPY bfs ./bfs
 COPY client ./client
 COPY bench ./bench
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir '.[fuse]'
 
 ENTRYPOINT ["bft"]
 CMD ["--help"]

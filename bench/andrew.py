@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench.micro import RESULTS, machine
 from bft import config as cfg
-from bft.cli import start_replicas, stop_replicas
+from bft.launch import start_replicas, stop_replicas
 from bft.local import free_base_port, wait_for_port
 
 PHASES = ["1 mkdir", "2 copy", "3 stat", "4 read", "5 compile"]

@@ -26,9 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from bft import config as cfg
-from bft.cli import start_replicas, stop_replicas
 from bft.core.params import DEFAULT_PARAMS
+from bft.launch import start_replicas, stop_replicas
 from bft.local import free_base_port, wait_for_port
+from bft.runtime.process import run_async
 from bft.service import NullService
 from client import Client
 
@@ -110,14 +111,6 @@ async def measure(name: str, make_client, args: argparse.Namespace, read_only: b
     return out
 
 
-def run_loop(coro) -> object:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def table(results: dict, clients: int) -> str:
     rep, unrep = results["replicated"], results["unreplicated"]
     lines = [
@@ -192,7 +185,7 @@ def measure_optimisations(tmp: Path, ops: int) -> dict:
             try:
                 for r in cluster.replicas:
                     wait_for_port(r.host, r.port)
-                r = run_loop(latency(lambda i, c=cluster: Client(cluster=c, client_id=i), arg, res, ops))
+                r = run_async(latency(lambda i, c=cluster: Client(cluster=c, client_id=i), arg, res, ops))
             finally:
                 stop_replicas(procs)
             out[switch]["on" if on else "off"] = r
@@ -236,9 +229,9 @@ def main() -> None:
             results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
             print(f"machine: {results['machine']}", flush=True)
             print("4 replicas (f = 1) on 127.0.0.1:", flush=True)
-            results["replicated"] = run_loop(measure("replicated", lambda i: Client(cluster, i), args, True))
+            results["replicated"] = run_async(measure("replicated", lambda i: Client(cluster, i), args, True))
             print("bft serve (no replication):", flush=True)
-            results["unreplicated"] = run_loop(
+            results["unreplicated"] = run_async(
                 measure("unreplicated", lambda i: Client.unreplicated("127.0.0.1", port, i), args, False)
             )
         finally:

@@ -21,10 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.micro import RESULTS, machine, run_loop
+from bench.micro import RESULTS, machine
 from bft import config as cfg
-from bft.cli import start_replicas, stop_replicas
+from bft.launch import start_replicas, stop_replicas
 from bft.local import LocalCluster, free_base_port, wait_for_port
+from bft.runtime.process import run_async
 from bft.service import KVService
 from client import Client
 
@@ -145,7 +146,7 @@ def main() -> None:
         print("view change after killing the primary under load:", flush=True)
         lc = LocalCluster(Path(tmp) / "vc", 1, "kv", cfg.Params())
         try:
-            results["view_change_s"] = run_loop(view_change(lc))
+            results["view_change_s"] = run_async(view_change(lc))
         finally:
             lc.stop()
         print(f"  first operation in the new view {results['view_change_s']:.2f} s after the kill", flush=True)
@@ -153,7 +154,7 @@ def main() -> None:
         print(f"catch-up of a wiped replica on {args.state_mb} MB of state:", flush=True)
         lc = LocalCluster(Path(tmp) / "st", 1, "kv", cfg.Params())
         try:
-            results["catch_up"] = run_loop(catch_up(lc, args.state_mb))
+            results["catch_up"] = run_async(catch_up(lc, args.state_mb))
         finally:
             lc.stop()
         print(f"  caught up in {results['catch_up']['seconds']:.2f} s "
@@ -167,7 +168,7 @@ def main() -> None:
         try:
             for r in cluster.replicas:
                 wait_for_port(r.host, r.port)
-            results["rss_mb"] = run_loop(memory(cluster, procs, args.ops))
+            results["rss_mb"] = run_async(memory(cluster, procs, args.ops))
         finally:
             stop_replicas(procs)
 

@@ -13,13 +13,23 @@ import time
 from pathlib import Path
 
 from bft import config as cfg
-from bft.cli import _run_async, _setup_logging
+from bft.runtime.process import run_async, setup_logging
 
 log = logging.getLogger("bfs")
 
 
 class MountError(Exception):
     pass
+
+
+def _require_pyfuse3() -> None:
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError as exc:
+        raise MountError(
+            f"mounting needs pyfuse3 ({exc}): pip install 'bft-bfs[fuse]', which builds against FUSE 3 "
+            "(Debian: apt-get install fuse3 libfuse3-dev pkg-config)"
+        ) from None
 
 
 def _check_mountpoint(path: Path) -> None:
@@ -85,11 +95,12 @@ async def _serve(a: argparse.Namespace, mountpoint: Path) -> None:
 
 
 def cmd_mount(a: argparse.Namespace) -> None:
+    _require_pyfuse3()
     mountpoint = Path(a.mountpoint).resolve()
     _check_mountpoint(mountpoint)
     if a.foreground:
         print(f"mounting BFS on {mountpoint}; Ctrl-C unmounts", flush=True)
-        _run_async(_serve(a, mountpoint))
+        run_async(_serve(a, mountpoint))
         return
     # Background: run ourselves in the foreground in a new session and wait for the mount.
     argv = [sys.executable, "-m", "bfs", "--log-level", a.log_level, "mount", "--foreground",
@@ -114,6 +125,16 @@ def cmd_mount(a: argparse.Namespace) -> None:
     raise MountError(f"no mount appeared on {mountpoint} within {a.timeout + 5:.0f} s")
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= v <= 3600:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} must be between 0 and 3600 seconds")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bfs", description="BFS: a Byzantine-fault-tolerant file system over PBFT.")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -124,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--client", type=int, default=0, help="client id (its key must be in the cluster's keys/)")
     m.add_argument("--unreplicated", metavar="HOST:PORT", help="mount a 'bft serve --service bfs' server instead")
     m.add_argument("--foreground", action="store_true")
-    m.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the cluster")
-    m.add_argument("--attr-timeout", type=float, default=1.0, help="seconds the kernel caches attributes and names")
+    m.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the cluster")
+    m.add_argument("--attr-timeout", type=_seconds, default=1.0, help="seconds the kernel caches attributes and names")
     m.add_argument("--log-file")
     m.set_defaults(func=cmd_mount)
     return p
@@ -133,10 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level, getattr(args, "log_file", None))
+    setup_logging(args.log_level, getattr(args, "log_file", None))
     try:
         args.func(args)
-    except (MountError, cfg.ConfigError, ValueError) as exc:
+    except (MountError, cfg.ConfigError) as exc:
         print(f"bfs: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgpack
@@ -140,23 +140,16 @@ class FileSystem:
 
     def execute(self, op: bytes, client: int, timestamp_ms: int) -> bytes:
         self.now = timestamp_ms * 1_000_000
-        try:
-            args = msgpack.unpackb(op, max_map_len=0, max_ext_len=0, strict_map_key=True)
-            name, (uid, gid, groups), *rest = args
-            handler = _OPS[name]
-            creds = Creds(_uint(uid), _uint(gid), frozenset(_uint(g) for g in groups[:32]))
-        except (FsError, ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        parsed = _parse(op)
+        if parsed is None:
             return msgpack.packb([errno.EINVAL, None])
+        handler, creds, args = parsed
+        # Each handler checks the type and range of every argument it uses and raises FsError
+        # before it changes anything; any other exception is a bug of ours, and is not hidden.
         try:
-            return msgpack.packb([0, handler(self, creds, *rest)])
+            return msgpack.packb([0, handler(self, creds, *args)])
         except FsError as exc:
             return msgpack.packb([exc.code, None])
-        except (TypeError, ValueError, OverflowError, KeyError, IndexError):
-            # A malformed argument that slipped past the checks. Every replica fails the same
-            # way; re-encode everything so no checkpoint can disagree with what the failed
-            # operation may have left behind.
-            self._dirty = set(range(len(self._encoded)))
-            return msgpack.packb([errno.EINVAL, None])
 
     def partitions(self) -> tuple[bytes, ...]:
         """Partition 0: counters; then metadata by inode number; then data blocks by (inode,
@@ -331,6 +324,8 @@ class FileSystem:
         -1 means "now" (the agreed time). Everything is checked before anything changes, so a
         refused setattr changes nothing."""
         node = self._node(ino)
+        if type(changes) is not list or len(changes) != 6:
+            raise FsError(errno.EINVAL)
         mode, uid, gid, size, atime, mtime = changes
         owner = creds.uid in (0, node.uid)
         if mode is not None:
@@ -603,10 +598,32 @@ class FileSystem:
         return 0  # every write is committed when its reply is agreed
 
 
+def _is_uint(v: object) -> bool:
+    return type(v) is int and 0 <= v < 1 << 63
+
+
 def _uint(v: object) -> int:
-    if type(v) is not int or v < 0 or v >= 1 << 63:
+    if not _is_uint(v):
         raise FsError(errno.EINVAL)
     return v
+
+
+def _parse(op: bytes) -> tuple[Callable[..., object], Creds, list] | None:
+    """An operation's handler, credentials and arguments; None unless it is an array of a known
+    name, ``[uid, gid, [groups]]`` and exactly the arguments that operation takes."""
+    try:
+        args = msgpack.unpackb(op, max_map_len=0, max_ext_len=0, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    if type(args) is not list or len(args) < 2 or type(args[0]) is not str or args[0] not in _OPS:
+        return None
+    name, who, *rest = args
+    if len(rest) != _ARITY[name] or type(who) is not list or len(who) != 3 or type(who[2]) is not list:
+        return None
+    uid, gid, groups = who[0], who[1], who[2][:32]
+    if not all(_is_uint(v) for v in (uid, gid, *groups)):
+        return None
+    return _OPS[name], Creds(uid, gid, frozenset(groups)), rest
 
 
 def _spans(offset: int, end: int) -> Iterator[tuple[int, int, int, int]]:
@@ -629,3 +646,5 @@ def _block_partition(key: tuple[int, int]) -> int:
 
 
 _OPS = {name[3:]: fn for name, fn in vars(FileSystem).items() if name.startswith("op_")}
+# The arguments each operation takes after (self, creds); no handler has defaults or *args.
+_ARITY = {name: fn.__code__.co_argcount - 2 for name, fn in _OPS.items()}

@@ -62,7 +62,7 @@ class BfsOperations(pyfuse3.Operations):
         except QuorumTimeout:
             log.error("%s: no quorum of replicas answered", name)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        code, value = msgpack.unpackb(result)
+        code, value = _result(name, result)
         if code:
             raise pyfuse3.FUSEError(code)
         return value
@@ -226,6 +226,19 @@ class BfsOperations(pyfuse3.Operations):
 
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh, None)
+
+
+def _result(name: str, result: bytes) -> tuple[int, object]:
+    """``[errno, value]``, as BFS answers. Anything else (a cluster running another service)
+    becomes EIO here: an exception other than FUSEError out of a handler would end the mount."""
+    try:
+        reply = msgpack.unpackb(result)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        reply = None
+    if type(reply) is not list or len(reply) != 2 or type(reply[0]) is not int or reply[0] < 0:
+        log.error("%s: the cluster's reply is not a BFS result (does it run the bfs service?)", name)
+        raise pyfuse3.FUSEError(errno.EIO)
+    return reply[0], reply[1]
 
 
 READ_ONLY = frozenset({"getattr", "lookup", "access", "readlink", "read", "readdir", "fsstat"})

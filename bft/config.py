@@ -1,7 +1,8 @@
 """Cluster configuration (TOML) and key generation.
 
 ``cluster.toml`` holds f, the protocol parameters with their defaults written out, every replica
-(id, host, port, admin port, public keys) and every authorised client (id, public keys). Each
+(id, host, port, admin port, public keys), every authorised client (id, public keys), and a table
+of options per service (``[bfs]``), which is the service's own to check (bft/service.py). Each
 node's private keys live in ``keys/replica-I.key`` or ``keys/client-C.key`` beside it, mode 0600.
 Every problem is reported as a ``ConfigError`` whose message is one line naming it.
 """
@@ -17,6 +18,10 @@ import tomli_w
 
 from bft.core.params import Params
 from bft.crypto import CLIENT, REPLICA, Keyring, PrivateKeys, PublicKeys
+from bft.service import service_defaults
+
+# The top-level keys of cluster.toml; any other table holds a service's options.
+CLUSTER_KEYS = frozenset({"f", "protocol", "replicas", "clients"})
 
 
 class ConfigError(Exception):
@@ -39,7 +44,7 @@ class Cluster:
     params: Params
     replicas: tuple[ReplicaInfo, ...]
     clients: dict[int, PublicKeys]
-    services: dict[str, dict] = field(default_factory=dict)  # per-service options, e.g. [bfs]
+    services: dict[str, dict] = field(default_factory=dict)  # each service's options table, e.g. [bfs]
 
     @property
     def n(self) -> int:
@@ -138,11 +143,10 @@ def load(path: str | os.PathLike) -> Cluster:
             raise ConfigError(f"{p}: client id {cid} is listed twice")
         clients[cid] = _public(row, f"{where} {cid}")
     services = {}
-    for name in ("bfs",):
-        table = doc.get(name, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{p}: [{name}] must be a table")
-        services[name] = table
+    for name in sorted(set(doc) - CLUSTER_KEYS):
+        if not isinstance(doc[name], dict):
+            raise ConfigError(f"{p}: unknown setting {name!r} (a service's options go in its own [{name}] table)")
+        services[name] = doc[name]
     return Cluster(p, f, params, tuple(replicas), clients, services)
 
 
@@ -165,8 +169,10 @@ def keygen(
     force: bool = False,
     params: Params | None = None,
     hosts: list[str] | None = None,
+    services: dict[str, dict] | None = None,
 ) -> Path:
-    """Write ``out/cluster.toml`` and ``out/keys/*.key``; refuse to overwrite unless ``force``."""
+    """Write ``out/cluster.toml`` and ``out/keys/*.key``; refuse to overwrite unless ``force``.
+    ``services`` are the options tables to write (default: each installed service's defaults)."""
     if f < 0 or f > 64:
         raise ConfigError("--f must be between 0 and 64")
     if clients < 0 or clients > 100_000:
@@ -176,6 +182,9 @@ def keygen(
         raise ConfigError(f"--base-port must leave room for {n} replica ports and their admin ports")
     if hosts is not None and len(hosts) != n:
         raise ConfigError(f"{len(hosts)} hosts given for {n} replicas")
+    services = service_defaults() if services is None else services
+    if not CLUSTER_KEYS.isdisjoint(services):
+        raise ConfigError(f"a service cannot be named {sorted(CLUSTER_KEYS & set(services))[0]!r}")
     root = Path(out)
     path = root / "cluster.toml"
     if path.exists() and not force:
@@ -195,12 +204,10 @@ def keygen(
         os.chmod(key_path, 0o600)
         return private.public()
 
-    from bfs.fs import Limits
-
     doc = {
         "f": f,
         "protocol": asdict(params or Params()),
-        "bfs": asdict(Limits()),  # the file system's limits, used when replicas run bfs
+        **services,  # each service's options, as a table of its name
         "replicas": [],
         "clients": [],
     }

@@ -12,8 +12,8 @@ import urllib.request
 from pathlib import Path
 
 from bft import config as cfg
-from bft.cli import start_replicas, stop_replicas
 from bft.core.params import Params
+from bft.launch import replica_command, start_replicas, stop_replicas
 
 
 def free_base_port(count: int) -> int:
@@ -74,8 +74,6 @@ class LocalCluster:
 
     def restart(self, replica: int) -> None:
         """Start a killed replica again (with an empty state: it catches up from the others)."""
-        from bft.cli import replica_command
-
         log = self.cluster.path.parent / "logs" / f"replica-{replica}.restarted.log"
         self.procs[replica] = subprocess.Popen(replica_command(self.cluster, replica, self.service, log, "info"))
         wait_for_port(self.cluster.replicas[replica].host, self.cluster.replicas[replica].port)

@@ -1,18 +1,28 @@
-"""The replicated service interface and the two services used by tests and benchmarks.
+"""The replicated service interface, the registry of services, and the two services used by tests
+and benchmarks.
 
 A service is a deterministic state machine. Replicas call ``execute`` in the agreed order with the
 agreed batch time; every correct replica must return the same bytes and reach the same state.
 A malformed operation is the client's problem: it yields an error result, never an exception.
+
+Services register as entry points of the ``bft.services`` group (``name = "module:factory"``),
+so bft knows none of them by import: this package declares ``null`` and ``kv``, the file system
+declares ``bfs``. A factory takes the service's options, the ``[name]`` table of cluster.toml
+(``{}`` when there is none), validates them itself, and raises ValueError with a one-line message
+on one it does not accept. A factory may carry ``defaults``: the options ``bft keygen`` writes out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol
 
 import msgpack
+
+SERVICE_GROUP = "bft.services"
 
 
 class Service(Protocol):
@@ -156,25 +166,51 @@ class KVService:
         return {k: v for bucket in self._buckets for k, v in bucket.items()}
 
 
-def _bfs(options: dict) -> Service:
-    from bfs.fs import FileSystem, Limits  # the file system lives in its own package
-
-    try:
-        return FileSystem(Limits(**options))
-    except TypeError:
-        raise ValueError(f"unknown [bfs] setting among {sorted(options)}") from None
+def _no_options(name: str, options: dict) -> None:
+    if options:
+        raise ValueError(f"the {name} service takes no options (got {', '.join(sorted(options))})")
 
 
-SERVICES = {
-    "null": lambda options: NullService(),
-    "kv": lambda options: KVService(),
-    "bfs": _bfs,
-}
+def null_service(options: dict) -> NullService:
+    """The ``null`` entry point."""
+    _no_options("null", options)
+    return NullService()
+
+
+def kv_service(options: dict) -> KVService:
+    """The ``kv`` entry point."""
+    _no_options("kv", options)
+    return KVService()
+
+
+def _registered() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=SERVICE_GROUP)}
+
+
+def service_names() -> list[str]:
+    """The names of the installed services, sorted."""
+    return sorted(_registered())
+
+
+def _factory(name: str) -> Callable[[dict], Service]:
+    registered = _registered()
+    ep = registered.get(name)
+    if ep is None:
+        known = ", ".join(sorted(registered)) or f"none: no package declares {SERVICE_GROUP} entry points"
+        raise ValueError(f"unknown service {name!r} (installed: {known})")
+    return ep.load()
 
 
 def make_service(name: str, options: dict | None = None) -> Service:
     """A fresh instance of a service, with its options (the service's table in cluster.toml)."""
-    factory = SERVICES.get(name)
-    if factory is None:
-        raise ValueError(f"unknown service {name!r} (choose from {', '.join(SERVICES)})")
-    return factory(options or {})
+    return _factory(name)(dict(options or {}))
+
+
+def service_defaults() -> dict[str, dict]:
+    """Every installed service's default options that it declares, by name (for ``bft keygen``)."""
+    defaults = {}
+    for name in service_names():
+        options = getattr(_factory(name), "defaults", None)
+        if options:
+            defaults[name] = dict(options)
+    return defaults

@@ -1,8 +1,10 @@
 """The client library: an asyncio ``Client`` and a blocking facade.
 
-``async with Client(cluster, client_id) as c: result = await c.invoke(op)`` returns once f+1
-replicas sent matching replies. Many ``invoke`` calls may run at once from one process, up to the
-cluster's ``client_window``; beyond that they wait their turn.
+``async with Client(cluster, client_id) as c: result = await c.invoke(op)`` returns once enough
+replicas sent matching replies: 2f+1 with the read-only optimisation on (the default, ``read_only``
+in cluster.toml), and for read-only and tentative results always; f+1 committed ones without it.
+Many ``invoke`` calls may run at once from one process, up to the cluster's ``client_window``;
+beyond that they wait their turn.
 
 Timestamps start at the wall clock in microseconds, so a restarted client never reuses a
 timestamp the replicas already hold a reply for (unless it issued over a million requests a second).
@@ -22,9 +24,8 @@ from bft.core.effects import Broadcast, Send
 from bft.core.params import DEFAULT_PARAMS, Params
 from bft.crypto import CLIENT
 from bft.messages import Hello, Reply
-from bft.runtime.node import limits_of
 from bft.runtime.transport import FrameProtocol, Peer
-from bft.runtime.wire import Wire
+from bft.runtime.wire import Wire, limits_of
 
 TICK_S = 0.05
 
@@ -121,8 +122,13 @@ class Client:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             return await asyncio.wait_for(fut, remaining)
         except TimeoutError:
+            # With the read-only optimisation on (the default) every result needs 2f+1 matching
+            # replies, as a read-only one always does; without it f+1 committed ones suffice.
+            need = 2 * self.f + 1 if read_only or self.core.params.read_only else self.f + 1
+            answered = next((len(p.replies) for p in self.core.inflight.values() if p.origin == req.timestamp), 0)
             raise QuorumTimeout(
-                f"no {self.f + 1} matching replies within {timeout:g} s (is the cluster up?)"
+                f"no {need} matching replies within {timeout:g} s "
+                f"({answered} of {len(self._peers)} replicas answered; is the cluster up?)"
             ) from None
         finally:
             self._futures.pop(req.timestamp, None)

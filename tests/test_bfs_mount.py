@@ -20,6 +20,8 @@ import pytest
 from bft.core.params import Params
 from bft.local import LocalCluster
 
+from .conftest import require
+
 
 def _fuse_missing() -> str | None:
     if not Path("/dev/fuse").exists():
@@ -33,7 +35,18 @@ def _fuse_missing() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.integration, pytest.mark.skipif(_fuse_missing() is not None, reason=str(_fuse_missing()))]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _fuse_present() -> None:
+    missing = _fuse_missing()
+    require(missing is None, str(missing))
+
+
+@pytest.fixture
+def root() -> None:
+    require(os.geteuid() == 0, "switching to an unprivileged user needs root")
 
 
 def mount(cluster_path: Path, mountpoint: Path, client: int) -> None:
@@ -109,8 +122,7 @@ def test_posix_behaviour(bfs) -> None:
     assert (mnt / "fifo").is_fifo()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="switching to an unprivileged user needs root")
-def test_permissions_for_an_unprivileged_user(bfs) -> None:
+def test_permissions_for_an_unprivileged_user(root, bfs) -> None:
     _, mnt = bfs
     (mnt / "root-only").write_text("secret")
     os.chmod(mnt / "root-only", 0o600)
@@ -130,6 +142,7 @@ def test_permissions_for_an_unprivileged_user(bfs) -> None:
     assert out.stdout.split() == ["denied", "65534"]
 
 
+@pytest.mark.timeout(300)  # the slowest test by far: 200 MiB through FUSE and 4 replicas
 def test_data_integrity_of_a_large_and_a_sparse_file(bfs) -> None:
     _, mnt = bfs
     data = os.urandom(1 << 20) * 200  # 200 MiB, written in the kernel's large chunks
@@ -144,6 +157,8 @@ def test_data_integrity_of_a_large_and_a_sparse_file(bfs) -> None:
 
 
 def test_real_programs(bfs, tmp_path: Path) -> None:
+    missing = [tool for tool in ("tar", "git", "cc", "make") if shutil.which(tool) is None]
+    require(not missing, f"not installed: {', '.join(missing)}")
     _, mnt = bfs
     src = tmp_path / "src"
     src.mkdir()
@@ -154,23 +169,21 @@ def test_real_programs(bfs, tmp_path: Path) -> None:
         tar.add(src, arcname="src")
     subprocess.run(["tar", "-xf", str(archive), "-C", str(mnt)], check=True)
     assert sorted(os.listdir(mnt / "src")) == sorted(os.listdir(src))
-    if shutil.which("git"):
-        repo = mnt / "repo"
-        repo.mkdir()
-        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
-               "GIT_COMMITTER_EMAIL": "t@x"}
-        for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "first"]):
-            (repo / "file").write_text("content\n")
-            subprocess.run(["git", *cmd], cwd=repo, check=True, env=env)
-        log = subprocess.run(["git", "log", "--oneline"], cwd=repo, check=True, capture_output=True, text=True)
-        assert "first" in log.stdout
-    if shutil.which("cc") and shutil.which("make"):
-        proj = mnt / "c"
-        proj.mkdir()
-        (proj / "hello.c").write_text('#include <stdio.h>\nint main(void){puts("hi from bfs");return 0;}\n')
-        (proj / "Makefile").write_text("hello: hello.c\n\tcc -o hello hello.c\n")
-        subprocess.run(["make", "-s"], cwd=proj, check=True)
-        assert subprocess.run([str(proj / "hello")], capture_output=True, text=True).stdout == "hi from bfs\n"
+    repo = mnt / "repo"
+    repo.mkdir()
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@x"}
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "first"]):
+        (repo / "file").write_text("content\n")
+        subprocess.run(["git", *cmd], cwd=repo, check=True, env=env)
+    log = subprocess.run(["git", "log", "--oneline"], cwd=repo, check=True, capture_output=True, text=True)
+    assert "first" in log.stdout
+    proj = mnt / "c"
+    proj.mkdir()
+    (proj / "hello.c").write_text('#include <stdio.h>\nint main(void){puts("hi from bfs");return 0;}\n')
+    (proj / "Makefile").write_text("hello: hello.c\n\tcc -o hello hello.c\n")
+    subprocess.run(["make", "-s"], cwd=proj, check=True)
+    assert subprocess.run([str(proj / "hello")], capture_output=True, text=True).stdout == "hi from bfs\n"
     db = sqlite3.connect(mnt / "db.sqlite")
     db.execute("create table t (k integer primary key, v text)")
     db.executemany("insert into t values (?, ?)", [(i, f"v{i}") for i in range(500)])

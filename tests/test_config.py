@@ -203,6 +203,8 @@ LOAD_ERRORS = {
     "port-out-of-range": (_set("replicas", 3, "port", 70000), "replica 3: 'port' must be an integer in [1, 65535]"),
     "duplicate-client": (_set("clients", 1, "id", 0), "client id 0 is listed twice"),
     "negative-client": (_set("clients", 0, "id", -4), "client: 'id' must be an integer"),
+    "stray-setting": (_set("replica_count", 4), "unknown setting 'replica_count'"),
+    "service-not-table": (_set("bfs", 3), "unknown setting 'bfs'"),
 }
 
 
@@ -232,6 +234,27 @@ def test_load_defaults_omitted_protocol_parameters(cluster_dir):
     path = cluster_dir / "cluster.toml"
     path.write_text(tomli_w.dumps(doc))
     assert config.load(path).params == Params(checkpoint_interval=32, log_window=64)
+
+
+def test_service_tables_are_passed_through_unchecked(cluster_dir):
+    """Each service checks its own options (bft/service.py); the loader only hands them over."""
+    doc = _doc(cluster_dir)
+    assert doc["bfs"]["name_max"] == 255  # keygen writes out what each service declares
+    doc["bfs"]["name_max"] = 8
+    doc["blobstore"] = {"anything": ["goes", 1]}
+    path = cluster_dir / "cluster.toml"
+    path.write_text(tomli_w.dumps(doc))
+    services = config.load(path).services
+    assert services["bfs"]["name_max"] == 8
+    assert services["blobstore"] == {"anything": ["goes", 1]}
+
+
+def test_keygen_writes_only_the_service_tables_given(tmp_path):
+    config.keygen(tmp_path, f=0, clients=0, base_port=BASE_PORT, services={"kv2": {"shards": 2}})
+    doc = _doc(tmp_path)
+    assert doc["kv2"] == {"shards": 2}
+    assert "bfs" not in doc
+    assert "replicas" in _config_error(config.keygen, tmp_path / "x", f=0, services={"replicas": {}})
 
 
 def test_key_file_not_matching_config(cluster_dir):

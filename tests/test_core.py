@@ -108,7 +108,7 @@ def test_primary_batches_while_its_window_is_full() -> None:
     link.request(put(1, 1, b"a", b"1"))  # seq 1 in flight: its commits are held back
     for ts in range(2, 6):
         link.request(put(1, ts, b"a", b"%d" % ts))
-    assert link.replicas[0].next_seq == 2 and len(link.replicas[0].pending) == 4
+    assert link.replicas[0].normal.next_seq == 2 and len(link.replicas[0].normal.pending) == 4
     link.drop = lambda src, dst, msg: False
     link.queue += held
     link.run()
@@ -136,8 +136,8 @@ def test_duplicate_in_two_batches_executes_once() -> None:
     primary = link.replicas[0]
     req = put(1, 1, b"k", b"v")
     for seq in (1, 2):
-        primary.pending.append(req)
-        primary._try_propose(NOW + seq)
+        primary.normal.pending.append(req)
+        primary.normal.propose(NOW + seq)
         link.post(0, primary.take_outbox())
         link.run()
     assert all(r.executed == 2 and r.stats["executed-requests"] == 2 for r in link.replicas)
@@ -179,9 +179,9 @@ def test_conflicting_prepares_do_not_make_a_certificate() -> None:
     backup.step(a, NOW)
     backup.step(Prepare(0, 1, bytes(32), 2), NOW)
     backup.step(Prepare(0, 1, bytes(32), 3), NOW)
-    assert not backup.log[1].prepared
+    assert not backup.normal.log[1].prepared
     out = backup.step(Prepare(0, 1, a.digest, 3), NOW)  # replica 3 already voted: its first vote stands
-    assert out == [] and not backup.log[1].prepared
+    assert out == [] and not backup.normal.log[1].prepared
 
 
 def test_checkpoints_become_stable_and_collect_the_log() -> None:
@@ -191,9 +191,9 @@ def test_checkpoints_become_stable_and_collect_the_log() -> None:
     for r in link.replicas:
         assert r.executed == 9
         assert r.stable == 8
-        assert min(r.log) > 8 and len(r.log) == 1
-        assert set(r.own_checkpoints) == {8}
-    digests = {r.own_checkpoints[8].root for r in link.replicas}
+        assert min(r.normal.log) > 8 and len(r.normal.log) == 1
+        assert set(r.checkpoints.own) == {8}
+    digests = {r.checkpoints.own[8].root for r in link.replicas}
     assert len(digests) == 1
 
 
@@ -204,7 +204,7 @@ def test_primary_stops_at_the_high_watermark_until_a_checkpoint_is_stable() -> N
         link.request(put(1, ts, b"k", b"%d" % ts))
     primary = link.replicas[0]
     assert primary.executed == PARAMS.log_window and primary.stable == 0
-    assert len(primary.pending) == 4
+    assert len(primary.normal.pending) == 4
     link.drop = lambda src, dst, msg: False
     link.tick(NOW + 1_000)  # status messages make peers resend their checkpoints
     assert primary.stable == 8
@@ -233,16 +233,16 @@ def test_lagging_replica_catches_up_by_state_transfer_and_resists_a_liar() -> No
     lagging.step(State(8, bogus, 1), NOW)  # unrequested: dropped
     assert lagging.dropped["unrequested-state"] == 1
     # Replica 1 lies in everything it sends for the transfer; replicas 0 and 2 are honest.
-    honest_on_partition = link.replicas[1].on_fetch_partition
+    honest_on_partition = link.replicas[1].transfer.on_fetch_partition
 
     def lying_partition(fp, now):
         honest_on_partition(fp, now)
         sent = link.replicas[1].outbox.pop()
         link.replicas[1].outbox.append(Send(sent.to, replace(sent.msg, data=sent.msg.data + b"x")))
 
-    link.replicas[1]._handlers = {**Replica._handlers, FetchPartition: lambda r, m, now: lying_partition(m, now)}
+    link.replicas[1].handlers[FetchPartition] = lying_partition
     link.tick(NOW + 1_000)  # learns the certified checkpoint from peers' checkpoint messages
-    assert lagging.fetch_target is not None and lagging.fetch_target[0] == 8
+    assert lagging.transfer.target is not None and lagging.transfer.target[0] == 8
     lagging.step(State(8, bogus, 1), NOW + 1_000)
     assert lagging.dropped["state-digest-mismatch"] == 1
     for t in range(2_000, 6_000, 200):
@@ -340,7 +340,7 @@ def test_read_only_request_runs_at_once_outside_the_order() -> None:
         link.post(i, link.replicas[i].step(ro, NOW))
     assert {msgpack.unpackb(v)[1] for v in results(link, 2, 1).values()} == {b"v"}
     assert all(r.executed == 1 and r.stats["read-only-requests"] == 1 for r in link.replicas)
-    assert all(r.clients.cached(2, 1) is None for r in link.replicas)  # not in the exactly-once table
+    assert all(r.execution.clients.cached(2, 1) is None for r in link.replicas)  # not in the exactly-once table
     write = Request.make(2, 2, KVService.put(b"k", b"w"), read_only=True)
     assert link.replicas[1].step(write, NOW) == []
     assert link.replicas[1].dropped["not-read-only"] == 1
@@ -444,6 +444,6 @@ def test_large_requests_travel_apart_from_their_batch() -> None:
     link.queue += [(0, j, pp) for pp in sent_pp[:1] for j in (1, 2, 3)]
     link.run()
     assert [r.executed for r in link.replicas] == [1, 1, 1, 0]
-    assert 1 in link.replicas[3].unresolved
+    assert 1 in link.replicas[3].large.unresolved
     link.tick(NOW + 1_000)  # replica 3 fetches the batch from the primary and catches up
-    assert link.replicas[3].executed == 1 and not link.replicas[3].unresolved
+    assert link.replicas[3].executed == 1 and not link.replicas[3].large.unresolved

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
+from collections import Counter
+from dataclasses import replace
 
 import msgpack
 import pytest
 
-from bft.crypto import REPLICA
-from bft.messages import Commit, Prepare, Request, frame, signed_bytes
+from bft.crypto import CLIENT
+from bft.messages import DEFAULT_LIMITS, Commit, Hello, Prepare, Reply, Request, decode_payload, frame, split_frame
+from bft.runtime.wire import Wire
 from bft.service import KVService
 from client import BlockingClient, Client, QuorumTimeout
 
@@ -89,7 +93,7 @@ async def test_garbage_and_forgeries_are_dropped_and_counted(local_cluster) -> N
         # A commit with a zeroed authenticator.
         payload = msgpack.packb((0, 1, bytes(32), 0))
         attacks.append(_raw_frame(frame(Commit(0, 1, bytes(32), 0), payload, bytes(16 * cluster.n))))
-        # A request signed for client 0 but claiming client 5, and a replayed one.
+        # A request signed for client 0 but claiming client 5 (replays: the test after this one).
         req = Request.make(5, 1, KVService.put(b"k", b"forged"))
         attacks.append(_raw_frame(frame(req, req.raw, client_ring.authenticator(Request.TYPE, req.raw))))
         # An oversized announced frame.
@@ -105,8 +109,153 @@ async def test_garbage_and_forgeries_are_dropped_and_counted(local_cluster) -> N
     assert after.get("frame-too-large", 0) - before.get("frame-too-large", 0) >= 1
     assert sum(after.values()) - sum(before.values()) >= len(attacks) - 1
     assert local_cluster.procs[1].poll() is None  # still running
-    assert signed_bytes(Prepare.TYPE, 2, b"")  # the forged sender id was the one MACs cover
-    assert REPLICA == "replica"
+
+
+class Recorder:
+    """A TCP relay in front of one replica that keeps every frame a client sends through it:
+    what an eavesdropper on the client's link would capture."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.frames: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        for w in self._writers:
+            w.close()
+        if self._server is not None:
+            self._server.close()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        replica_r, replica_w = await asyncio.open_connection(*self.upstream)
+        self._writers += [client_w, replica_w]
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bool) -> None:
+            buf = b""
+            while data := await src.read(1 << 16):
+                dst.write(data)
+                if record:
+                    buf += data
+                    while len(buf) >= 4 and len(buf) >= 4 + (size := struct.unpack_from("!I", buf)[0]):
+                        self.frames.append(buf[4:4 + size])
+                        buf = buf[4 + size:]
+            dst.close()
+
+        await asyncio.gather(copy(client_r, replica_w, True), copy(replica_r, client_w, False), return_exceptions=True)
+
+
+# A frame of protocol version 0, counted as "bad-version": sent after a replayed frame on the same
+# connection, its count going up shows that the replica has handled the replayed frame.
+MARKER = bytes(8)
+
+
+async def _replay(lc, replica: int, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Send one captured frame on a connection of our own, and wait until the replica handled it."""
+    marked = lc.status(replica)["dropped"].get("bad-version", 0)
+    r = lc.cluster.replicas[replica]
+    reader, writer = await asyncio.open_connection(r.host, r.port)
+    writer.write(_raw_frame(data) + _raw_frame(MARKER))
+    await writer.drain()
+    for _ in range(200):
+        if lc.status(replica)["dropped"].get("bad-version", 0) > marked:
+            return reader, writer
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"replica {replica} did not handle the replayed frame")
+
+
+async def _next_frame(reader: asyncio.StreamReader, timeout_s: float) -> bytes | None:
+    try:
+        (size,) = struct.unpack("!I", await asyncio.wait_for(reader.readexactly(4), timeout_s))
+        return await asyncio.wait_for(reader.readexactly(size), timeout_s)
+    except TimeoutError:
+        return None
+
+
+async def test_replayed_client_frames_are_not_executed_again_but_do_redirect_a_backups_replies(
+    local_cluster,
+) -> None:
+    """Frames captured on client 0's link to the primary, replayed on new connections to backup 1.
+
+    What holds today: a replayed request is never executed again. Inside the exactly-once window
+    the replica answers it from its reply cache (counted as a retransmitted reply); once the
+    window has moved past it, it is dropped and counted as "old-timestamp".
+
+    What does not (a known weakness; the next issue's sessions fix it): a replica sends a client's
+    replies to the connection its last HELLO or request came in on, and a replayed one passes
+    authentication, so the replayer takes over backup 1's replies to client 0 until the client
+    itself sends to backup 1 again. The client still completes (the other three replicas are the
+    2f+1 it needs), but one more such replay at another backup would stall it until it resends.
+    When sessions land, the assertions marked WEAKNESS below must be turned around."""
+    lc = local_cluster
+    cluster = lc.cluster
+    primary = cluster.replicas[0]
+    recorder = Recorder(primary.host, primary.port)
+    tapped = replace(cluster, replicas=(replace(primary, port=await recorder.start()), *cluster.replicas[1:]))
+    opener = Wire(cluster.keyring(CLIENT, 0), DEFAULT_LIMITS, Counter())  # client 0's keys open its replies
+    conns: list[asyncio.StreamWriter] = []
+    try:
+        async with Client(tapped, 0) as c:
+            await c.wait_connected()
+            first = await c.invoke(KVService.put(b"k", b"first"))
+            assert value_of(await c.invoke(KVService.put(b"k", b"second"))) == b"first"
+            captured = [decode_payload(split_frame(f)) for f in recorder.frames]
+            hello = recorder.frames[[type(m) for m in captured].index(Hello)]
+            put_first = next(
+                (f, m) for f, m in zip(recorder.frames, captured, strict=True)
+                if isinstance(m, Request) and m.op == KVService.put(b"k", b"first")
+            )
+
+            # A replayed HELLO: backup 1 now sends client 0's replies to the replayer, up to and
+            # including its reply to the client's next request (timestamps run on by one).
+            reader, writer = await _replay(lc, 1, hello)
+            conns.append(writer)
+            assert value_of(await c.invoke(KVService.put(b"k", b"third"))) == b"second"
+            third = put_first[1].timestamp + 2
+            for _ in range(3):
+                stolen = opener.open(await _next_frame(reader, 5) or b"")
+                assert isinstance(stolen, Reply) and (stolen.client, stolen.replica) == (0, 1)  # WEAKNESS
+                if stolen.timestamp == third:
+                    break
+            assert stolen.timestamp == third
+
+            # The replayed put, still inside the window: answered from the cache, not run again.
+            before = lc.status(1)
+            reader, writer = await _replay(lc, 1, put_first[0])
+            conns.append(writer)
+            again = opener.open(await _next_frame(reader, 5) or b"")
+            assert isinstance(again, Reply) and again.timestamp == put_first[1].timestamp  # WEAKNESS
+            assert again.result == first
+            after = lc.status(1)
+            assert after["stats"]["retransmitted-replies"] == before["stats"].get("retransmitted-replies", 0) + 1
+            assert after["stats"]["executed-requests"] == before["stats"]["executed-requests"]
+            assert value_of(await c.invoke(KVService.get(b"k"))) == b"third"
+
+            # Once the client's window has moved past it, the replay is dropped and counted.
+            window = cluster.params.client_window
+            await asyncio.gather(*(c.invoke(KVService.put(b"w-%d" % i, b"x")) for i in range(window)))
+            for _ in range(200):  # until backup 1 has executed everything the client saw complete
+                before = lc.status(1)
+                if before["executed"] == lc.status(0)["executed"]:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("backup 1 did not catch up with the primary")
+            reader, writer = await _replay(lc, 1, put_first[0])
+            conns.append(writer)
+            after = lc.status(1)
+            assert after["dropped"].get("old-timestamp", 0) == before["dropped"].get("old-timestamp", 0) + 1
+            assert after["stats"]["executed-requests"] == before["stats"]["executed-requests"]
+            assert await _next_frame(reader, 0.3) is None  # no reply for it
+            assert value_of(await c.invoke(KVService.get(b"k"))) == b"third"
+    finally:
+        for w in conns:
+            w.close()
+        await recorder.close()
 
 
 async def test_unreplicated_server_speaks_the_same_protocol(unreplicated_server) -> None:
@@ -144,7 +293,8 @@ def test_invoke_without_a_cluster_fails_with_one_line(tmp_path) -> None:
     cmd = [sys.executable, "-m", "bft", "invoke", "--config", str(tmp_path / "cluster.toml"), "--timeout", "1"]
     out = subprocess.run([*cmd, "get", "k"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("bft: error: no 2 matching replies")
+    # f = 1, and the read-only optimisation is on: a result needs 2f+1 = 3 matching replies.
+    assert out.stderr == "bft: error: no 3 matching replies within 1 s (0 of 4 replicas answered; is the cluster up?)\n"
 
 
 async def test_client_timeout_raises(tmp_path) -> None:
@@ -154,7 +304,7 @@ async def test_client_timeout_raises(tmp_path) -> None:
 
     cfg.keygen(tmp_path, 1, 1, base_port=free_base_port(4))
     async with Client(cfg.load(tmp_path / "cluster.toml"), 0) as c:
-        with pytest.raises(QuorumTimeout):
+        with pytest.raises(QuorumTimeout, match=r"^no 3 matching replies within 0.3 s \(0 of 4 replicas answered;"):
             await c.invoke(KVService.get(b"k"), timeout=0.3)
 
 
@@ -227,7 +377,7 @@ async def test_wiped_replica_catches_up_by_state_transfer_and_restart_resumes_fr
 
     from bft.core.params import Params
 
-    from .conftest import LocalCluster
+    from .conftest import LocalCluster, wait_for_port
 
     lc = LocalCluster(tmp_path / "c", 1, "kv", Params(checkpoint_interval=32, log_window=64))
     data = lc.cluster.path.parent / "data"
@@ -239,8 +389,10 @@ async def test_wiped_replica_catches_up_by_state_transfer_and_restart_resumes_fr
             lc.kill(2)
             lc.kill(3)
             shutil.rmtree(data / "replica-2")  # replica 2 comes back with nothing
+            assert not (data / "replica-2").exists()
             lc.restart(2)
             lc.restart(3)  # replica 3 comes back from its data directory
+            wait_for_port(lc.cluster.replicas[3].host, lc.cluster.replicas[3].admin_port)  # restart waits for less
             resumed = lc.status(3)
             assert resumed["stable_checkpoint"] >= 32 and resumed["executed"] >= resumed["stable_checkpoint"]
             assert resumed["persisted_checkpoint"] == resumed["stable_checkpoint"]  # what it read back
@@ -250,7 +402,13 @@ async def test_wiped_replica_catches_up_by_state_transfer_and_restart_resumes_fr
                 if len({x["stable_checkpoint"] for x in s}) == 1 and len({x["executed"] for x in s}) == 1:
                     break
                 await asyncio.sleep(0.1)
-        assert s[2]["stats"].get("state-transfers", 0) >= 1
+        # State transfers alone do not tell the two restarts apart (replica 3 may need some to
+        # catch up from its checkpoint too): what they read from disk when they started does.
+        logs = lc.cluster.path.parent / "logs"
+        from_disk = re.search(r"resumed from checkpoint (\d+)", (logs / "replica-3.restarted.log").read_text())
+        assert from_disk is not None and int(from_disk[1]) >= 32
+        assert "resumed from checkpoint" not in (logs / "replica-2.restarted.log").read_text()
+        assert s[2]["stats"].get("state-transfers", 0) >= 1  # so all it has came by state transfer
         assert len({x["executed"] for x in s}) == 1
         assert len({(x["stable_checkpoint"], x["stable_digest"]) for x in s}) == 1
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing
+from collections import Counter
 from dataclasses import replace
 
 import msgpack
@@ -111,6 +112,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
     Partition: st.builds(Partition, u63, u63, st.binary(max_size=256), sender_ids),
 }
 ALL_TYPES = list(typing.get_args(Message))
+TYPE_CODES = sorted(cls.TYPE for cls in ALL_TYPES)
 messages = st.one_of(*STRATEGIES.values())
 
 
@@ -252,16 +254,17 @@ def test_negative_pre_prepare_timestamp_roundtrips():
 # Fuzzing: anything a peer sends either decodes or raises DecodeError
 
 
-def _decode_or_reject(data: bytes) -> None:
+def _decode_or_reject(data: bytes) -> Message | None:
     try:
         env = split_frame(data)
         msg = decode_payload(env)
     except DecodeError:
-        return
+        return None
     # Whatever decodes is a well-formed message consistent with its header, and stable.
     assert env.type == type(msg).TYPE
     assert msg.sender == env.sender
     assert roundtrip(msg) == msg
+    return msg
 
 
 @FUZZ
@@ -300,9 +303,51 @@ msgpack_values = st.recursive(
 
 
 @FUZZ
-@given(type_=st.integers(1, 14), sender=st.integers(0, 3), fields=st.lists(msgpack_values, max_size=7))
-def test_fuzz_structured_msgpack_payloads(type_, sender, fields):
+@given(type_=st.sampled_from(TYPE_CODES), sender=st.integers(0, 3), fields=st.lists(msgpack_values, max_size=7))
+def test_fuzz_random_msgpack_payloads_behind_every_types_header(type_, sender, fields):
     _decode_or_reject(_raw_frame(type_, sender, msgpack.packb(fields)))
+
+
+def _edit(tree: object, data: st.DataObject) -> object:
+    """``tree`` (a decoded payload) with one node, at any depth, replaced, removed or added."""
+    if not isinstance(tree, list) or not tree or data.draw(st.integers(0, 3)) == 0:
+        return data.draw(msgpack_values)
+    out = list(tree)
+    i = data.draw(st.integers(0, len(out) - 1))
+    action = data.draw(st.sampled_from(["descend", "descend", "remove", "add"]))
+    if action == "descend":
+        out[i] = _edit(out[i], data)
+    elif action == "remove":
+        del out[i]
+    else:
+        out.insert(i, data.draw(msgpack_values))
+    return out
+
+
+@pytest.mark.parametrize("cls", ALL_TYPES, ids=lambda c: c.__name__)
+def test_fuzz_structured_payloads_of_every_type(cls):
+    """A valid payload of each message type with up to three of its fields, at any depth,
+    replaced by random values, removed or added to: the decoder's field checks of every type
+    are reached. The run must have produced both messages of this type and rejections."""
+    outcomes: Counter[str] = Counter()
+
+    @FUZZ
+    @given(msg=STRATEGIES[cls], edits=st.integers(0, 3), data=st.data())
+    def fuzz(msg: Message, edits: int, data: st.DataObject) -> None:
+        tree = msgpack.unpackb(encode_payload(msg))
+        for _ in range(edits):
+            tree = _edit(tree, data)
+        auth = msg.auth if isinstance(msg, Request) else msg.signature if isinstance(msg, ViewChange) else b""
+        decoded = _decode_or_reject(_raw_frame(cls.TYPE, msg.sender, msgpack.packb(tree), auth))
+        if decoded is None:
+            outcomes["rejected"] += 1
+            assert edits, "an unedited payload must decode"
+        else:
+            outcomes[type(decoded).__name__] += 1
+            assert edits or decoded == msg
+
+    fuzz()
+    assert outcomes[cls.__name__] and outcomes["rejected"], dict(outcomes)
 
 
 mutations = st.one_of(

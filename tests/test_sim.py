@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bft.sim.simulator import Faults, Simulation, run_seed
+from bft.service import KVService
+from bft.sim.simulator import Faults, Result, Simulation, run_seed
 
 # Seeds the simulator once failed on, kept as regression tests. (The first four were found
 # before partitions joined the "all" faults; partitions draw from their own random stream, so
@@ -74,12 +75,47 @@ def test_fixed_seeds_cover_the_faults_they_are_chosen_for() -> None:
     assert any(r.view > 0 for sim in runs[-8:] for r in sim.replicas), "and so view changes"
 
 
-def test_checker_catches_a_broken_replica() -> None:
-    """The checker is only worth its seeds if it fails a wrong run: make one replica execute a
-    different result and expect a linearisability or agreement violation."""
+def _run_with_broken_services(broken: list[int], break_service) -> Result:
     sim = Simulation(1, faults=Faults.named("none"), ops_per_client=10)
-    for r in sim.replicas:
-        r.service.execute = lambda op, client, ts: b"wrong"
-    result = sim.run()
+    for i in broken:
+        break_service(sim.replicas[i].service)
+    return sim.run()
+
+
+def test_the_run_the_checker_tests_use_passes_unbroken() -> None:
+    result = _run_with_broken_services([], lambda service: None)
+    assert result.ok, result.error
+
+
+@pytest.mark.parametrize("victim", [0, 3], ids=["primary", "backup"])
+def test_checker_catches_one_replica_whose_state_diverges(victim: int) -> None:
+    """One replica's service returns the right results but also writes a key nobody asked for:
+    the clients cannot tell (2f+1 correct replies outvote it), so only the checker's comparison
+    of checkpoint digests can catch it, at the first checkpoint."""
+
+    def diverge(service: KVService) -> None:
+        execute = service.execute
+
+        def execute_and_stray(op: bytes, client: int, timestamp_ms: int) -> bytes:
+            result = execute(op, client, timestamp_ms)
+            execute(KVService.put(b"stray", b"%d" % timestamp_ms), client, timestamp_ms)
+            return result
+
+        service.execute = execute_and_stray
+
+    result = _run_with_broken_services([victim], diverge)
     assert not result.ok
-    assert "linearisability" in result.error or "read-only" in result.error
+    assert result.error.startswith("checkpoint: "), result.error
+
+
+def test_checker_catches_all_four_replicas_returning_wrong_results() -> None:
+    """Every replica answers "wrong" to everything: they agree with one another (same batches,
+    same checkpoints), so only the linearisability check against a sequential execution (or the
+    read-only check of what a read returned) can fail the run."""
+
+    def wrong(service: KVService) -> None:
+        service.execute = lambda op, client, timestamp_ms: b"wrong"
+
+    result = _run_with_broken_services([0, 1, 2, 3], wrong)
+    assert not result.ok
+    assert result.error.startswith(("linearisability: ", "read-only: ")), result.error

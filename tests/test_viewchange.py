@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from bft.core.decision import decide
 from bft.core.replica import Replica
-from bft.core.viewchange import decide
 from bft.messages import NULL_DIGEST, Checkpoint, Commit, NewView, PrePrepare, ViewChange
 
 from .test_core import NOW, PARAMS, Link, put, results
@@ -127,7 +127,7 @@ def test_prepared_request_is_reproposed_in_the_new_view() -> None:
     # No commit of view 0 gets through: seq 1 prepares everywhere but commits nowhere.
     link.drop = lambda src, dst, msg: type(msg).__name__ == "Commit" and msg.view == 0
     link.request(put(1, 1, b"k", b"v"))
-    assert all(r.log[1].prepared for r in link.replicas)
+    assert all(r.normal.log[1].prepared for r in link.replicas)
     assert all(r.executed == 0 for r in link.replicas)
     link.cut = {0}
     for backup in (1, 2, 3):
@@ -135,7 +135,7 @@ def test_prepared_request_is_reproposed_in_the_new_view() -> None:
     elapse(link, NOW, 3 * PARAMS.view_timeout_ms)
     for r in link.replicas[1:]:
         assert r.view == 1 and r.executed == 1
-        assert r.new_view is not None and r.new_view.decisions[0][1] != NULL_DIGEST
+        assert r.view_change.new_view is not None and r.view_change.new_view.decisions[0][1] != NULL_DIGEST
 
 
 def test_backup_rejects_a_new_view_whose_decision_does_not_follow() -> None:
@@ -144,12 +144,12 @@ def test_backup_rejects_a_new_view_whose_decision_does_not_follow() -> None:
     vcs = (vc(1, [(1, D1, 0)], q), vc(2, [(1, D1, 0)], q), vc(3, [], ()))
     forged = NewView(1, vcs, GENESIS, ((1, NULL_DIGEST),), 1)  # erases the prepared D1
     backup: Replica = link.replicas[2]
-    backup._start_view_change(1)
+    backup.view_change.start(1)
     backup.step(forged, NOW)
     assert backup.dropped["bad-new-view"] == 1 and backup.view_changing
     honest = NewView(1, vcs, GENESIS, ((1, D1),), 1)
     backup.step(honest, NOW)
-    assert not backup.view_changing and backup.log[1].expected == D1
+    assert not backup.view_changing and backup.normal.log[1].expected == D1
 
 
 def test_f_plus_1_view_changes_pull_a_replica_along() -> None:
@@ -180,14 +180,14 @@ def test_byzantine_new_primary_cannot_reorder_below_the_new_view_checkpoint() ->
         link.request(put(9, ts, b"k", b"good%d" % ts))
     assert [r.executed for r in link.replicas] == [4, 4, 0, 0]
     for r in link.replicas:
-        r._start_view_change(1)
+        r.view_change.start(1)
         r.take_outbox()
     new_primary = link.replicas[1]
     for r in link.replicas:
         if r.id != 1:
-            new_primary.step(r.view_changes[1][r.id], NOW)
+            new_primary.step(r.view_change.view_changes[1][r.id], NOW)
     new_primary.take_outbox()
-    nv = new_primary.new_view
+    nv = new_primary.view_change.new_view
     assert nv is not None and nv.checkpoint[0] == 4
     for i in (0, 2, 3):
         link.replicas[i].step(nv, NOW)

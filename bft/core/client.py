@@ -1,14 +1,17 @@
 """The PBFT client as a pure state machine.
 
-A request goes to the primary of the view the client believes in; the result is accepted once
-f+1 distinct replicas sent replies with the same timestamp and result, since at least one of them
-is correct (OSDI 1999, section 4.1). On time-out the request goes to every replica, which relay it
-to the primary, and the time-out doubles (up to a cap). The client learns the view from replies.
+A request goes to the primary of the view the client believes in. Without the read-only
+optimisation its result is accepted once f+1 distinct replicas sent committed replies with the same
+timestamp and result, since at least one of them is correct (OSDI 1999, section 4.1). With it (the
+default) every result needs 2f+1 matching replies: a read-only result is checked against only 2f+1
+replicas, and unless writes were confirmed by 2f+1 as well a read could miss one its client saw
+complete (TOCS 2002, section 5.1.3). Tentative replies always need 2f+1, so that the result survives
+a view change (5.1.2). On time-out the request goes to every replica, which relay it to the primary,
+and the time-out doubles (up to a cap). The client learns the view from replies.
 
-A read-only request goes to every replica, which execute it at once on their current state; its
-result needs 2f+1 matching replies (TOCS 2002, section 5.1.3). If they disagree or are too slow
-the operation is sent again as an ordinary ordered request, under a new timestamp so that late
-read-only replies can never be counted for it.
+A read-only request goes to every replica, which execute it at once on their current state. If
+their replies disagree or are too slow the operation is sent again as an ordinary ordered request,
+under a new timestamp so that late read-only replies can never be counted for it.
 """
 
 from __future__ import annotations

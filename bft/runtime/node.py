@@ -21,12 +21,13 @@ from bft.config import Cluster
 from bft.core.effects import Broadcast, Effect, Executed, Persist, ReplyTo, Send
 from bft.core.params import DEFAULT_PARAMS, Params
 from bft.core.replica import Replica
+from bft.core.statetransfer import CheckpointDamaged
 from bft.core.unreplicated import Unreplicated
 from bft.crypto import REPLICA
-from bft.messages import Hello, Limits, Request
+from bft.messages import Hello, Request
 from bft.runtime.storage import CheckpointStore, StorageError
 from bft.runtime.transport import FrameProtocol, Peer
-from bft.runtime.wire import Wire
+from bft.runtime.wire import Wire, limits_of
 from bft.service import Service
 
 log = logging.getLogger("bft.node")
@@ -38,15 +39,6 @@ SUMMARY_S = 10.0
 def wall_ms() -> int:
     # Batch timestamps are compared across replicas (clock skew bound), so this is wall time.
     return time.time_ns() // 1_000_000
-
-
-def limits_of(params: Params) -> Limits:
-    return Limits(
-        frame_bytes_max=params.frame_bytes_max,
-        op_bytes_max=params.op_bytes_max,
-        batch_len_max=params.batch_size_max,
-        snapshot_bytes_max=params.frame_bytes_max - 1024,
-    )
 
 
 class Node:
@@ -78,17 +70,20 @@ class Node:
         self._tasks: list[asyncio.Task] = []
         self._admin: web.AppRunner | None = None
         self.started_s = time.monotonic()
+        self.failure: asyncio.Future[None] | None = None  # set when our own code raised
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.failure = loop.create_future()
+        loop.set_exception_handler(self._on_bug)
         if self.store is not None and isinstance(self.core, Replica):
             saved = self.store.load()
             if saved is not None:
                 try:
                     self.core.restore(saved)
-                except ValueError as exc:
+                except CheckpointDamaged as exc:
                     raise StorageError(f"{self.store.path}: {exc}") from None
                 log.info("%s resumed from checkpoint %d in %s", self.name, saved.seq, self.store.path)
         self._server = await loop.create_server(
@@ -99,8 +94,10 @@ class Node:
         )
         for p in self.peers.values():
             p.start()
-        self._tasks.append(loop.create_task(self._ticker()))
-        self._tasks.append(loop.create_task(self._summaries()))
+        for job in (self._ticker(), self._summaries()):
+            task = loop.create_task(job)
+            task.add_done_callback(self._task_done)
+            self._tasks.append(task)
         if self.admin_port:
             await self._start_admin()
         log.info("%s listening on %s:%d", self.name, self.host, self.port)
@@ -121,6 +118,21 @@ class Node:
             await self._admin.cleanup()
         if self.store is not None:
             await self.store.flush()
+
+    def _on_bug(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """An exception escaped a callback (a frame handler, a core step): hostile input never
+        gets here, so it is a bug in our code. Fail-stop: a replica that carried on in an unknown
+        state could turn into a Byzantine one; stopped, it is merely crashed, which the others
+        tolerate, and the run that found the bug fails."""
+        exc = context.get("exception")
+        log.critical("%s stops on a bug: %s", self.name, context.get("message"), exc_info=exc)
+        if self.failure is not None and not self.failure.done():
+            self.failure.set_exception(exc if isinstance(exc, BaseException) else RuntimeError(context["message"]))
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            context = {"message": f"task {task.get_coro()!r} failed", "exception": task.exception()}
+            self._on_bug(task.get_loop(), context)
 
     async def _ticker(self) -> None:
         while True:
@@ -188,10 +200,10 @@ class Node:
                 "primary": core.primary,
                 "executed": core.executed,
                 "stable_checkpoint": core.stable,
-                "stable_digest": core.own_checkpoints[core.stable].root.hex(),
+                "stable_digest": core.checkpoints.own[core.stable].root.hex(),
                 "view_changing": core.view_changing,
-                "log_slots": len(core.log),
-                "pending_requests": len(core.pending),
+                "log_slots": len(core.normal.log),
+                "pending_requests": len(core.normal.pending),
             }
         if self.store is not None:
             out["persisted_checkpoint"] = self.store.saved_seq

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
+from bft.core.params import Params
 from bft.crypto import CLIENT, REPLICA, Keyring
 from bft.messages import (
     CLIENT_TYPES,
@@ -30,6 +31,16 @@ from bft.messages import (
     frame,
     split_frame,
 )
+
+
+def limits_of(params: Params) -> Limits:
+    """The decoding bounds that follow from a cluster's protocol parameters."""
+    return Limits(
+        frame_bytes_max=params.frame_bytes_max,
+        op_bytes_max=params.op_bytes_max,
+        batch_len_max=params.batch_size_max,
+        snapshot_bytes_max=params.frame_bytes_max - 1024,
+    )
 
 
 class Wire:

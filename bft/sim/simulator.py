@@ -7,9 +7,11 @@ one replica (the primary too) off for longer than the log window; up to f faulty
 replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted from
 its data directory or with a wiped state, or, for view 0's primary, equivocating: it sends a
 different pre-prepare for each sequence number to half of the backups.
-After every delivered message the checker asserts:
+After every input a replica takes, its own invariants must hold (``Replica.check_invariants``:
+a failed assertion is a bug in our code and stops the run with its seed), and the checker asserts:
 
-- agreement: no two correct replicas execute different batches at the same sequence number;
+- agreement: no two correct replicas execute different batches at the same sequence number, nor
+  commit different batches in one slot of one view;
 - checkpoints: every checkpoint taken at a sequence number has the same digest everywhere;
 - linearisability: every result a client accepted equals the result of executing the committed
   order sequentially on a fresh service; a read-only result (not in the order) must be a value
@@ -92,6 +94,7 @@ class _Checker:
     def __init__(self, window: int) -> None:
         self.batches: dict[int, PrePrepare] = {}
         self.checkpoints: dict[int, bytes] = {}
+        self.committed_slots: dict[tuple[int, int], bytes] = {}
         self.reference = KVService()
         self.reference_clients = ClientTable(window)
         self.reference_time = 0
@@ -122,6 +125,10 @@ class _Checker:
                     if (r.client, r.timestamp) in self.unverified:
                         self.completed(r.client, r.timestamp, self.unverified.pop((r.client, r.timestamp)))
             self.reference_seq += 1
+
+    def committed(self, replica: int, view: int, seq: int, d: bytes) -> None:
+        if self.committed_slots.setdefault((view, seq), d) != d:
+            raise Violation(f"agreement: replica {replica} committed another batch at seq {seq} in view {view}")
 
     def checkpoint(self, replica: int, seq: int, d: bytes) -> None:
         if self.checkpoints.setdefault(seq, d) != d:
@@ -283,6 +290,17 @@ class Simulation:
                 case _:
                     raise AssertionError(f"{kind} {i} asked for an unknown effect: {effect!r}")
 
+    def _check_replica(self, i: int, replica: Replica) -> None:
+        # The replica's own invariants (a failed assertion is a bug and stops the run with its
+        # seed), then agreement within a view: no two replicas commit different batches in one
+        # slot of one view.
+        replica.check_invariants()
+        if i == self.equivocator:
+            return
+        for seq, slot in replica.normal.log.items():
+            if slot.committed:
+                self.checker.committed(i, replica.view, seq, slot.pre_prepare.digest)
+
     def _check_sent(self, src: tuple[str, int], msg: Message) -> None:
         if isinstance(msg, Checkpoint) and src[0] == "replica" and src[1] != self.equivocator:
             self.checker.checkpoint(src[1], msg.seq, msg.digest)
@@ -325,7 +343,9 @@ class Simulation:
             self.clients[i].on_reply(msg, self.now)
             self._collect(i)
         elif i not in self.crashed:
-            self._route(("replica", i), self.replicas[i].step(msg, self.now))
+            replica = self.replicas[i]
+            self._route(("replica", i), replica.step(msg, self.now))
+            self._check_replica(i, replica)
 
     def _tick(self) -> None:
         while self.crash_at and self.crash_at[0][0] <= self.now:
@@ -341,6 +361,7 @@ class Simulation:
         for i, r in enumerate(self.replicas):
             if i not in self.crashed:
                 self._route(("replica", i), r.tick(self.now))
+                self._check_replica(i, r)
         for c, client in enumerate(self.clients):
             self._route(("client", c), client.tick(self.now))
         self._schedule(self.now + self.TICK_MS, 1, None)

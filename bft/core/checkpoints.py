@@ -1,0 +1,113 @@
+"""Checkpoints, watermarks and garbage collection (OSDI 1999, section 4.3).
+
+Every K sequence numbers a replica captures its state (a partition tree, ``bft.core.state``) and
+multicasts CHECKPOINT(seq, digest). 2f+1 matching ones make it stable: the low watermark h moves
+there and everything below it is discarded, in every component. f+1 matching ones (a weak
+certificate) are enough to fetch that state from someone who has it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bft.core.effects import Broadcast, Persist
+from bft.core.state import Snapshot, capture
+from bft.messages import Checkpoint
+
+if TYPE_CHECKING:
+    from bft.core.replica import Replica
+
+
+class Checkpoints:
+    __slots__ = ("far", "last_capture", "own", "r", "votes")
+
+    def __init__(self, replica: Replica) -> None:
+        self.r = replica
+        e = replica.execution
+        self.own: dict[int, Snapshot] = {0: capture(e.service, e.clients, 0, None)}  # ours, by seq
+        self.last_capture = self.own[0]  # what the next capture re-encodes only the changes of
+        self.votes: dict[int, dict[int, bytes]] = {}  # seq -> replica -> digest
+        self.far: dict[int, tuple[int, bytes]] = {}  # replica -> its latest claim beyond H
+
+    def capture(self) -> Snapshot:
+        e = self.r.execution
+        self.last_capture = capture(e.service, e.clients, e.batch_time_ms, self.last_capture)
+        return self.last_capture
+
+    def take(self) -> None:
+        r = self.r
+        assert r.executed % r.params.checkpoint_interval == 0 and not r.execution.tentative_seq
+        snap = self.own[r.executed] = self.capture()
+        r.stats["checkpoints"] += 1
+        cp = Checkpoint(r.executed, snap.root, r.id)
+        r.outbox.append(Broadcast(cp))
+        self.on_checkpoint(cp, 0)
+
+    def on_checkpoint(self, cp: Checkpoint, now_ms: int) -> None:
+        r = self.r
+        if cp.seq <= r.stable:
+            return
+        if cp.seq % r.params.checkpoint_interval:
+            return r.drop("checkpoint-out-of-range", cp)
+        if cp.seq > r.stable + r.params.log_window:
+            return self._far_checkpoint(cp)
+        votes = self.votes.setdefault(cp.seq, {})
+        votes.setdefault(cp.replica, cp.digest)
+        support = r.quorum.support(votes, cp.digest)
+        own = self.own.get(cp.seq)
+        if support < r.quorum.strong:
+            if support >= r.quorum.weak and own is None and cp.seq > r.executed:
+                # A weak certificate is enough to fetch that state (a correct replica has it);
+                # with a replica down we may never see 2f+1. The fetch waits a status interval
+                # first, so a replica that is merely slow executes instead.
+                r.transfer.want(cp.seq, cp.digest)
+            return
+        if own is not None and own.root == cp.digest:
+            self.make_stable(cp.seq)
+        elif own is not None:
+            # 2f+1 replicas agree on a state we do not have: we diverged; take theirs.
+            r.log_error("diverged at checkpoint %d", cp.seq)
+            r.transfer.target = (cp.seq, cp.digest)
+        elif cp.seq > r.executed:
+            r.transfer.want(cp.seq, cp.digest)
+
+    def _far_checkpoint(self, cp: Checkpoint) -> None:
+        """A checkpoint beyond our window (we restarted, or were cut off): only state transfer
+        gets us there. Each replica's latest such claim is kept (so at most n); f+1 matching
+        ones include a correct replica, which executed only committed requests."""
+        r = self.r
+        self.far[cp.replica] = (cp.seq, cp.digest)
+        voters = {v for v, c in self.far.items() if c == (cp.seq, cp.digest)}
+        target = r.transfer.target
+        if len(voters) >= r.quorum.weak and (target is None or target[0] < cp.seq):
+            r.transfer.target = (cp.seq, cp.digest)
+            self.votes[cp.seq] = dict.fromkeys(voters, cp.digest)
+
+    def certified(self, seq: int) -> bool:
+        """We hold checkpoint ``seq`` and 2f+1 replicas vouch for its digest."""
+        own = self.own.get(seq)
+        votes = self.votes.get(seq, {})
+        return own is not None and self.r.quorum.support(votes, own.root) >= self.r.quorum.strong
+
+    def make_stable(self, seq: int) -> None:
+        """Checkpoint ``seq`` is certified: move h there and discard everything below it."""
+        r = self.r
+        assert seq in self.own, "a stable checkpoint is one whose state we hold"
+        assert r.stable < seq <= r.executed, "the low watermark only moves forward, to a state we reached"
+        r.stable = seq
+        for s in [s for s in self.votes if s < seq]:
+            del self.votes[s]
+        for s in [s for s in self.own if s < seq]:
+            del self.own[s]
+        for v in [v for v, (s, _) in self.far.items() if s <= seq]:
+            del self.far[v]
+        r.normal.collect(seq)
+        r.view_change.collect(seq)
+        r.execution.collect(seq)
+        r.large.collect()
+        r.transfer.collect(seq)
+        r.stats["stable-checkpoints"] += 1
+        own = self.own[seq]
+        proof = tuple(sorted((v, d) for v, d in self.votes.get(seq, {}).items() if d == own.root))
+        r.outbox.append(Persist(seq, own, proof))
+        r.normal.propose(r.now_ms)  # the window moved: the primary may order what waits

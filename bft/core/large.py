@@ -1,0 +1,72 @@
+"""Separate request transmission (TOCS 2002, section 5.1.4): a client sends a large request to
+every replica itself, and the primary's pre-prepare carries only its digest. Backups resolve the
+digests from the bodies clients sent them, or fetch the whole batch from the primary.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bft.core.effects import Send
+from bft.messages import FetchBatch, PrePrepare, Request
+
+if TYPE_CHECKING:
+    from bft.core.replica import Replica
+
+# Large request bodies a replica keeps while their pre-prepare may still come.
+REQUEST_STORE_MAX = 4096
+
+
+class LargeRequests:
+    __slots__ = ("bodies", "r", "unresolved")
+
+    def __init__(self, replica: Replica) -> None:
+        self.r = replica
+        self.bodies: dict[bytes, Request] = {}  # large request bodies by digest
+        self.unresolved: dict[int, PrePrepare] = {}  # pre-prepares still missing some bodies
+
+    def is_large(self, req: Request) -> bool:
+        p = self.r.params
+        return p.separate_large_requests and len(req.raw) > p.large_request_bytes
+
+    def collect(self) -> None:
+        clients = self.r.execution.clients
+        for d in [d for d, q in self.bodies.items() if not clients.is_new(q.client, q.timestamp)]:
+            del self.bodies[d]  # executed here by state transfer, or never to come
+
+    def store(self, req: Request) -> None:
+        if len(self.bodies) >= REQUEST_STORE_MAX:
+            del self.bodies[next(iter(self.bodies))]  # the oldest; a batch fetch recovers it
+        self.bodies[req.digest] = req
+        for pp in [self.unresolved[s] for s in sorted(self.unresolved)]:
+            if req.digest in pp.requests:
+                self.r.normal.on_pre_prepare(pp, self.r.now_ms)
+
+    def by_reference(self, pp: PrePrepare) -> PrePrepare:
+        """The pre-prepare as sent: large requests replaced by their digests."""
+        if not any(self.is_large(q) for q in pp.requests):
+            return pp
+        refs = tuple(q.digest if self.is_large(q) else q for q in pp.requests)
+        return PrePrepare(pp.view, pp.seq, pp.timestamp, refs, pp.replica, pp.digest)
+
+    def resolve_or_hold(self, pp: PrePrepare) -> PrePrepare | None:
+        """The pre-prepare with every body in place; or None, holding it (bounded) until the
+        bodies come or the batch is fetched at the next status tick."""
+        requests = []
+        for q in pp.requests:
+            body = self.bodies.get(q) if isinstance(q, bytes) else q
+            if body is None:
+                if len(self.unresolved) < self.r.params.log_window:
+                    self.unresolved[pp.seq] = pp
+                return None
+            requests.append(body)
+        return PrePrepare(pp.view, pp.seq, pp.timestamp, tuple(requests), pp.replica, pp.digest)
+
+    def fetch_unresolved(self) -> None:
+        r = self.r
+        for seq, pp in list(self.unresolved.items()):
+            if pp.view != r.view or not r.in_window(seq):
+                del self.unresolved[seq]
+                continue
+            r.view_change.wanted_batches.add((seq, pp.digest))
+            r.outbox.append(Send(pp.replica, FetchBatch(seq, pp.digest, r.id)))
