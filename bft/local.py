@@ -73,10 +73,13 @@ class LocalCluster:
         p.wait()
 
     def restart(self, replica: int) -> None:
-        """Start a killed replica again (with an empty state: it catches up from the others)."""
+        """Start a killed replica again, from its data directory (remove that first for a replica
+        that comes back with nothing: it catches up from the others)."""
         log = self.cluster.path.parent / "logs" / f"replica-{replica}.restarted.log"
         self.procs[replica] = subprocess.Popen(replica_command(self.cluster, replica, self.service, log, "info"))
-        wait_for_port(self.cluster.replicas[replica].host, self.cluster.replicas[replica].port)
+        r = self.cluster.replicas[replica]
+        wait_for_port(r.host, r.port)
+        wait_for_port(r.host, r.admin_port)
 
     def status(self, replica: int) -> dict:
         return replica_status(self.cluster, replica)

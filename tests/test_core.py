@@ -8,8 +8,9 @@ import msgpack
 import pytest
 
 from bft.core.client import ClientCore
-from bft.core.effects import Broadcast, Executed, Persist, ReplyTo, Send
+from bft.core.effects import Broadcast, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import Params
+from bft.core.promises import Proposed
 from bft.core.replica import Replica
 from bft.core.unreplicated import Unreplicated
 from bft.messages import Checkpoint, Commit, FetchPartition, Prepare, PrePrepare, Reply, Request, State, Status, digest
@@ -30,13 +31,18 @@ class Link:
         self.cut: set[int] = set()
         self.drop = lambda src, dst, msg: False
         self.queue: list[tuple[int, int, object]] = []
-        self.persisted: dict[int, object] = {}
+        self.persisted: dict[int, Persist] = {}
+        self.records: dict[int, list] = {}  # each replica's promise log
+        self.params = params
+        self.f = f
 
     def post(self, src: int, effects: list) -> None:
         for effect in effects:
             match effect:
                 case Persist():
                     self.persisted[src] = effect
+                case Promise(record):
+                    self.records.setdefault(src, []).append(record)
                 case ReplyTo(_, reply):
                     self.replies.append(reply)
                 case Broadcast(msg):
@@ -58,6 +64,18 @@ class Link:
     def request(self, req: Request, to: int = 0, now: int = NOW) -> None:
         self.post(to, self.replicas[to].step(req, now))
         self.run(now)
+
+    def restart(self, i: int, from_disk: bool = True, params: Params | None = None) -> Replica:
+        """Replica ``i`` stops and starts again: from its data directory, or wiped."""
+        replica = Replica(i, self.f, params or self.params, KVService)
+        if from_disk:
+            replica.recover(self.persisted.get(i), list(self.records.get(i, [])))
+        else:
+            self.persisted.pop(i, None)
+            self.records.pop(i, None)
+        self.replicas[i] = replica
+        self.post(i, replica.take_outbox())
+        return replica
 
     def tick(self, now: int) -> None:
         for i, r in enumerate(self.replicas):
@@ -162,7 +180,7 @@ def test_backup_ignores_equivocation_and_messages_not_from_primary() -> None:
     a = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"a"),), 0)
     b = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"b"),), 0)
     out = backup.step(a, NOW)
-    assert [type(e.msg) for e in out] == [Prepare]
+    assert out == [Promise(Proposed(a)), Broadcast(Prepare(0, 1, a.digest, 1))]  # persist, then send
     assert backup.step(b, NOW) == []
     assert backup.dropped["conflicting-pre-prepare"] == 1
     assert backup.step(replace(a, replica=2), NOW) == []
@@ -381,7 +399,7 @@ def test_stable_checkpoints_are_persisted_and_a_restart_resumes_from_them() -> N
     saved = link.persisted[2]
     assert saved.seq == 8 and len({r for r, _ in saved.proof}) >= 3
     restarted = Replica(2, 1, PARAMS, KVService)
-    restarted.restore(saved)
+    restarted.recover(saved, [])  # the checkpoint alone, as with durability = "memory"
     assert restarted.executed == 8 and restarted.stable == 8
     link.replicas[2] = restarted
     link.tick(NOW + 1_000)  # status exchange brings it the rest of the log
@@ -390,7 +408,7 @@ def test_stable_checkpoints_are_persisted_and_a_restart_resumes_from_them() -> N
     snap = saved.snapshot
     damaged = replace(saved, snapshot=replace(snap, parts=(snap.parts[0] + b"x", *snap.parts[1:])))
     with pytest.raises(ValueError, match="damaged"):
-        Replica(2, 1, PARAMS, KVService).restore(damaged)
+        Replica(2, 1, PARAMS, KVService).recover(damaged, [])
 
 
 def test_digest_replies_one_full_result_and_digests_from_the_others() -> None:

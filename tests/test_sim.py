@@ -70,6 +70,7 @@ def test_fixed_seeds_cover_the_faults_they_are_chosen_for() -> None:
     assert any(0 in dict(sim.crash_schedule) for sim in runs), "a crashed primary"
     assert any(sim.equivocator == 0 for sim in runs), "an equivocating primary"
     assert any(sim.restart_at for sim in runs), "a replica restarted with a wiped state"
+    assert any(sim.equivocator == 0 and sim.bounces for sim in runs), "a correct replica restarted from disk beside a liar"
     for sim in runs[-8:]:
         assert sim.run().ok
     assert any(r.view > 0 for sim in runs[-8:] for r in sim.replicas), "and so view changes"
@@ -119,3 +120,18 @@ def test_checker_catches_all_four_replicas_returning_wrong_results() -> None:
     result = _run_with_broken_services([0, 1, 2, 3], wrong)
     assert not result.ok
     assert result.error.startswith(("linearisability: ", "read-only: ")), result.error
+
+
+def test_the_promise_check_catches_a_replica_that_forgot_what_it_said() -> None:
+    """With durability = "memory" a replica restarted from disk has forgotten its promises; the
+    checker must notice it contradict itself (seed 33: the primary of view 0, restarted from
+    its checkpoint, pre-prepares another batch at a sequence number it had used)."""
+    from dataclasses import replace
+
+    from bft.sim.simulator import SIM_PARAMS
+
+    sim = Simulation(33, faults=Faults.named("all"), ops_per_client=60, params=replace(SIM_PARAMS, durability="memory"))
+    assert sim.bounces, "the seed restarts a correct replica from disk"
+    result = sim.run()
+    assert not result.ok and result.error.startswith("promise: replica"), result.error
+    assert run_seed(33, ops_per_client=60).ok  # with the promise log the same run is correct

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bft.core.promises import Record
 from bft.core.state import Snapshot
 from bft.messages import Message, PrePrepare, Reply
 
@@ -49,6 +50,14 @@ class Persist:
 
 
 @dataclass(frozen=True, slots=True)
+class Promise:
+    """A record for the replica's promise log (``bft.core.promises``). The driver writes it
+    before any message that follows it in the effects leaves: "persist, then send"."""
+
+    record: Record
+
+
+@dataclass(frozen=True, slots=True)
 class Executed:
     """A committed batch was executed (a tentative one only once it commits): what checkers
     compare across replicas, and what a driver may count."""
@@ -56,4 +65,4 @@ class Executed:
     batch: PrePrepare
 
 
-Effect = Send | Broadcast | ReplyTo | Persist | Executed
+Effect = Send | Broadcast | ReplyTo | Persist | Promise | Executed

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from bft.core.clients import ClientTable
 from bft.core.effects import Executed, ReplyTo
 from bft.core.params import DIGEST_REPLY_BYTES_MIN
+from bft.core.promises import Committed
 from bft.core.state import rebuild
 from bft.messages import PrePrepare, Reply, Request, digest
 from bft.service import Service
@@ -129,6 +130,7 @@ class Execution:
         assert pp.seq == r.executed + 1 and not self.tentative_seq, "batches execute in order, one at a time"
         assert pp.resolved, "a batch executes with every request body"
         if mode is Mode.COMMITTED:
+            r.promise(Committed(pp.seq, pp.digest))
             r.outbox.append(Executed(pp))
         self.batch_time_ms = max(pp.timestamp, self.batch_time_ms + 1)
         tentative = mode is Mode.TENTATIVE
@@ -162,7 +164,9 @@ class Execution:
     def _tentative_committed(self) -> None:
         r = self.r
         seq, self.tentative_seq = self.tentative_seq, 0
-        r.outbox.append(Executed(self.executed_batches[seq]))
+        pp = self.executed_batches[seq]
+        r.promise(Committed(seq, pp.digest))
+        r.outbox.append(Executed(pp))
         for req in self.executed_batches[seq].requests:
             r.timer.waiting.pop((req.client, req.timestamp), None)
         r.timer.arm()

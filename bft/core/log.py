@@ -12,6 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from bft.core.effects import Broadcast, Send
+from bft.core.promises import Prepared, Proposed
 from bft.messages import Commit, Prepare, PrePrepare, Request
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ class Slot:
         self.commits: dict[int, bytes] = {}
         self.prepared = False
         self.committed = False
+
+    def support(self, d: bytes) -> int:
+        """Replicas that sent a PREPARE or a COMMIT for digest ``d``."""
+        return len({r for r, v in self.prepares.items() if v == d} | {r for r, v in self.commits.items() if v == d})
 
     def matching(self, votes: dict[int, bytes]) -> int:
         d = self.pre_prepare.digest if self.pre_prepare else None
@@ -132,6 +137,7 @@ class NormalCase:
             self.next_seq += 1
             self.slot(pp.seq).pre_prepare = pp
             r.view_change.record_pre_prepare(pp)
+            r.promise(Proposed(pp))
             r.stats["batches"] += 1
             r.stats["batched-requests"] += len(batch)
             r.outbox.append(Broadcast(r.large.by_reference(pp)))
@@ -174,7 +180,10 @@ class NormalCase:
             # Re-proposed by a NEW-VIEW: the decision fixed the batch, time checks do not apply.
             if pp.digest != slot.expected:
                 return r.drop("not-the-new-view-decision", pp)
-        elif abs(pp.timestamp - now_ms) > r.params.clock_skew_max_ms:
+        elif abs(pp.timestamp - now_ms) > r.params.clock_skew_max_ms and slot.support(pp.digest) < r.quorum.weak:
+            # A batch time far from our clock is refused, unless f+1 others voted for the batch
+            # (one of them is correct and checked it): a pre-prepare retransmitted late, to a
+            # replica that was down or cut off, must still get through.
             return r.drop("bad-timestamp", pp)
         else:
             before = self.log.get(pp.seq - 1)
@@ -183,6 +192,7 @@ class NormalCase:
         slot.pre_prepare = pp
         r.view_change.record_pre_prepare(pp)
         slot.prepares[r.id] = pp.digest
+        r.promise(Proposed(pp))
         r.outbox.append(Broadcast(Prepare(r.view, pp.seq, pp.digest, r.id)))
         self.check_prepared(pp.seq)
 
@@ -218,6 +228,7 @@ class NormalCase:
         slot.prepared = True
         r.view_change.pset[seq] = (slot.pre_prepare.digest, r.view)
         slot.commits.setdefault(r.id, slot.pre_prepare.digest)
+        r.promise(Prepared(r.view, seq, slot.pre_prepare.digest))
         r.outbox.append(Broadcast(Commit(r.view, seq, slot.pre_prepare.digest, r.id)))
         self.check_committed(seq)
         if r.params.tentative and not slot.committed:

@@ -6,6 +6,9 @@ from dataclasses import dataclass, fields
 
 # Results up to this size always travel in full: a digest would save nothing.
 DIGEST_REPLY_BYTES_MIN = 256
+# What a replica keeps on disk (README, "Durability"): stable checkpoints only (the paper's);
+# also its promise log, written before the messages it covers leave; the same, fsynced first.
+DURABILITY_MODES = ("memory", "log", "strict")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,7 @@ class Params:
     digest_replies: bool = True  # one replica sends a large result, the others its digest
     separate_large_requests: bool = True  # clients send large requests to all; batches carry digests
     large_request_bytes: int = 4096  # what "large" means for the line above
+    durability: str = "strict"  # memory | log | strict: see DURABILITY_MODES
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -34,6 +38,9 @@ class Params:
             if f.type == "bool":
                 if type(value) is not bool:
                     raise ValueError(f"protocol parameter {f.name} must be true or false")
+            elif f.type == "str":
+                if value not in DURABILITY_MODES:
+                    raise ValueError(f"protocol parameter {f.name} must be one of {', '.join(DURABILITY_MODES)}")
             elif type(value) is not int or value <= 0:
                 raise ValueError(f"protocol parameter {f.name} must be a positive integer")
         if self.log_window < self.checkpoint_interval or self.log_window % self.checkpoint_interval:

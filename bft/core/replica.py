@@ -17,12 +17,14 @@ from collections import Counter
 from collections.abc import Callable
 
 from bft.core.checkpoints import Checkpoints
-from bft.core.effects import Effect, Persist
+from bft.core.effects import Effect, Persist, Promise
 from bft.core.execution import Execution
 from bft.core.large import LargeRequests
 from bft.core.log import NormalCase
 from bft.core.params import Params
+from bft.core.promises import Record
 from bft.core.quorum import Quorum
+from bft.core.recovery import recover
 from bft.core.statetransfer import StateTransfer
 from bft.core.status import StatusRecovery
 from bft.core.viewchange import ViewChanges
@@ -58,6 +60,7 @@ class Replica:
         "f",
         "handlers",
         "id",
+        "keeps_promises",
         "large",
         "n",
         "normal",
@@ -82,6 +85,7 @@ class Replica:
         self.n = self.quorum.n
         assert 0 <= replica_id < self.n
         self.params = params
+        self.keeps_promises = params.durability != "memory"
         self.view = 0
         self.view_changing = False
         self.executed = 0  # last executed sequence number
@@ -133,6 +137,11 @@ class Replica:
         self.dropped[reason] += 1
         log.debug("replica %d drops %s: %s", self.id, type(msg).__name__, reason)
 
+    def promise(self, record: Record) -> None:
+        """Something we are about to say that binds what we may say later (``bft.core.promises``)."""
+        if self.keeps_promises:
+            self.outbox.append(Promise(record))
+
     def take_outbox(self) -> list[Effect]:
         out, self.outbox = self.outbox, []
         return out
@@ -155,10 +164,10 @@ class Replica:
         self.normal.propose(now_ms)
         return self.take_outbox()
 
-    def restore(self, saved: Persist) -> None:
-        """Resume from a checkpoint this replica persisted before it stopped (raises
-        ``CheckpointDamaged`` if it cannot be used)."""
-        self.transfer.restore(saved)
+    def recover(self, saved: Persist | None, records: list[Record]) -> None:
+        """Resume from what this replica kept on disk before it stopped: its last stable
+        checkpoint (``CheckpointDamaged`` if it cannot be used) and its promise log."""
+        recover(self, saved, records)
 
     # -- invariants -------------------------------------------------------------------------
 

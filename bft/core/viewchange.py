@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from bft.core.decision import decide
 from bft.core.effects import Broadcast, Send
+from bft.core.promises import Proposed, ViewChangeSent, ViewEntered
 from bft.messages import NULL_DIGEST, Batch, FetchBatch, NewView, PrePrepare, Request, ViewChange
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class ViewChanges:
         for v in [v for v in self.view_changes if v < view]:
             del self.view_changes[v]
         self._store(vc)
+        r.promise(ViewChangeSent(vc))
         r.outbox.append(Broadcast(vc))
         self._progress()
 
@@ -154,6 +156,7 @@ class ViewChanges:
                 r.outbox.append(Broadcast(FetchBatch(s, d, r.id)))
             return
         nv = NewView(r.view, tuple(vcs), decision.checkpoint, decision.batches, r.id)
+        r.promise(ViewEntered(nv))
         r.outbox.append(Broadcast(nv))
         self._enter(nv)
 
@@ -179,6 +182,14 @@ class ViewChanges:
 
     # -- entering a view --------------------------------------------------------------------
 
+    def count_claims(self, nv: NewView) -> None:
+        """Count the view changes that hold the NEW-VIEW's checkpoint as votes for it."""
+        n0, d0 = nv.checkpoint
+        votes = self.r.checkpoints.votes.setdefault(n0, {})
+        for vc in nv.view_changes:
+            if (n0, d0) in vc.checkpoints:
+                votes.setdefault(vc.replica, d0)
+
     def on_new_view(self, nv: NewView, now_ms: int) -> None:
         r = self.r
         if nv.view < r.view or (nv.view == r.view and not r.view_changing):
@@ -193,6 +204,7 @@ class ViewChanges:
             # The primary's decision does not follow from its own evidence: ignore it and let
             # the timer move us to the next view.
             return r.drop("bad-new-view", nv)
+        r.promise(ViewEntered(nv))
         self._enter(nv)
 
     def _enter(self, nv: NewView) -> None:
@@ -214,14 +226,13 @@ class ViewChanges:
         n0, d0 = nv.checkpoint
         normal.view_floor = n0
         if n0 > r.stable:
+            # The f+1 (or more) view changes that claim this checkpoint vouch for it: they are
+            # its certificate, on disk too (a proof of our own vote alone would not restart).
+            self.count_claims(nv)
             own = r.checkpoints.own.get(n0)
             if own is not None and own.root == d0:
                 r.checkpoints.make_stable(n0)
             else:
-                votes = r.checkpoints.votes.setdefault(n0, {})
-                for vc in nv.view_changes:
-                    if (n0, d0) in vc.checkpoints:
-                        votes.setdefault(vc.replica, d0)
                 r.transfer.want(n0, d0)
         decided: set[tuple[int, int]] = set()
         for seq, d in nv.decisions:
@@ -237,6 +248,7 @@ class ViewChanges:
                 assert pp.digest == d, "a re-proposed batch must keep its digest"
                 slot.pre_prepare = pp
                 self.record_pre_prepare(pp)
+                r.promise(Proposed(pp))
                 normal.proposed_time_ms = max(normal.proposed_time_ms, ts)
                 r.outbox.append(Broadcast(r.large.by_reference(pp)))
         timer = r.timer

@@ -18,14 +18,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bft.config import Cluster
-from bft.core.effects import Broadcast, Effect, Executed, Persist, ReplyTo, Send
+from bft.core.effects import Broadcast, Effect, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import DEFAULT_PARAMS, Params
 from bft.core.replica import Replica
 from bft.core.statetransfer import CheckpointDamaged
 from bft.core.unreplicated import Unreplicated
 from bft.crypto import REPLICA
 from bft.messages import Hello, Request
-from bft.runtime.storage import CheckpointStore, StorageError
+from bft.runtime.datadir import DataDir
 from bft.runtime.transport import FrameProtocol, Peer
 from bft.runtime.wire import Wire, limits_of
 from bft.service import Service
@@ -52,11 +52,12 @@ class Node:
         frame_bytes_max: int,
         admin_port: int = 0,
         name: str = "server",
-        store: CheckpointStore | None = None,
+        data: DataDir | None = None,
     ) -> None:
         self.core = core
         self.wire = wire
-        self.store = store
+        self.data = data
+        self._held: list[Effect] | None = None  # effects waiting for the group commit, if one is due
         self.host, self.port, self.admin_port = host, port, admin_port
         self.name = name
         self.transport_drops: Counter[str] = wire.dropped
@@ -71,6 +72,7 @@ class Node:
         self._admin: web.AppRunner | None = None
         self.started_s = time.monotonic()
         self.failure: asyncio.Future[None] | None = None  # set when our own code raised
+        self._pending_recovery: list[Effect] = []  # what recovering from disk asked for
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -78,14 +80,8 @@ class Node:
         loop = asyncio.get_running_loop()
         self.failure = loop.create_future()
         loop.set_exception_handler(self._on_bug)
-        if self.store is not None and isinstance(self.core, Replica):
-            saved = self.store.load()
-            if saved is not None:
-                try:
-                    self.core.restore(saved)
-                except CheckpointDamaged as exc:
-                    raise StorageError(f"{self.store.path}: {exc}") from None
-                log.info("%s resumed from checkpoint %d in %s", self.name, saved.seq, self.store.path)
+        if self.data is not None and isinstance(self.core, Replica):
+            self._recover(self.data)
         self._server = await loop.create_server(
             lambda: FrameProtocol(self._on_frame, self.frame_bytes_max, self.transport_drops),
             self.host,
@@ -94,6 +90,7 @@ class Node:
         )
         for p in self.peers.values():
             p.start()
+        self._dispatch(self._pending_recovery)
         for job in (self._ticker(), self._summaries()):
             task = loop.create_task(job)
             task.add_done_callback(self._task_done)
@@ -116,8 +113,25 @@ class Node:
             await self._server.wait_closed()
         if self._admin is not None:
             await self._admin.cleanup()
-        if self.store is not None:
-            await self.store.flush()
+        if self.data is not None:
+            await self.data.close()
+
+    def _recover(self, data: DataDir) -> None:
+        core = self.core
+        assert isinstance(core, Replica)
+        saved, records = data.load()
+        try:
+            core.recover(saved, records)
+        except CheckpointDamaged as exc:
+            data.damaged(f"{data.checkpoints.path}: {exc}", data.checkpoints.path)
+            core = self.core = Replica(core.id, core.f, core.params, core.execution.service_factory)
+            core.recover(None, records)
+        if saved is not None or records:
+            log.info(
+                "%s resumed in %s: checkpoint %d, %d records, executed %d, view %d",
+                self.name, data.directory, core.stable, len(records), core.executed, core.view,
+            )
+        self._pending_recovery = core.take_outbox()
 
     def _on_bug(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """An exception escaped a callback (a frame handler, a core step): hostile input never
@@ -165,28 +179,51 @@ class Node:
         self._dispatch(self.core.step(msg, wall_ms()))
 
     def _dispatch(self, effects: list[Effect]) -> None:
-        """The router: the core's effects become frames, disk writes and nothing else."""
+        """The router: the core's effects become frames, disk writes and nothing else.
+
+        Persist, then send: a promise goes to the log's buffer, and from then until the group
+        commit at the end of this event-loop iteration (written, and fsynced in "strict"), every
+        effect waits, so nothing leaves before the promises made ahead of it are on disk."""
         for effect in effects:
-            match effect:
-                case Send(to, msg):
-                    peer = self.peers.get(to)
-                    if peer is not None:
-                        peer.send(self.wire.seal(msg, to))
-                case Broadcast(msg):
-                    data = self.wire.seal(msg)
-                    for p in self.peers.values():
-                        p.send(data)
-                case ReplyTo(client, reply):
-                    conn = self.client_conns.get(client)
-                    if conn is None or not conn.send(self.wire.seal(reply)):
-                        self.transport_drops["reply-undeliverable"] += 1
-                case Persist():
-                    if self.store is not None:
-                        self.store.save(effect)
-                case Executed():
-                    pass  # the core counts executions itself; only checkers read these
-                case _:
-                    raise AssertionError(f"the core asked for an unknown effect: {effect!r}")
+            if isinstance(effect, Promise):
+                assert self.data is not None, "a core that keeps promises needs a data directory"
+                self.data.append(effect.record)
+                if self._held is None:
+                    self._held = []
+                    asyncio.get_running_loop().call_soon(self._group_commit)
+            elif self._held is not None:
+                self._held.append(effect)
+            else:
+                self._route(effect)
+
+    def _group_commit(self) -> None:
+        assert self.data is not None and self._held is not None
+        self.data.commit()
+        held, self._held = self._held, None
+        for effect in held:
+            self._route(effect)
+
+    def _route(self, effect: Effect) -> None:
+        match effect:
+            case Send(to, msg):
+                peer = self.peers.get(to)
+                if peer is not None:
+                    peer.send(self.wire.seal(msg, to))
+            case Broadcast(msg):
+                data = self.wire.seal(msg)
+                for p in self.peers.values():
+                    p.send(data)
+            case ReplyTo(client, reply):
+                conn = self.client_conns.get(client)
+                if conn is None or not conn.send(self.wire.seal(reply)):
+                    self.transport_drops["reply-undeliverable"] += 1
+            case Persist():
+                if self.data is not None:
+                    self.data.save(effect)
+            case Executed():
+                pass  # the core counts executions itself; only checkers read these
+            case _:
+                raise AssertionError(f"the core asked for an unknown effect: {effect!r}")
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -205,8 +242,13 @@ class Node:
                 "log_slots": len(core.normal.log),
                 "pending_requests": len(core.normal.pending),
             }
-        if self.store is not None:
-            out["persisted_checkpoint"] = self.store.saved_seq
+        if self.data is not None:
+            out["persisted_checkpoint"] = self.data.checkpoints.saved_seq
+            out["durability"] = core.params.durability if isinstance(core, Replica) else "memory"
+            if self.data.problems:
+                out["data_problems"] = self.data.problems
+            if self.data.promises is not None:
+                out["promise_log"] = {k: round(v, 6) for k, v in sorted(self.data.promises.stats.items())}
         out["dropped"] = dict(sorted((core.dropped + self.transport_drops).items()))
         out["stats"] = dict(sorted(core.stats.items()))
         return out
@@ -251,17 +293,17 @@ class _Collector:
 def replica_node(
     cluster: Cluster, replica_id: int, service: Callable[[], Service], data_dir: Path | None = None
 ) -> Node:
-    """A replica; its stable checkpoints go to ``data_dir`` (default: data/replica-I beside the
-    cluster file), and it resumes from the last one when it starts."""
+    """A replica; its stable checkpoints and promise log go to ``data_dir`` (default:
+    data/replica-I beside the cluster file), and it resumes from them when it starts."""
     keyring = cluster.keyring(REPLICA, replica_id)
     params = cluster.params
     core = Replica(replica_id, cluster.f, params, service)
     me = cluster.replicas[replica_id]
     peers = {r.id: (r.host, r.port) for r in cluster.replicas if r.id != replica_id}
     wire = Wire(keyring, limits_of(params), Counter())
-    store = CheckpointStore(data_dir or cluster.path.parent / "data" / f"replica-{replica_id}")
+    data = DataDir(data_dir or cluster.path.parent / "data" / f"replica-{replica_id}", params.durability, wire.limits)
     return Node(
-        core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}", store
+        core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}", data
     )
 
 

@@ -6,13 +6,18 @@ complete. Faults: random delays that reorder, duplicated and lost messages; part
 one replica (the primary too) off for longer than the log window; up to f faulty
 replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted from
 its data directory or with a wiped state, or, for view 0's primary, equivocating: it sends a
-different pre-prepare for each sequence number to half of the backups.
+different pre-prepare for each sequence number to half of the backups. Besides these, up to f
+correct replicas restart from their data directory mid-run ("bounces"): with their promise log
+they stay correct, and the checker holds them to it.
 After every input a replica takes, its own invariants must hold (``Replica.check_invariants``:
 a failed assertion is a bug in our code and stops the run with its seed), and the checker asserts:
 
 - agreement: no two correct replicas execute different batches at the same sequence number, nor
   commit different batches in one slot of one view;
 - checkpoints: every checkpoint taken at a sequence number has the same digest everywhere;
+- promises: no replica (but one restarted wiped) sends two different PRE-PREPAREs, PREPAREs or
+  COMMITs for one slot of one view, or two different VIEW-CHANGEs or NEW-VIEWs for one view,
+  across its restarts from disk too;
 - linearisability: every result a client accepted equals the result of executing the committed
   order sequentially on a fresh service; a read-only result (not in the order) must be a value
   the key held at some point of that sequential execution.
@@ -30,10 +35,22 @@ import msgpack
 
 from bft.core.client import ClientCore
 from bft.core.clients import ClientTable
-from bft.core.effects import Broadcast, Effect, Executed, Persist, ReplyTo, Send
+from bft.core.effects import Broadcast, Effect, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import Params
+from bft.core.promises import Record, decode_record, encode_record
 from bft.core.replica import Replica
-from bft.messages import Checkpoint, Message, PrePrepare, encode_payload, roundtrip
+from bft.messages import (
+    DEFAULT_LIMITS,
+    Checkpoint,
+    Commit,
+    Message,
+    NewView,
+    Prepare,
+    PrePrepare,
+    ViewChange,
+    encode_payload,
+    roundtrip,
+)
 from bft.service import KVService
 
 
@@ -50,13 +67,14 @@ class Faults:
     restarts: bool = True  # crashed replicas may come back with an empty state
     byzantine: bool = True  # view 0's primary may equivocate
     partitions: bool = True  # one replica at a time may be cut off, for longer than the log window
+    bounces: bool = True  # up to f correct replicas restart from their data directory mid-run
 
     @staticmethod
     def named(name: str) -> Faults:
         if name == "none":
-            return Faults(0.0, 0.0, 2, False, False, False, False)
+            return Faults(0.0, 0.0, 2, False, False, False, False, False)
         if name == "network":
-            return Faults(crashes=False, restarts=False, byzantine=False)
+            return Faults(crashes=False, restarts=False, byzantine=False, bounces=False)
         if name == "crash":
             return Faults(byzantine=False)
         if name == "all":
@@ -160,6 +178,20 @@ class _Checker:
             )
 
 
+class _Disk:
+    """A replica's data directory: its last stable checkpoint and its promise log, which a
+    stable checkpoint truncates (the latest view record stays, as on a real disk)."""
+
+    def __init__(self) -> None:
+        self.saved: Persist | None = None
+        self.records: list[Record] = []
+
+    def checkpoint(self, saved: Persist) -> None:
+        self.saved = saved
+        views = [r for r in self.records if r.seq is None]
+        self.records = [r for r in self.records if r.seq is not None and r.seq > saved.seq] + views[-1:]
+
+
 class Simulation:
     TICK_MS = 10
 
@@ -190,7 +222,9 @@ class Simulation:
         self.checker = _Checker(params.client_window)
         self.replicas = [self._new_replica(i) for i in range(self.n)]
         self.restarted: set[int] = set()
-        self.disks: dict[int, Persist] = {}  # each replica's last persisted checkpoint
+        self.disks: dict[int, _Disk] = {}  # each replica's data directory
+        self.amnesiacs: set[int] = set()  # restarted wiped: they forgot their promises (faulty)
+        self.spoken: dict[tuple, bytes] = {}  # (replica, message kind, view[, seq]) -> what it said
         self.clients = [ClientCore(c, f, params) for c in range(clients)]
         self.ops_left = [ops_per_client] * clients
         self.outstanding: dict[tuple[int, int], bytes] = {}
@@ -230,6 +264,16 @@ class Simulation:
                 start = prng.randrange(fault_phase_ms)
                 end = min(fault_phase_ms, start + prng.randint(300, 1500))
                 self.partitions.append((start, end, prng.randrange(self.n)))
+        # Restarts from disk ("bounces"), from a stream of their own too: up to f replicas that
+        # the fault budget does not count, since a replica that kept its promises is as correct
+        # after a restart as before it. They may come alongside the equivocating primary.
+        self.bounces: list[tuple[int, int, int]] = []  # (down, up, replica)
+        if self.faults.bounces:
+            brng = random.Random(seed ^ 0xB0B5)
+            correct = [i for i in range(self.n) if i not in faulty and i != self.equivocator]
+            for i in brng.sample(correct, brng.randint(0, f)):
+                down = brng.randrange(fault_phase_ms)
+                self.bounces.append((down, down + brng.randint(1, 300), i))
 
     def _new_replica(self, i: int) -> Replica:
         return Replica(i, self.f, self.params, KVService)
@@ -268,7 +312,12 @@ class Simulation:
         for effect in effects:
             match effect:
                 case Persist():
-                    self.disks[i] = effect
+                    self.disks.setdefault(i, _Disk()).checkpoint(effect)
+                case Promise(record):
+                    # Through the codec, as the promise log on disk would give it back.
+                    self.disks.setdefault(i, _Disk()).records.append(
+                        decode_record(encode_record(record), DEFAULT_LIMITS)
+                    )
                 case Executed(batch):
                     # Only what commits is checked: a tentative execution may be rolled back.
                     self.checker.executed(i, batch)
@@ -302,8 +351,27 @@ class Simulation:
                 self.checker.committed(i, replica.view, seq, slot.pre_prepare.digest)
 
     def _check_sent(self, src: tuple[str, int], msg: Message) -> None:
-        if isinstance(msg, Checkpoint) and src[0] == "replica" and src[1] != self.equivocator:
-            self.checker.checkpoint(src[1], msg.seq, msg.digest)
+        kind, i = src
+        if kind != "replica":
+            return
+        if isinstance(msg, Checkpoint) and i != self.equivocator:
+            self.checker.checkpoint(i, msg.seq, msg.digest)
+        if i in self.amnesiacs:
+            return
+        # A replica never contradicts itself, across restarts from its data directory too.
+        match msg:
+            case PrePrepare() | Prepare() | Commit():
+                self._said(i, (type(msg).__name__, msg.view, msg.seq), msg.digest)
+            case ViewChange():
+                self._said(i, ("ViewChange", msg.view), encode_payload(msg))
+            case NewView():
+                self._said(i, ("NewView", msg.view), encode_payload(msg))
+
+    def _said(self, i: int, what: tuple, content: bytes) -> None:
+        said = self.spoken.setdefault((i, *what), content)
+        if said != content:
+            restarted = " (it restarted from its data directory)" if i in self.restarted else ""
+            raise Violation(f"promise: replica {i} sent a second, different {what}{restarted}")
 
     def _submit(self, c: int) -> None:
         client = self.clients[c]
@@ -356,8 +424,22 @@ class Simulation:
             self.replicas[i] = self._new_replica(i)
             # Half the restarts find their data directory, half come back wiped.
             if i in self.disks and self.rng.random() < 0.5:
-                self.replicas[i].restore(self.disks[i])
+                disk = self.disks[i]
+                self.replicas[i].recover(disk.saved, list(disk.records))
+            else:
+                self.disks.pop(i, None)
+                self.amnesiacs.add(i)
             self.restarted.add(i)
+        for down, up, i in self.bounces:
+            if self.now - self.TICK_MS < down <= self.now:
+                self.crashed.add(i)
+            if self.now - self.TICK_MS < up <= self.now:
+                self.crashed.discard(i)
+                self.replicas[i] = self._new_replica(i)
+                disk = self.disks.get(i)
+                if disk is not None:
+                    self.replicas[i].recover(disk.saved, list(disk.records))
+                self.restarted.add(i)
         for i, r in enumerate(self.replicas):
             if i not in self.crashed:
                 self._route(("replica", i), r.tick(self.now))

@@ -1,0 +1,141 @@
+"""What a replica must not forget across a restart: its promises, and the batches it committed.
+
+A correct replica never says two different things for one slot of one view, or for one view:
+one PRE-PREPARE (primary) or PREPARE (backup) per sequence number and view, one COMMIT, one
+VIEW-CHANGE per view, one NEW-VIEW. A replica that restarted and forgot what it said could say
+something else, and then it is no longer correct: one restart would use up the fault budget.
+So every promise is a ``Promise`` effect that the driver writes to the replica's data directory
+before any message after it leaves (``durability`` "log" and "strict"; "strict" also fsyncs),
+and ``bft.core.recovery`` rebuilds the replica from its checkpoint and these records.
+
+The records, each with the sequence number it concerns (None for view records; the log keeps
+only the latest of those and nothing at or below a stable checkpoint):
+
+- ``Proposed(pp)``: we pre-prepared (as primary) or prepared (as backup) this batch in its view;
+  it carries the whole batch, so its requests survive even if every replica restarts.
+- ``Prepared(view, seq, digest)``: it prepared here, and we sent COMMIT (our P set).
+- ``ViewChangeSent(vc)``: we moved to ``vc.view`` and sent this VIEW-CHANGE.
+- ``ViewEntered(nv)``: we entered ``nv.view`` by this NEW-VIEW (sent, as its primary, or accepted).
+- ``Committed(seq, digest)``: we executed this committed batch (its requests are in a
+  ``Proposed`` record); a restart replays these after the checkpoint instead of fetching state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+
+from bft.messages import (
+    DIGEST_BYTES,
+    DecodeError,
+    Limits,
+    Message,
+    NewView,
+    PrePrepare,
+    ViewChange,
+    decode_payload,
+    encode_payload,
+    frame,
+    split_frame,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Proposed:
+    pp: PrePrepare
+
+    @property
+    def seq(self) -> int | None:
+        return self.pp.seq
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    view: int
+    seq: int
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ViewChangeSent:
+    vc: ViewChange
+    seq = None
+
+
+@dataclass(frozen=True, slots=True)
+class ViewEntered:
+    nv: NewView
+    seq = None
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    seq: int
+    digest: bytes
+
+
+Record = Proposed | Prepared | ViewChangeSent | ViewEntered | Committed
+
+
+class RecordDamaged(ValueError):
+    """A record in a replica's own log does not decode (its checksum matched: a bug, or an
+    older format)."""
+
+
+def _message_bytes(msg: Message) -> bytes:
+    return frame(msg, encode_payload(msg), b"")
+
+
+def _message(data: object, limits: Limits, kind: type) -> Message:
+    if type(data) is not bytes:
+        raise RecordDamaged("a message record holds no bytes")
+    try:
+        msg = decode_payload(split_frame(data, limits), limits)
+    except DecodeError as exc:
+        raise RecordDamaged(f"a message record does not decode: {exc}") from None
+    if not isinstance(msg, kind):
+        raise RecordDamaged(f"a record holds a {type(msg).__name__}, not a {kind.__name__}")
+    return msg
+
+
+def encode_record(record: Record) -> bytes:
+    match record:
+        case Proposed(pp):
+            assert pp.resolved, "a promise carries the whole batch"
+            return msgpack.packb(("P", _message_bytes(pp)))
+        case Prepared(view, seq, d):
+            return msgpack.packb(("C", view, seq, d))
+        case ViewChangeSent(vc):
+            return msgpack.packb(("V", _message_bytes(vc)))
+        case ViewEntered(nv):
+            return msgpack.packb(("N", _message_bytes(nv)))
+        case Committed(seq, d):
+            return msgpack.packb(("X", seq, d))
+    raise AssertionError(f"not a record: {record!r}")
+
+
+def decode_record(data: bytes, limits: Limits) -> Record:
+    try:
+        fields = msgpack.unpackb(data, max_map_len=0, max_ext_len=0, max_array_len=4)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise RecordDamaged(f"a record is not msgpack: {exc}") from None
+    if not isinstance(fields, list) or not fields:
+        raise RecordDamaged("a record is not a list")
+    kind, rest = fields[0], fields[1:]
+    if kind in ("C", "X"):
+        ints = rest[:-1]
+        if not all(type(i) is int and i >= 0 for i in ints) or type(rest[-1]) is not bytes:
+            raise RecordDamaged(f"a {kind} record is malformed")
+        if len(rest[-1]) != DIGEST_BYTES or len(ints) != (2 if kind == "C" else 1):
+            raise RecordDamaged(f"a {kind} record is malformed")
+        return Prepared(*ints, rest[-1]) if kind == "C" else Committed(ints[0], rest[-1])
+    if len(rest) != 1:
+        raise RecordDamaged(f"a {kind!r} record is malformed")
+    if kind == "P":
+        return Proposed(_message(rest[0], limits, PrePrepare))
+    if kind == "V":
+        return ViewChangeSent(_message(rest[0], limits, ViewChange))
+    if kind == "N":
+        return ViewEntered(_message(rest[0], limits, NewView))
+    raise RecordDamaged(f"unknown record kind {kind!r}")
