@@ -143,3 +143,25 @@ def test_a_late_pre_prepare_is_taken_once_f_plus_1_others_voted_for_it() -> None
     assert backup.step(late, NOW) == [] and backup.dropped["bad-timestamp"] == 2  # one vote: a liar's?
     backup.step(Commit(0, 1, late.digest, 2), NOW)
     assert Broadcast(Prepare(0, 1, late.digest, 3)) in backup.step(late, NOW)
+
+
+def test_a_replica_whose_state_went_wrong_repairs_it_at_the_next_checkpoint() -> None:
+    """Its own state diverged (a damaged disk, a bug): the next checkpoint shows it (2f+1
+    others certify another digest), and it fetches the partitions that differ and executes
+    again what came after, instead of staying wrong for ever."""
+    link = Link()
+    for ts in range(1, 4):
+        link.request(put(1, ts, b"k%d" % ts, b"v%d" % ts))
+    wrong = link.replicas[3]
+    wrong.service._buckets[0][b"planted"] = b"by a bug"  # silently, as damage would
+    wrong.service._dirty.add(0)
+    for ts in range(4, 11):  # checkpoints 4 and 8 come and go, batches 9 and 10 follow
+        link.request(put(1, ts, b"k%d" % ts, b"v%d" % ts))
+    assert wrong.stats["divergences"] == 2 and wrong.stable == 0  # it repairs to the latest
+    link.tick(NOW + 1_000)  # status rounds: manifest, then the differing partitions
+    link.tick(NOW + 2_000)
+    assert wrong.stats["state-repairs"] == 1 and wrong.stable == 8 and wrong.executed == 10
+    assert wrong.service.items() == link.replicas[0].service.items()
+    assert wrong.stats["state-transfer-partitions"] <= 2  # the damaged bucket (and the replica's own)
+    link.request(put(1, 11, b"k", b"v"))  # and it agrees from then on
+    assert len({r.checkpoints.own[8].root for r in link.replicas}) == 1

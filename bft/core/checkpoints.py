@@ -8,6 +8,7 @@ certificate) are enough to fetch that state from someone who has it.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from bft.core.effects import Broadcast, Persist
@@ -16,6 +17,8 @@ from bft.messages import Checkpoint
 
 if TYPE_CHECKING:
     from bft.core.replica import Replica
+
+log = logging.getLogger("bft.replica")
 
 
 class Checkpoints:
@@ -65,9 +68,11 @@ class Checkpoints:
         if own is not None and own.root == cp.digest:
             self.make_stable(cp.seq)
         elif own is not None:
-            # 2f+1 replicas agree on a state we do not have: we diverged; take theirs.
-            r.log_error("diverged at checkpoint %d", cp.seq)
-            r.transfer.target = (cp.seq, cp.digest)
+            # 2f+1 replicas agree on a state we do not have: ours went wrong (a damaged disk,
+            # a bug). Repair: fetch the partitions that differ, then execute again what followed.
+            log.error("replica %d diverged at checkpoint %d: repairing from the others", r.id, cp.seq)
+            r.stats["divergences"] += 1
+            r.transfer.repair(cp.seq, cp.digest)
         elif cp.seq > r.executed:
             r.transfer.want(cp.seq, cp.digest)
 

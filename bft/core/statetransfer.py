@@ -10,6 +10,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from bft.core.effects import Persist, Send
+from bft.core.execution import Mode
 from bft.core.state import Snapshot, Transfer, decode_manifest, rebuild, root_of
 from bft.messages import DIGEST_BYTES, FetchPartition, FetchState, Partition, State, digest
 
@@ -24,13 +25,19 @@ class CheckpointDamaged(ValueError):
 
 
 class StateTransfer:
-    __slots__ = ("current", "fetch_from", "r", "target")
+    __slots__ = ("current", "fetch_from", "r", "repairing", "target")
 
     def __init__(self, replica: Replica) -> None:
         self.r = replica
         self.target: tuple[int, bytes] | None = None  # a certified checkpoint we lack
         self.current: Transfer | None = None  # the fetch of its partitions, once we hold its manifest
         self.fetch_from = 0  # rotates over the checkpoint's voters
+        self.repairing = False  # the target is a checkpoint we executed past with a wrong state
+
+    def repair(self, seq: int, d: bytes) -> None:
+        """Our state at checkpoint ``seq`` differs from the one 2f+1 replicas certified."""
+        self.target = (seq, d)
+        self.repairing = True
 
     def want(self, seq: int, d: bytes) -> None:
         """Fetch checkpoint ``seq`` (certified with digest ``d``) unless a later one is wanted."""
@@ -39,6 +46,7 @@ class StateTransfer:
     def collect(self, stable: int) -> None:
         if self.target is not None and self.target[0] <= stable:
             self.target = None
+            self.repairing = False
         if self.current is not None and self.current.seq <= stable:
             self.current = None
 
@@ -49,7 +57,7 @@ class StateTransfer:
         if self.target is None:
             return
         seq, d = self.target
-        if seq <= r.executed:
+        if seq <= r.executed and not self.repairing:
             self.target = None  # we got there by executing
             if r.checkpoints.certified(seq):
                 r.checkpoints.make_stable(seq)
@@ -95,13 +103,15 @@ class StateTransfer:
         target = self.target
         if target is None or st.seq != target[0] or (self.current is not None and self.current.seq == st.seq):
             return r.drop("unrequested-state", st)
-        if st.seq <= r.executed:
+        if st.seq <= r.executed and not self.repairing:
             return r.drop("state-already-reached", st)
         digests = decode_manifest(st.manifest, target[1], r.params.frame_bytes_max // DIGEST_BYTES)
         if digests is None:
             # A lying replica cannot mislead us: the certified digest decides; ask another next time.
             return r.drop("state-digest-mismatch", st)
-        self.current = Transfer(st.seq, target[1], digests, r.checkpoints.capture(), st.replica)
+        # Only what differs from our own snapshot at that checkpoint (or from our state now) moves.
+        have = r.checkpoints.own.get(st.seq) if self.repairing else None
+        self.current = Transfer(st.seq, target[1], digests, have or r.checkpoints.capture(), st.replica)
         r.stats["state-transfer-partitions"] += len(self.current.queue)
         self._continue()
 
@@ -126,6 +136,8 @@ class StateTransfer:
             self._ask_partitions(t)
             return
         self.current = None
+        if self.repairing:
+            return self._repair(t.seq, t.snapshot())
         if r.executed >= t.seq:
             return  # we got there by executing while we fetched: our own state is newer
         problem = self._install(t.seq, t.snapshot())
@@ -136,6 +148,30 @@ class StateTransfer:
         r.checkpoints.make_stable(t.seq)
         r.timer.arm()
         r.execution.execute_ready()
+
+    def _repair(self, seq: int, snap: Snapshot) -> None:
+        """Replace our wrong state at checkpoint ``seq`` by the certified one and execute the
+        batches after it again, silently (the others answered those clients)."""
+        r = self.r
+        e = r.execution
+        if e.tentative_seq:
+            r.execution.rollback_tentative()
+        after = [e.executed_batches[s] for s in range(seq + 1, r.executed + 1)]
+        for s in [s for s in r.checkpoints.own if s >= seq]:
+            del r.checkpoints.own[s]  # taken from the wrong state
+        executed, r.executed = r.executed, seq - 1
+        problem = self._install(seq, snap)
+        if problem:
+            r.executed = executed
+            return r.drop(problem, State(seq, b"", 0))
+        for pp in after:
+            e.execute(pp, Mode.REPLAY)
+            if r.executed % r.params.checkpoint_interval == 0:
+                r.checkpoints.take()
+        self.repairing = False
+        r.stats["state-repairs"] += 1
+        log.info("replica %d repaired its state at checkpoint %d", r.id, seq)
+        r.checkpoints.make_stable(seq)
 
     def _install(self, seq: int, snap: Snapshot) -> str | None:
         """Replace our state by the snapshot of checkpoint ``seq``, whose partitions were
