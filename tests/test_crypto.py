@@ -482,7 +482,8 @@ def test_new_view_with_bad_view_change_signature_is_dropped(nodes):
         replace(vc2, signature=vc2.signature[:-1]),
     ]
     for forged in bad:
-        data = nodes.replicas[primary].seal(NewView(5, (forged, vc2), (128, D), ((129, D),), primary))
+        other = vc0 if forged.replica == 2 else vc2  # one view change per replica: the shape is fine
+        data = nodes.replicas[primary].seal(NewView(5, (forged, other), (128, D), ((129, D),), primary))
         assert nodes.replicas[0].open(data) is None
     assert nodes.replicas[0].dropped == Counter({"bad-view-change-signature": len(bad)})
 
@@ -561,3 +562,22 @@ def test_replica_authenticator_leaves_own_slot_empty(keyrings):
     slots = [auth[i * MAC_BYTES:(i + 1) * MAC_BYTES] for i in range(N)]
     assert slots[1] == bytes(MAC_BYTES)
     assert len(set(slots)) == N
+
+
+def test_new_view_of_copies_is_rejected_by_its_shape_before_any_signature_check(nodes, monkeypatch):
+    primary = 1
+    vc0, vc2, _ = _collected_view_changes(nodes, primary)
+    ring = nodes.keyrings[(REPLICA, 0)]
+    checked = []
+    real = ring.check_signature
+    monkeypatch.setattr(ring, "check_signature", lambda *a: checked.append(a) or real(*a))
+    later = nodes.replicas[primary].open(nodes.replicas[3].seal(replace(_view_change(3), view=6)))
+    shapes = [
+        (vc0,) * 1000,  # one signed view change, a thousand times
+        (vc0, vc2, later),  # a genuine one, for another view
+    ]
+    for vcs in shapes:
+        data = nodes.replicas[primary].seal(NewView(5, vcs, (128, D), ((129, D),), primary))
+        assert nodes.replicas[0].open(data) is None
+    assert nodes.replicas[0].dropped == Counter({"malformed-new-view": 2})
+    assert len(checked) == 2  # the frames' own signatures only, none of the copies'

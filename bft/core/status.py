@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bft.core.effects import Broadcast, Send
-from bft.messages import Checkpoint, Commit, Prepare, Status
+from bft.messages import Checkpoint, Commit, Prepare, Request, Status
 
 if TYPE_CHECKING:
     from bft.core.replica import Replica
@@ -18,14 +18,17 @@ if TYPE_CHECKING:
 STATUS_SLOTS_MAX = 64
 # Our latest checkpoints resent to a peer whose stable checkpoint is older.
 STATUS_CHECKPOINTS_MAX = 2
+# Request bytes the pre-prepares resent in answer to one status may carry inline.
+STATUS_ANSWER_BYTES_MAX = 4 * 1024 * 1024
 
 
 class StatusRecovery:
-    __slots__ = ("next_status_ms", "r")
+    __slots__ = ("answered_ms", "next_status_ms", "r")
 
     def __init__(self, replica: Replica) -> None:
         self.r = replica
         self.next_status_ms = 0
+        self.answered_ms: dict[int, int] = {}  # replica -> when we last answered its status
 
     def tick(self, now_ms: int) -> None:
         r = self.r
@@ -52,6 +55,11 @@ class StatusRecovery:
         to = st.replica
         if to == r.id:
             return r.drop("status-from-self", st)
+        # A budget, not a count: one answer per peer per half status interval, however fast it
+        # sends (a correct replica sends one per interval; a flood costs us nothing more).
+        if now_ms - self.answered_ms.get(to, -(1 << 62)) < r.params.status_interval_ms // 2:
+            return r.drop("status-too-often", st)
+        self.answered_ms[to] = now_ms
         own = r.checkpoints.own
         for seq in sorted(s for s in own if s > st.stable)[-STATUS_CHECKPOINTS_MAX:]:
             r.outbox.append(Send(to, Checkpoint(seq, own[seq].root, r.id)))
@@ -67,13 +75,17 @@ class StatusRecovery:
                 r.outbox.append(Send(to, vc))
         if st.view != r.view or st.view_changing or r.view_changing:
             return
-        sent = 0
+        sent = inline_bytes = 0
         for seq in range(max(st.settled, r.stable) + 1, r.stable + r.params.log_window + 1):
             slot = r.normal.log.get(seq)
             if slot is None or slot.pre_prepare is None:
                 continue
             if r.is_primary():
-                r.outbox.append(Send(to, slot.pre_prepare))
+                pp = r.large.by_reference(slot.pre_prepare)  # as first sent: large bodies by digest
+                inline_bytes += sum(len(q.raw) for q in pp.requests if isinstance(q, Request))
+                if inline_bytes > STATUS_ANSWER_BYTES_MAX and sent:
+                    break
+                r.outbox.append(Send(to, pp))
             elif r.id in slot.prepares:
                 r.outbox.append(Send(to, Prepare(r.view, seq, slot.prepares[r.id], r.id)))
             if r.id in slot.commits:

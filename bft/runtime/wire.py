@@ -126,6 +126,16 @@ class Wire:
                     self.dropped["bad-request-authentication"] += 1
                     return None
         if kr is not None and isinstance(msg, NewView):
+            # Its shape first, the signatures after: at most n view changes, one per replica,
+            # all for its view. A NEW-VIEW of a thousand copies of one view change is rejected
+            # before a thousand signature checks.
+            replicas = {vc.replica for vc in msg.view_changes}
+            if len(replicas) != len(msg.view_changes) or any(vc.view != msg.view for vc in msg.view_changes):
+                self.dropped["malformed-new-view"] += 1
+                return None
+            if not replicas <= set(range(kr.n)):
+                self.dropped["malformed-new-view"] += 1
+                return None
             for vc in msg.view_changes:
                 if not kr.check_signature(vc.replica, ViewChange.TYPE, vc.raw, vc.signature):
                     self.dropped["bad-view-change-signature"] += 1
