@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import statistics
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,14 +51,19 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
 
 
-async def latency(make_client, arg: int, res: int, ops: int, read_only: bool = False) -> dict:
+async def latency(
+    make_client, arg: int, res: int, ops: int, read_only: bool = False, seconds: float = math.inf
+) -> dict:
+    """Sequential operations from client 0 after a warm-up: ``ops`` of them, or as many as fit in
+    ``seconds`` when that comes first."""
     op = NullService.op(res, bytes(arg))
     async with make_client(0) as c:
         await c.wait_connected()
         for _ in range(min(200, ops)):
             await c.invoke(op, read_only)
         samples = []
-        for _ in range(ops):
+        stop_at = time.perf_counter() + seconds
+        while len(samples) < ops and time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             await c.invoke(op, read_only)
             samples.append((time.perf_counter() - t0) * 1e3)
@@ -64,11 +71,15 @@ async def latency(make_client, arg: int, res: int, ops: int, read_only: bool = F
     return {
         "median_ms": statistics.median(samples),
         "p90_ms": samples[int(len(samples) * 0.9)],
-        "ops": ops,
+        "p99_ms": samples[int(len(samples) * 0.99)],
+        "ops": len(samples),
     }
 
 
-async def throughput(make_client, clients: int, seconds: float) -> dict:
+async def throughput(make_client, clients: int, seconds: float, cpu_s: Callable[[], float] | None = None) -> dict:
+    """Null operations from ``clients`` closed-loop clients for ``seconds`` after a 1 s warm-up.
+    ``cpu_s``, when given, is read at the start and end of the measured part: ``cpu_s`` in the
+    result is the difference (the caller says whose CPU time it reads)."""
     op = NullService.op(0)
     cs = [make_client(i) for i in range(clients)]
     for c in cs:
@@ -87,10 +98,15 @@ async def throughput(make_client, clients: int, seconds: float) -> dict:
         stop_at = time.perf_counter() + 1.0  # warm-up
         await asyncio.gather(*(loop(c) for c in cs))
         done = 0
+        cpu0 = cpu_s() if cpu_s is not None else 0.0
         t0 = time.perf_counter()
         stop_at = t0 + seconds
         await asyncio.gather(*(loop(c) for c in cs))
-        return {"ops_per_s": done / (time.perf_counter() - t0), "clients": clients}
+        elapsed = time.perf_counter() - t0
+        out = {"ops_per_s": done / elapsed, "clients": clients, "ops": done, "seconds": elapsed}
+        if cpu_s is not None:
+            out["cpu_s"] = cpu_s() - cpu0
+        return out
     finally:
         for c in cs:
             await c.close()

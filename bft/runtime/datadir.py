@@ -48,7 +48,9 @@ class DataDir:
             try:
                 records = [decode_record(data, self.limits) for data in self.promises.load()]
             except (LogDamaged, RecordDamaged) as exc:
-                self.damaged(f"{self.promises.path}: {exc}", self.promises.path)
+                # A LogDamaged names the file already; a RecordDamaged does not.
+                problem = str(exc) if isinstance(exc, LogDamaged) else f"{self.promises.path}: {exc}"
+                self.damaged(problem, self.promises.path)
                 self.promises = PromiseLog(self.directory, self.promises.fsync)
                 self.promises.load()
                 records = []
@@ -56,6 +58,8 @@ class DataDir:
 
     def damaged(self, problem: str, path: Path) -> None:
         aside = _set_aside(path)
+        if path == self.checkpoints.path:
+            self.checkpoints.distrust()
         self.problems.append(problem)
         log.error("%s; set aside as %s, recovering from the other replicas", problem, aside)
 

@@ -5,6 +5,9 @@ partitions that changed since the previous one. The manifest (``checkpoint.msgpa
 number, root digest, partition digests, certificate) is replaced with write-to-temporary, fsync,
 rename, fsync-directory, after its partitions are on disk; a crash therefore leaves the previous
 checkpoint or the new one, never a torn one. Partitions no manifest names are removed afterwards.
+After a damaged checkpoint was set aside, the next write also reads back the partition files it
+would keep and replaces those that differ: a file with the right name and the wrong bytes would
+otherwise outlive every later checkpoint, and be found damaged at every restart.
 Only the newest checkpoint matters: if one is being written when others arrive, the latest waits
 and those in between are skipped.
 """
@@ -47,6 +50,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
+
+
 class CheckpointStore:
     MANIFEST = "checkpoint.msgpack"
 
@@ -61,6 +71,9 @@ class CheckpointStore:
         self._writing: asyncio.Task | None = None
         self._next: Persist | None = None
         self.saved_seq = 0
+        # False once a checkpoint read back was damaged: a partition file may then hold other
+        # bytes than its name says, and the next write replaces every one that differs.
+        self._parts_trusted = True
 
     def load(self) -> Persist | None:
         try:
@@ -83,6 +96,12 @@ class CheckpointStore:
         self.saved_seq = seq
         return Persist(seq, Snapshot(bytes(root), parts, digests), proof)
 
+    def distrust(self) -> None:
+        """The checkpoint on disk was damaged and set aside: it is not persisted, and the
+        partition files it left are checked against the next checkpoint before being kept."""
+        self.saved_seq = 0
+        self._parts_trusted = False
+
     def save(self, checkpoint: Persist) -> None:
         self._next = checkpoint
         if self._writing is None or self._writing.done():
@@ -98,6 +117,7 @@ class CheckpointStore:
                 log.error("could not persist checkpoint %d in %s: %s", checkpoint.seq, self.directory, exc)
                 continue
             self.saved_seq = checkpoint.seq
+            self._parts_trusted = True
 
     def _write(self, checkpoint: Persist) -> None:
         snap = checkpoint.snapshot
@@ -105,8 +125,9 @@ class CheckpointStore:
         for d, part in zip(snap.digests, snap.parts, strict=True):
             name = d.hex()
             names.add(name)
-            if not (self.parts_dir / name).exists():
-                _write_atomically(self.parts_dir / name, part)
+            path = self.parts_dir / name
+            if not path.exists() or not (self._parts_trusted or _holds(path, part)):
+                _write_atomically(path, part)
         _fsync_dir(self.parts_dir)
         manifest = (FORMAT, checkpoint.seq, snap.root, list(snap.digests), list(checkpoint.proof))
         _write_atomically(self.path, msgpack.packb(manifest))
