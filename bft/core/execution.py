@@ -138,7 +138,7 @@ class Execution:
             r.normal.pending_ids.discard((req.client, req.timestamp))
             r.large.bodies.pop(req.digest, None)
             if not tentative:  # a tentative execution may be undone: keep waiting on it
-                r.timer.waiting.pop((req.client, req.timestamp), None)
+                r.timer.done((req.client, req.timestamp))
             if not self.clients.is_new(req.client, req.timestamp):
                 continue  # a duplicate ordered twice executes once, the same way everywhere
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
@@ -168,7 +168,7 @@ class Execution:
         r.promise(Committed(seq, pp.digest))
         r.outbox.append(Executed(pp))
         for req in self.executed_batches[seq].requests:
-            r.timer.waiting.pop((req.client, req.timestamp), None)
+            r.timer.done((req.client, req.timestamp))
         r.timer.arm()
         self._serve_deferred_reads()
         if seq % r.params.checkpoint_interval == 0:

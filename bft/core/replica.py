@@ -197,3 +197,5 @@ class Replica:
         assert sum(map(len, self.view_change.view_changes.values())) <= self.n, "one view change per replica"
         assert len(self.large.unresolved) <= L
         assert not self.timer.deadline_ms or self.timer.waiting or self.view_changing, "timer runs for a request"
+        assert self.timer.waiting.keys() == self.timer.arrived_ms.keys()
+        assert sum(self.timer.per_client.values()) == len(self.timer.waiting)

@@ -259,8 +259,8 @@ class ViewChanges:
                 if key not in decided and r.execution.clients.is_new(*key):
                     normal.pending.append(req)
                     normal.pending_ids.add(key)
-            timer.waiting.clear()
+            timer.clear()
             normal.propose(r.now_ms)
         else:
-            timer.head = None
+            timer.restart_clocks()
             timer.arm()

@@ -1,11 +1,18 @@
 """The view timer (OSDI 1999, section 4.4): a backup that holds a request it has not seen
 executed suspects the primary when the request waits longer than the view timeout, and starts a
 view change. Successive view changes without progress double the timeout (up to a cap).
+
+As Aardvark (Clement et al., NSDI 2009) does, a request's time runs from its arrival, not from
+when it became the oldest one waiting: a primary that executes each request just before its
+timeout would otherwise restart the timer in full for the next one, and never be replaced. A new
+view starts every clock again (its primary gets a full timeout). Each client has a fair share of
+the waiting set, so a flooding client cannot push the others' requests out of it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from bft.messages import Request
@@ -22,11 +29,13 @@ VIEW_BACKOFF_MAX = 6
 
 
 class ViewTimer:
-    __slots__ = ("attempt", "deadline_ms", "head", "r", "waiting")
+    __slots__ = ("arrived_ms", "attempt", "deadline_ms", "head", "per_client", "r", "waiting")
 
     def __init__(self, replica: Replica) -> None:
         self.r = replica
         self.waiting: dict[tuple[int, int], Request] = {}  # requests we saw and wait to see executed
+        self.arrived_ms: dict[tuple[int, int], int] = {}  # when each came (or its view began)
+        self.per_client: Counter[int] = Counter()
         self.deadline_ms: int | None = None
         self.head: tuple[int, int] | None = None  # the request the timer runs for
         self.attempt = 0  # successive view changes without progress: the back-off exponent
@@ -34,33 +43,58 @@ class ViewTimer:
     def timeout_ms(self) -> int:
         return self.r.params.view_timeout_ms << min(self.attempt, VIEW_BACKOFF_MAX)
 
-    def hold(self, key: tuple[int, int], req: Request) -> None:
-        """Remember a request we expect to see executed (bounded: a flood is not remembered)."""
-        if len(self.waiting) < WAITING_REQUESTS_MAX:
-            self.waiting.setdefault(key, req)
+    def hold(self, key: tuple[int, int], req: Request) -> bool:
+        """Remember a request we expect to see executed; bounded in all and per client (a
+        correct client has at most ``client_window`` requests in flight)."""
+        if key in self.waiting:
+            return True
+        if len(self.waiting) >= WAITING_REQUESTS_MAX or self.per_client[key[0]] >= self.r.params.client_window:
+            self.r.stats["waiting-requests-refused"] += 1
+            return False
+        self.waiting[key] = req
+        self.arrived_ms[key] = self.r.now_ms
+        self.per_client[key[0]] += 1
+        return True
 
     def wait_on(self, key: tuple[int, int], req: Request) -> None:
-        if len(self.waiting) < WAITING_REQUESTS_MAX:
-            self.waiting.setdefault(key, req)
+        if self.hold(key, req):
             self.arm()
 
+    def done(self, key: tuple[int, int]) -> None:
+        if self.waiting.pop(key, None) is not None:
+            del self.arrived_ms[key]
+            self.per_client[key[0]] -= 1
+            if not self.per_client[key[0]]:
+                del self.per_client[key[0]]
+
+    def clear(self) -> None:
+        self.waiting.clear()
+        self.arrived_ms.clear()
+        self.per_client.clear()
+
+    def restart_clocks(self) -> None:
+        """A new view: its primary gets a full timeout for every request still waiting."""
+        for key in self.arrived_ms:
+            self.arrived_ms[key] = self.r.now_ms
+        self.head = None
+
     def arm(self) -> None:
-        """The paper's rule (section 4.4): the timer runs for one request we wait on, the oldest;
-        it restarts only when that one executes and others still wait. Progress on other
-        requests does not restart it, so a primary that censors a client is replaced."""
+        """The timer runs for one request we wait on, the oldest, until its arrival plus the
+        timeout. Progress on other requests does not move it, so a primary that censors a client
+        is replaced; nor does the execution of the one before it, so a slow one is too."""
         r = self.r
         if r.view_changing:
             return
         tentative = r.execution.tentative_requests()
         clients = r.execution.clients
         for key in [k for k in self.waiting if not clients.is_new(*k) and k not in tentative]:
-            del self.waiting[key]  # executed meanwhile (by state transfer, say)
+            self.done(key)  # executed meanwhile (by state transfer, say)
         head = next(iter(self.waiting), None)
         if head is None:
             self.deadline_ms = self.head = None
         elif head != self.head or self.deadline_ms is None:
             self.head = head
-            self.deadline_ms = r.now_ms + self.timeout_ms()
+            self.deadline_ms = self.arrived_ms[head] + self.timeout_ms()
 
     def start_for_view_change(self) -> None:
         """2f+1 replicas are changing view: give the new primary one timeout to deliver."""
