@@ -71,31 +71,12 @@ class DataDir:
     def pending(self) -> bool:
         return self.promises is not None and self.promises.pending
 
-    @property
-    def syncs(self) -> bool:
-        """Whether a commit is two halves, the second (fsync) to be run off the event loop."""
-        return self.promises is not None and self.promises.fsync
-
-    def write(self) -> None:
-        """The group commit's first half; with ``syncs``, ``sync`` follows (in a thread)."""
+    def commit(self) -> None:
+        """The group commit; then, once a newer checkpoint is on disk, the log's older part goes."""
         assert self.promises is not None
-        self.promises.write()
-        if not self.syncs:
-            self._truncate_if_due()
-
-    def sync(self) -> None:
-        assert self.promises is not None
-        self.promises.sync()
-
-    def synced(self) -> None:
-        """Back on the event loop after ``sync``."""
-        self._truncate_if_due()
-
-    def _truncate_if_due(self) -> None:
-        # Once a newer checkpoint is on disk, the part of the log it covers goes.
-        assert self.promises is not None
+        self.promises.commit()
         saved = self.checkpoints.saved_seq
-        if saved > self.truncated_to and not self.promises.pending:
+        if saved > self.truncated_to:
             self.promises.truncate(saved)
             self.truncated_to = saved
 

@@ -7,7 +7,6 @@ decisions are the core's; this module only authenticates, decodes, delivers and 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 from collections import Counter
@@ -58,10 +57,7 @@ class Node:
         self.core = core
         self.wire = wire
         self.data = data
-        self._held: list[Effect] | None = None  # effects behind promises not yet written
-        self._syncing: list[Effect] | None = None  # effects behind the fsync in flight
-        self._sync_future: asyncio.Future | None = None
-        self._fsync_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-fsync")
+        self._held: list[Effect] | None = None  # effects waiting for the group commit, if one is due
         self.host, self.port, self.admin_port = host, port, admin_port
         self.name = name
         self.transport_drops: Counter[str] = wire.dropped
@@ -117,11 +113,8 @@ class Node:
             await self._server.wait_closed()
         if self._admin is not None:
             await self._admin.cleanup()
-        if self._sync_future is not None:
-            await self._sync_future
         if self.data is not None:
             await self.data.close()
-        self._fsync_thread.shutdown()
 
     def _recover(self, data: DataDir) -> None:
         core = self.core
@@ -188,50 +181,27 @@ class Node:
     def _dispatch(self, effects: list[Effect]) -> None:
         """The router: the core's effects become frames, disk writes and nothing else.
 
-        Persist, then send: a promise goes to the log's buffer, and from then on every effect
-        waits until the records before it are written (and in "strict" fsynced): one group
-        commit at the end of this event-loop iteration writes them all. The fsync runs in a
-        thread, so the loop goes on meanwhile; what the loop produces then waits its turn too,
-        and the next group commit starts when this one is on disk."""
+        Persist, then send: a promise goes to the log's buffer, and from then until the group
+        commit at the end of this event-loop iteration (written, and fsynced in "strict"), every
+        effect waits, so nothing leaves before the promises made ahead of it are on disk."""
         for effect in effects:
             if isinstance(effect, Promise):
                 assert self.data is not None, "a core that keeps promises needs a data directory"
                 self.data.append(effect.record)
                 if self._held is None:
                     self._held = []
-                    if self._syncing is None:
-                        asyncio.get_running_loop().call_soon(self._group_commit)
+                    asyncio.get_running_loop().call_soon(self._group_commit)
             elif self._held is not None:
                 self._held.append(effect)
-            elif self._syncing is not None:
-                self._syncing.append(effect)
             else:
                 self._route(effect)
 
     def _group_commit(self) -> None:
-        assert self.data is not None
-        if self._syncing is not None or self._held is None:
-            return  # the sync in flight starts us again when it is done
-        self.data.write()
-        batch, self._held = self._held, None
-        if not self.data.syncs:
-            for effect in batch:
-                self._route(effect)
-            return
-        self._syncing = batch
-        self._sync_future = asyncio.get_running_loop().run_in_executor(self._fsync_thread, self.data.sync)
-        self._sync_future.add_done_callback(self._synced)
-
-    def _synced(self, future: asyncio.Future) -> None:
-        future.result()  # a failed fsync raises: the node stops (the log cannot be trusted)
-        assert self.data is not None and self._syncing is not None
-        self.data.synced()
-        batch, self._syncing = self._syncing, None
-        self._sync_future = None
-        for effect in batch:
+        assert self.data is not None and self._held is not None
+        self.data.commit()
+        held, self._held = self._held, None
+        for effect in held:
             self._route(effect)
-        if self._held is not None:
-            self._group_commit()
 
     def _route(self, effect: Effect) -> None:
         match effect:

@@ -161,8 +161,6 @@ class PromiseLog:
         self._fd: int | None = None  # open from load() until close() or a failed commit
         self._salt = 0
         self._size = 0  # bytes in the file after the last commit that succeeded
-        self._unsynced = 0  # records written by write() and not yet covered by sync()
-        self._unsynced_bytes = 0
         self._entries: list[tuple[int | None, bytes]] = []  # every record in the file, in order
         self._pending: list[tuple[int | None, bytes]] = []
         self._pending_parts: list[bytes] = []
@@ -270,58 +268,31 @@ class PromiseLog:
         An OSError (a full disk, EIO) propagates and leaves the log closed: after a failed fsync
         the kernel may have dropped the dirty pages, and a second fsync may report success, so
         the only safe continuation is a restart that reads the file back."""
-        self.write()
-        if self.fsync:
-            self.sync()
-
-    def write(self) -> None:
-        """The first half of a commit: the records reach the kernel (one os.write)."""
-        assert self._fd is not None, "write() after load() and before close()"
-        assert not self._unsynced, "write() before the previous write's sync()"
+        assert self._fd is not None, "commit() after load() and before close()"
         if not self._pending:
             return
         data = b"".join(self._pending_parts)
         try:
             self.stats["writes"] += _write_all(self._fd, data)
+            if self.fsync:
+                started = time.perf_counter()
+                os.fsync(self._fd)
+                self.stats["fsyncs"] += 1
+                self.stats["fsync_seconds"] += time.perf_counter() - started
         except OSError:
             self._fail()
             raise
-        self._unsynced_bytes = len(data)
-        self._unsynced = len(self._pending)
+        self._size += len(data)
         self._entries.extend(self._pending)
-        if not self.fsync:
-            self._settle()
         self.stats["commits"] += 1
         self.stats["records"] += len(self._pending)
         self.stats["bytes"] += len(data)
         self._pending.clear()
         self._pending_parts.clear()
 
-    def sync(self) -> None:
-        """The second half: what was written is on disk. It touches nothing but the file and its
-        counters, so the node runs it in a thread while its event loop goes on (and appends no
-        more until it returns)."""
-        assert self._fd is not None, "sync() after load() and before close()"
-        started = time.perf_counter()
-        try:
-            os.fsync(self._fd)
-        except OSError:
-            self._fail()
-            raise
-        self.stats["fsyncs"] += 1
-        self.stats["fsync_seconds"] += time.perf_counter() - started
-        self._settle()
-
-    def _settle(self) -> None:
-        self._size += self._unsynced_bytes
-        self._unsynced = self._unsynced_bytes = 0
-
     def _fail(self) -> None:
         fd, self._fd = self._fd, None
         assert fd is not None
-        if self._unsynced:  # written but never known to be on disk: the half commit goes
-            del self._entries[-self._unsynced:]
-            self._unsynced = self._unsynced_bytes = 0
         self._pending.clear()
         self._pending_parts.clear()
         with contextlib.suppress(OSError):  # best effort: no half record for the restart to judge
@@ -334,7 +305,6 @@ class PromiseLog:
         """Keep only the records with seq > ``stable`` and the last record whose seq is None.
         Call it once the checkpoint at ``stable`` is durably on disk, with nothing pending."""
         assert self._fd is not None, "truncate() after load() and before close()"
-        assert not self._unsynced, "truncate() while a write waits for its sync"
         assert not self._pending, "truncate() with records appended but not committed"
         last_view = max((i for i, (seq, _) in enumerate(self._entries) if seq is None), default=-1)
         kept = [e for i, e in enumerate(self._entries) if i == last_view or (e[0] is not None and e[0] > stable)]
