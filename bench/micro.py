@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bft import config as cfg
-from bft.core.params import DEFAULT_PARAMS
+from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES
 from bft.launch import start_replicas, stop_replicas
 from bft.local import free_base_port, wait_for_port
 from bft.runtime.process import run_async
@@ -187,14 +187,14 @@ OPTIMISATIONS = [
 ]
 
 
-def measure_optimisations(tmp: Path, ops: int) -> dict:
+def measure_optimisations(tmp: Path, ops: int, durability: str) -> dict:
     """Median read-write latency with each optimisation off and on, on a fresh cluster each."""
     out: dict = {}
     for label, switch, (arg, res) in OPTIMISATIONS:
         out[switch] = {}
         for on in (False, True):
             directory = tmp / f"{switch}-{on}"
-            params = replace(DEFAULT_PARAMS, **{switch: on})
+            params = replace(DEFAULT_PARAMS, durability=durability, **{switch: on})
             cfg.keygen(directory, 1, 2, base_port=free_base_port(4), params=params)
             cluster = cfg.load(directory / "cluster.toml")
             procs = start_replicas(cluster, "null", directory / "logs", "warning")
@@ -228,11 +228,16 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16, help="closed-loop clients for throughput")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--skip-optimisations", action="store_true", help="skip the per-switch comparison")
+    ap.add_argument(
+        "--durability", choices=DURABILITY_MODES, default="memory",
+        help="what the replicas keep on disk (default memory: the paper's, and like the unreplicated server, "
+        "no disk on the path; bench.durability measures the others)",
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         base = free_base_port(4)
-        cfg.keygen(tmp, 1, args.clients + 1, base_port=base)
+        cfg.keygen(tmp, 1, args.clients + 1, base_port=base, params=replace(DEFAULT_PARAMS, durability=args.durability))
         cluster = cfg.load(Path(tmp) / "cluster.toml")
         procs = start_replicas(cluster, "null", Path(tmp) / "logs", "warning")
         port = free_base_port(1)
@@ -244,7 +249,8 @@ def main() -> None:
             time.sleep(1.0)
             results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d")}
             print(f"machine: {results['machine']}", flush=True)
-            print("4 replicas (f = 1) on 127.0.0.1:", flush=True)
+            results["durability"] = args.durability
+            print(f"4 replicas (f = 1, durability {args.durability}) on 127.0.0.1:", flush=True)
             results["replicated"] = run_async(measure("replicated", lambda i: Client(cluster, i), args, True))
             print("bft serve (no replication):", flush=True)
             results["unreplicated"] = run_async(
@@ -256,7 +262,7 @@ def main() -> None:
             server.wait(5)
         if not args.skip_optimisations:
             print("each optimisation off and on (a fresh cluster each):", flush=True)
-            results["optimisations"] = measure_optimisations(Path(tmp), max(200, args.ops // 2))
+            results["optimisations"] = measure_optimisations(Path(tmp), max(200, args.ops // 2), args.durability)
 
     md = table(results, args.clients)
     if "optimisations" in results:

@@ -151,6 +151,7 @@ class Client:
         if not isinstance(msg, Reply):
             return
         self.core.on_reply(msg, self._now_ms())
+        self._send(self.core.take_outbox())  # a fallback or a resend goes at once, not at the next tick
         for ts, result in self.core.take_completed():
             fut = self._futures.get(ts)
             if fut is not None and not fut.done():

@@ -27,6 +27,8 @@ from bft.messages import Reply, Request, digest
 log = logging.getLogger("bft.client")
 
 TIMEOUT_BACKOFF_MAX = 16
+# A replica that missed this many results in a row is not waited for (until it answers again).
+SILENT_AFTER = 3
 
 
 def result_key(reply: Reply) -> bytes:
@@ -45,6 +47,7 @@ class Pending:
     deadline_ms: int
     timeout_ms: int
     origin: int  # the timestamp the caller knows the operation by
+    resent_for_full: bool = False
     replies: dict[int, Reply] = field(default_factory=dict)
 
 
@@ -61,6 +64,7 @@ class ClientCore:
         self.completed: list[tuple[int, bytes]] = []  # (timestamp, result), drained by the driver
         self.dropped: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
+        self.misses: Counter[int] = Counter()  # replica -> results in a row it did not answer
 
     @property
     def primary(self) -> int:
@@ -108,6 +112,11 @@ class ClientCore:
         self.stats["read-only-fallbacks"] += 1
         self.outbox.append(Send(self.primary, req))
 
+    def _awaited(self, pending: Pending) -> set[int]:
+        """Replicas that have not answered this request and are worth waiting for: not those
+        that missed the last ``SILENT_AFTER`` results (a crashed one soon is not)."""
+        return {i for i in range(self.n) if i not in pending.replies and self.misses[i] < SILENT_AFTER}
+
     def on_reply(self, reply: Reply, now_ms: int) -> None:
         pending = self.inflight.get(reply.timestamp)
         if reply.client != self.id or pending is None:
@@ -130,24 +139,39 @@ class ClientCore:
             enough = committed >= self.f + 1 or len(matching) >= 2 * self.f + 1
         full = next((r.result for r in matching if not r.digest_only), None)
         if enough and full is None:
-            # Agreed on a digest; the full result comes from the designated replica, or, if it
-            # is slow or down, from everyone when we resend, which we do soon rather than late.
+            # Agreed on a digest; the full result comes from the designated replica. Once every
+            # other live replica has answered and it has not, it is slow or down: resend to all
+            # at once (a retransmission is answered in full); until then, wait a little for it.
+            designated = (self.id + pending.request.timestamp) % self.n
+            others_done = designated not in pending.replies and not self._awaited(pending) - {designated}
+            if others_done and not pending.request.read_only and not pending.resent_for_full:
+                pending.resent_for_full = True
+                self.stats["resent-for-full-result"] += 1
+                self.outbox.append(Broadcast(pending.request))
+                return
             pending.deadline_ms = min(pending.deadline_ms, now_ms + self.params.request_timeout_ms // 10)
             return
         if not enough:
             if pending.request.read_only:
-                # Fall back to the ordered path once no quorum can form, or once 2f+1 replicas
-                # disagree: the rest may be down, and waiting for them costs a time-out, while
-                # ordering costs one more round (a replica that is merely behind shows up here).
+                # Fall back to the ordered path once no quorum can form among the replies we
+                # have and those live replicas may still send. A liar or a replica that is
+                # behind among the first 2f+1 does not cost the ordered path when the others
+                # can still agree: their replies come at once; a crashed one is not waited for.
                 best = max(Counter(result_key(r) for r in pending.replies.values()).values())
-                quorum = 2 * self.f + 1
-                if best + self.n - len(pending.replies) < quorum or len(pending.replies) >= quorum:
+                if best + len(self._awaited(pending)) < 2 * self.f + 1:
                     self._fall_back(pending, now_ms)
+                elif len(pending.replies) >= 2 * self.f + 1:
+                    pending.deadline_ms = min(pending.deadline_ms, now_ms + self.params.request_timeout_ms // 10)
             return
         # f+1 replicas vouch for this view or a later one; a single liar cannot push us ahead.
         views = sorted((r.view for r in matching), reverse=True)
         self.view = max(self.view, views[self.f])
         del self.inflight[reply.timestamp]
+        for i in range(self.n):
+            if i in pending.replies:
+                self.misses.pop(i, None)
+            else:
+                self.misses[i] += 1
         self.completed.append((pending.origin, full))
 
     def tick(self, now_ms: int) -> list[Send | Broadcast]:

@@ -1,0 +1,60 @@
+"""The client core under a lying or crashed replica: faults cost what they must and no more."""
+
+from __future__ import annotations
+
+from bft.core.client import ClientCore
+from bft.core.effects import Broadcast
+from bft.messages import Reply, digest
+from bft.service import KVService
+
+from .test_core import PARAMS
+
+
+def test_a_liar_among_the_first_replies_does_not_send_a_read_down_the_ordered_path() -> None:
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    client.submit(KVService.get(b"k"), 0, read_only=True)
+    client.take_outbox()
+    client.on_reply(Reply(0, 100, 5, 0, b"a"), 1)
+    client.on_reply(Reply(0, 100, 5, 3, b"lie"), 1)
+    client.on_reply(Reply(0, 100, 5, 1, b"a"), 1)  # 2f+1 replies, no quorum yet, one may come
+    assert client.take_outbox() == [] and client.stats["read-only-fallbacks"] == 0
+    client.on_reply(Reply(0, 100, 5, 2, b"a"), 1)
+    assert client.take_completed() == [(100, b"a")]
+
+
+def test_a_read_falls_back_at_once_when_the_replica_that_could_agree_is_known_dead() -> None:
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    now = 0
+    for ts in range(100, 103):  # replica 3 misses three results in a row: it is not awaited
+        client.submit(KVService.get(b"k"), now, read_only=True)
+        for r in range(3):
+            client.on_reply(Reply(0, ts, 5, r, b"a"), now + 1)
+        now += PARAMS.request_timeout_ms
+    client.take_outbox()
+    client.take_completed()
+    req = client.submit(KVService.get(b"k"), now, read_only=True)
+    client.take_outbox()
+    client.on_reply(Reply(0, req.timestamp, 5, 0, b"a"), now + 1)
+    client.on_reply(Reply(0, req.timestamp, 5, 1, b"b"), now + 1)  # a write in between
+    client.on_reply(Reply(0, req.timestamp, 5, 2, b"a"), now + 1)
+    [fallback] = client.take_outbox()
+    assert not fallback.msg.read_only and client.stats["read-only-fallbacks"] == 1
+
+
+def test_a_dead_designated_replica_costs_one_resend_not_a_timeout() -> None:
+    """Digest replies: the designated replica sends the full result, the others its digest. When
+    every other replica has answered with the digest, the client resends at once (everyone answers
+    a retransmission in full) instead of waiting."""
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    req = client.submit(KVService.put(b"k", b"v"), 0)
+    client.take_outbox()
+    result = b"x" * 1000
+    designated = (5 + req.timestamp) % 4
+    others = [r for r in range(4) if r != designated]
+    for r in others[:2]:
+        client.on_reply(Reply(0, req.timestamp, 5, r, digest(result), False, True), 1)
+    assert client.take_outbox() == []  # two digests: the third may still come, and the full one
+    client.on_reply(Reply(0, req.timestamp, 5, others[2], digest(result), False, True), 1)
+    assert client.take_outbox() == [Broadcast(req)] and client.stats["resent-for-full-result"] == 1
+    client.on_reply(Reply(0, req.timestamp, 5, others[0], result), 2)
+    assert client.take_completed() == [(100, result)]
