@@ -41,6 +41,7 @@ class LargeRequests:
         for pp in [self.unresolved[s] for s in sorted(self.unresolved)]:
             if req.digest in pp.requests:
                 self.r.normal.on_pre_prepare(pp, self.r.now_ms)
+        self.r.learner.execute()
 
     def by_reference(self, pp: PrePrepare) -> PrePrepare:
         """The pre-prepare as sent: large requests replaced by their digests."""
@@ -49,18 +50,23 @@ class LargeRequests:
         refs = tuple(q.digest if self.is_large(q) else q for q in pp.requests)
         return PrePrepare(pp.view, pp.seq, pp.timestamp, refs, pp.replica, pp.digest)
 
-    def resolve_or_hold(self, pp: PrePrepare) -> PrePrepare | None:
-        """The pre-prepare with every body in place; or None, holding it (bounded) until the
-        bodies come or the batch is fetched at the next status tick."""
+    def resolve(self, pp: PrePrepare) -> PrePrepare | None:
+        """The pre-prepare with every body in place, or None if some body has not come."""
         requests = []
         for q in pp.requests:
             body = self.bodies.get(q) if isinstance(q, bytes) else q
             if body is None:
-                if len(self.unresolved) < self.r.params.log_window:
-                    self.unresolved[pp.seq] = pp
                 return None
             requests.append(body)
         return PrePrepare(pp.view, pp.seq, pp.timestamp, tuple(requests), pp.replica, pp.digest)
+
+    def resolve_or_hold(self, pp: PrePrepare) -> PrePrepare | None:
+        """``resolve``; or None, holding the pre-prepare (bounded) until the bodies come or the
+        batch is fetched at the next status tick."""
+        full = self.resolve(pp)
+        if full is None and len(self.unresolved) < self.r.params.log_window:
+            self.unresolved[pp.seq] = pp
+        return full
 
     def fetch_unresolved(self) -> None:
         r = self.r

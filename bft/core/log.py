@@ -156,6 +156,8 @@ class NormalCase:
 
     def on_pre_prepare(self, pp: PrePrepare, now_ms: int) -> None:
         r = self.r
+        if pp.view < r.view:
+            return r.learner.on_pre_prepare(pp)
         reason = self._ignore(pp)
         if reason:
             return r.drop(reason, pp)
@@ -210,6 +212,8 @@ class NormalCase:
 
     def on_commit(self, c: Commit, now_ms: int) -> None:
         r = self.r
+        if c.view < r.view:
+            return r.learner.on_commit(c)
         reason = self._ignore(c)
         if reason:
             return r.drop(reason, c)

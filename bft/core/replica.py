@@ -20,6 +20,7 @@ from bft.core.checkpoints import Checkpoints
 from bft.core.effects import Effect, Persist, Promise
 from bft.core.execution import Execution
 from bft.core.large import LargeRequests
+from bft.core.learner import Learner
 from bft.core.log import NormalCase
 from bft.core.params import Params
 from bft.core.promises import Record
@@ -62,6 +63,7 @@ class Replica:
         "id",
         "keeps_promises",
         "large",
+        "learner",
         "n",
         "normal",
         "now_ms",
@@ -99,6 +101,7 @@ class Replica:
         self.transfer = StateTransfer(self)
         self.normal = NormalCase(self)
         self.large = LargeRequests(self)
+        self.learner = Learner(self)
         self.timer = ViewTimer(self)
         self.view_change = ViewChanges(self)
         self.status = StatusRecovery(self)

@@ -73,7 +73,10 @@ class StatusRecovery:
             vc = r.view_change.own()
             if vc is not None:
                 r.outbox.append(Send(to, vc))
-        if st.view != r.view or st.view_changing or r.view_changing:
+        # A peer in our view that lacks slots gets our messages for them; so does one that left
+        # our view alone (it cannot speak in it any more, but it learns what commits: Learner).
+        ahead = st.view > r.view
+        if r.view_changing or not (ahead or (st.view == r.view and not st.view_changing)):
             return
         sent = inline_bytes = 0
         for seq in range(max(st.settled, r.stable) + 1, r.stable + r.params.log_window + 1):
@@ -86,7 +89,7 @@ class StatusRecovery:
                 if inline_bytes > STATUS_ANSWER_BYTES_MAX and sent:
                     break
                 r.outbox.append(Send(to, pp))
-            elif r.id in slot.prepares:
+            elif r.id in slot.prepares and not ahead:
                 r.outbox.append(Send(to, Prepare(r.view, seq, slot.prepares[r.id], r.id)))
             if r.id in slot.commits:
                 r.outbox.append(Send(to, Commit(r.view, seq, slot.commits[r.id], r.id)))

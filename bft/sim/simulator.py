@@ -6,7 +6,9 @@ complete. Faults: random delays that reorder, duplicated and lost messages; part
 one replica (the primary too) off for longer than the log window; up to f faulty
 replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted from
 its data directory or with a wiped state, or, for view 0's primary, equivocating: it sends a
-different pre-prepare for each sequence number to half of the backups. Besides these, up to f
+different pre-prepare for each sequence number to half of the backups; within what is left of
+the budget, a liar (``bft.sim.byzantine``: lying replies, wrong checkpoints, view changes that
+hide or invent certificates, lying state transfer, a status flood). Besides these, up to f
 correct replicas restart from their data directory mid-run ("bounces"): with their promise log
 they stay correct, and the checker holds them to it.
 After every input a replica takes, its own invariants must hold (``Replica.check_invariants``:
@@ -52,6 +54,7 @@ from bft.messages import (
     roundtrip,
 )
 from bft.service import KVService
+from bft.sim.byzantine import BEHAVIOURS
 
 
 class Violation(AssertionError):
@@ -274,6 +277,18 @@ class Simulation:
             for i in brng.sample(correct, brng.randint(0, f)):
                 down = brng.randrange(fault_phase_ms)
                 self.bounces.append((down, down + brng.randint(1, 300), i))
+        # A liar, within the fault budget left: a replica that runs the honest core, but whose
+        # messages a behaviour of bft.sim.byzantine rewrites on the way out, for the whole run.
+        self.liar: int | None = None
+        self.behaviour = ""
+        budget = f - len(faulty) - (self.equivocator is not None)
+        if self.faults.byzantine and budget > 0:
+            lrng = random.Random(seed ^ 0xB1A5)
+            bounced = {i for _, _, i in self.bounces}
+            honest = [i for i in range(self.n) if i not in faulty and i != self.equivocator and i not in bounced]
+            if honest and lrng.random() < 0.7:
+                self.liar = lrng.choice(honest)
+                self.behaviour = lrng.choice(sorted(BEHAVIOURS))
 
     def _new_replica(self, i: int) -> Replica:
         return Replica(i, self.f, self.params, KVService)
@@ -309,6 +324,8 @@ class Simulation:
 
     def _route(self, src: tuple[str, int], effects: list[Effect]) -> None:
         kind, i = src
+        if src == ("replica", self.liar):
+            effects = [lie for e in effects for lie in self._lie(e)]
         for effect in effects:
             match effect:
                 case Persist():
@@ -339,12 +356,23 @@ class Simulation:
                 case _:
                     raise AssertionError(f"{kind} {i} asked for an unknown effect: {effect!r}")
 
+    def _lie(self, effect: Effect) -> list[Effect]:
+        rewrite = BEHAVIOURS[self.behaviour]
+        match effect:
+            case Send(to, msg):
+                return [Send(to, m) for m in rewrite(msg)]
+            case Broadcast(msg):
+                return [Broadcast(m) for m in rewrite(msg)]
+            case ReplyTo(client, reply):
+                return [ReplyTo(client, m) for m in rewrite(reply)]
+        return [effect]
+
     def _check_replica(self, i: int, replica: Replica) -> None:
         # The replica's own invariants (a failed assertion is a bug and stops the run with its
         # seed), then agreement within a view: no two replicas commit different batches in one
         # slot of one view.
         replica.check_invariants()
-        if i == self.equivocator:
+        if i in (self.equivocator, self.liar):
             return
         for seq, slot in replica.normal.log.items():
             if slot.committed:
@@ -352,7 +380,7 @@ class Simulation:
 
     def _check_sent(self, src: tuple[str, int], msg: Message) -> None:
         kind, i = src
-        if kind != "replica":
+        if kind != "replica" or i == self.liar:
             return
         if isinstance(msg, Checkpoint) and i != self.equivocator:
             self.checker.checkpoint(i, msg.seq, msg.digest)
