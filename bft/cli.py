@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import msgpack
@@ -262,9 +263,11 @@ def cmd_sim(a: argparse.Namespace) -> None:
 
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     failures = []
+    injected: Counter[str] = Counter()
     t0 = time.monotonic()
     for i, seed in enumerate(seeds, 1):
         r = run_seed(seed, f=a.f, faults=a.faults, ops_per_client=a.ops)
+        injected.update(k.rsplit(" ", 1)[0] for k in r.injected)
         if not r.ok:
             failures.append(r)
             replay = f"bft sim --seed {seed} --f {a.f} --faults {a.faults} --ops {a.ops}"
@@ -273,9 +276,10 @@ def cmd_sim(a: argparse.Namespace) -> None:
             end = "\n" if not sys.stdout.isatty() or i == len(seeds) else ""
             line = f"{i}/{len(seeds)} seeds, {len(failures)} failed, {time.monotonic() - t0:.1f} s"
             print("\r" + line, end=end, flush=True)
+    print("faults injected: " + (", ".join(f"{k} {n}" for k, n in sorted(injected.items())) or "none"))
     if failures:
         raise CliError(f"{len(failures)} of {len(seeds)} seeds failed: {', '.join(str(r.seed) for r in failures)}")
-    print(f"all {len(seeds)} seeds passed (f = {a.f}, faults = {a.faults})")
+    print(f"all {len(seeds)} seeds passed (f = {a.f}, faults = {a.faults}): 0 violations")
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -359,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--first-seed", type=_positive, default=0)
     m.add_argument("--seed", type=_positive, help="replay one seed")
     m.add_argument("--f", type=_positive, default=1)
-    m.add_argument("--faults", default="all", choices=["none", "network", "crash", "all"])
+    m.add_argument(
+        "--faults", default="all", choices=["none", "network", "crash", "byzantine", "all"],
+        help="byzantine: no crashes, the fault budget spent on lies (bft/sim/byzantine.py)",
+    )
     m.add_argument("--ops", type=_positive, default=150, help="operations per simulated client")
     m.set_defaults(func=cmd_sim)
     return p

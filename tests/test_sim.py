@@ -148,3 +148,13 @@ def test_the_promise_check_catches_a_replica_that_forgot_what_it_said() -> None:
 
     assert run("memory").startswith("promise: replica 0 sent a second, different ('PrePrepare', 0,")
     assert run("log") == ""  # with the promise log the same run is correct
+
+
+def test_bft_sim_byzantine_reports_the_faults_it_injected(capsys) -> None:
+    from bft.cli import main
+
+    main(["sim", "--seeds", "6", "--faults", "byzantine", "--ops", "20"])
+    out = capsys.readouterr().out
+    assert "all 6 seeds passed (f = 1, faults = byzantine): 0 violations" in out
+    injected = out.split("faults injected: ")[1].splitlines()[0]
+    assert any(b in injected for b in ("lying", "wrong-checkpoints", "view-changes", "status-flood", "equivocating"))

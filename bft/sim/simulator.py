@@ -36,7 +36,6 @@ from dataclasses import dataclass, field, replace
 import msgpack
 
 from bft.core.client import ClientCore
-from bft.core.clients import ClientTable
 from bft.core.effects import Broadcast, Effect, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import Params
 from bft.core.promises import Record, decode_record, encode_record
@@ -55,10 +54,7 @@ from bft.messages import (
 )
 from bft.service import KVService
 from bft.sim.byzantine import BEHAVIOURS
-
-
-class Violation(AssertionError):
-    pass
+from bft.sim.checker import Checker, Violation
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +67,7 @@ class Faults:
     byzantine: bool = True  # view 0's primary may equivocate
     partitions: bool = True  # one replica at a time may be cut off, for longer than the log window
     bounces: bool = True  # up to f correct replicas restart from their data directory mid-run
+    liar_chance: float = 0.7  # how likely a run gets a liar, where the fault budget leaves room
 
     @staticmethod
     def named(name: str) -> Faults:
@@ -82,7 +79,9 @@ class Faults:
             return Faults(byzantine=False)
         if name == "all":
             return Faults()
-        raise ValueError(f"unknown fault set {name!r} (choose none, network, crash or all)")
+        if name == "byzantine":  # the whole budget for lies: an equivocating primary or a liar
+            return Faults(crashes=False, restarts=False, liar_chance=1.0)
+        raise ValueError(f"unknown fault set {name!r} (choose none, network, crash, byzantine or all)")
 
 
 SIM_PARAMS = Params(
@@ -109,76 +108,7 @@ class Result:
     crashed: tuple[int, ...] = ()
     dropped: Counter[str] = field(default_factory=Counter)
     transcript: str = ""  # digest of every message sent, in order (golden transcripts)
-
-
-class _Checker:
-    def __init__(self, window: int) -> None:
-        self.batches: dict[int, PrePrepare] = {}
-        self.checkpoints: dict[int, bytes] = {}
-        self.committed_slots: dict[tuple[int, int], bytes] = {}
-        self.reference = KVService()
-        self.reference_clients = ClientTable(window)
-        self.reference_time = 0
-        self.reference_seq = 0
-        self.results: dict[tuple[int, int], bytes] = {}
-        self.written: dict[bytes, set[bytes]] = {}
-        self.unverified: dict[tuple[int, int], bytes] = {}
-        self.unverified_reads: list[tuple[int, bytes, bytes]] = []
-
-    def executed(self, replica: int, pp: PrePrepare) -> None:
-        known = self.batches.setdefault(pp.seq, pp)
-        if known.digest != pp.digest:
-            raise Violation(f"agreement: replica {replica} executed a different batch at seq {pp.seq}")
-        while self.reference_seq + 1 in self.batches:
-            batch = self.batches[self.reference_seq + 1]
-            self.reference_time = max(batch.timestamp, self.reference_time + 1)
-            for r in batch.requests:
-                if self.reference_clients.is_new(r.client, r.timestamp):
-                    cmd = KVService._parse(r.op)
-                    if cmd is not None and cmd[0] == "put":
-                        self.written.setdefault(cmd[1], set()).add(cmd[2])
-                        self.unverified_reads = [
-                            (c, k, v) for c, k, v in self.unverified_reads if (k, v) != (cmd[1], cmd[2])
-                        ]
-                    res = self.reference.execute(r.op, r.client, self.reference_time)
-                    self.reference_clients.record(r.client, r.timestamp, res)
-                    self.results[(r.client, r.timestamp)] = res
-                    if (r.client, r.timestamp) in self.unverified:
-                        self.completed(r.client, r.timestamp, self.unverified.pop((r.client, r.timestamp)))
-            self.reference_seq += 1
-
-    def committed(self, replica: int, view: int, seq: int, d: bytes) -> None:
-        if self.committed_slots.setdefault((view, seq), d) != d:
-            raise Violation(f"agreement: replica {replica} committed another batch at seq {seq} in view {view}")
-
-    def checkpoint(self, replica: int, seq: int, d: bytes) -> None:
-        if self.checkpoints.setdefault(seq, d) != d:
-            raise Violation(f"checkpoint: replica {replica} has a different digest at seq {seq}")
-
-    def completed_read(self, client: int, op: bytes, result: bytes) -> None:
-        key = KVService._parse(op)[1]
-        try:
-            ok, value = msgpack.unpackb(result)
-        except (ValueError, TypeError, msgpack.ExtraData) as exc:
-            raise Violation(f"read-only: client {client} got a malformed result {result!r}") from exc
-        if not ok:
-            raise Violation(f"read-only: client {client} read {value!r} for {key!r}: an error")
-        if value is not None and value not in self.written.get(key, ()):
-            # A fallen-back read may have been accepted on tentative replies: the write it saw
-            # must commit (the run fails if it never does).
-            self.unverified_reads.append((client, key, value))
-
-    def completed(self, client: int, ts: int, result: bytes) -> None:
-        if (client, ts) not in self.results:
-            # Accepted on 2f+1 tentative replies before any replica committed it: check it
-            # when it commits (and fail the run if it never does).
-            self.unverified[(client, ts)] = result
-            return
-        expected = self.results[(client, ts)]
-        if expected != result:
-            raise Violation(
-                f"linearisability: client {client} request {ts} got {result!r}, sequential order gives {expected!r}"
-            )
+    injected: tuple[str, ...] = ()  # the faults the seed drew, by kind
 
 
 class _Disk:
@@ -222,7 +152,7 @@ class Simulation:
         self.params = params
         self.fault_phase_ms = fault_phase_ms
         self.heal_budget_ms = heal_budget_ms
-        self.checker = _Checker(params.client_window)
+        self.checker = Checker(params.client_window)
         self.replicas = [self._new_replica(i) for i in range(self.n)]
         self.restarted: set[int] = set()
         self.disks: dict[int, _Disk] = {}  # each replica's data directory
@@ -281,12 +211,12 @@ class Simulation:
         # messages a behaviour of bft.sim.byzantine rewrites on the way out, for the whole run.
         self.liar: int | None = None
         self.behaviour = ""
-        budget = f - len(faulty) - (self.equivocator is not None)
+        budget = f - (len(faulty) if self.faults.crashes else 0) - (self.equivocator is not None)
         if self.faults.byzantine and budget > 0:
             lrng = random.Random(seed ^ 0xB1A5)
             bounced = {i for _, _, i in self.bounces}
             honest = [i for i in range(self.n) if i not in faulty and i != self.equivocator and i not in bounced]
-            if honest and lrng.random() < 0.7:
+            if honest and lrng.random() < self.faults.liar_chance:
                 self.liar = lrng.choice(honest)
                 self.behaviour = lrng.choice(sorted(BEHAVIOURS))
 
@@ -527,7 +457,17 @@ class Simulation:
             tuple(sorted(self.crashed)),
             dropped,
             self.transcript.hexdigest(),
+            self.injected(),
         )
+
+    def injected(self) -> tuple[str, ...]:
+        kinds = [f"crash {v}" for _, v in self.crash_at] + [f"wiped or disk restart {v}" for _, v in self.restart_at]
+        kinds += [f"partition {r}" for _, _, r in self.partitions] + [f"disk restart {i}" for _, _, i in self.bounces]
+        if self.equivocator is not None:
+            kinds.append(f"equivocating primary {self.equivocator}")
+        if self.liar is not None:
+            kinds.append(f"{self.behaviour} {self.liar}")
+        return tuple(kinds)
 
 
 def run_seed(seed: int, f: int = 1, faults: str = "all", **kw: object) -> Result:
