@@ -256,8 +256,11 @@ class State(_FromReplica):
 
 @dataclass(frozen=True, slots=True)
 class FetchPartition(_FromReplica):
+    """Asks for the chunk of partition ``index`` of checkpoint ``seq`` that starts at ``offset``."""
+
     seq: int
     index: int
+    offset: int
     replica: int
 
     TYPE = 15
@@ -265,10 +268,14 @@ class FetchPartition(_FromReplica):
 
 @dataclass(frozen=True, slots=True)
 class Partition(_FromReplica):
-    """One partition of checkpoint ``seq``, checked by the receiver against the manifest."""
+    """A chunk of one partition of checkpoint ``seq``: its bytes from ``offset``, of ``total``.
+    A partition travels in chunks so that none exceeds a frame, however large it grew; the
+    receiver checks the whole partition against the manifest once it has every chunk."""
 
     seq: int
     index: int
+    offset: int
+    total: int
     data: bytes
     replica: int
 
@@ -332,9 +339,9 @@ def _fields(msg: Message) -> tuple:
         case State():
             return (msg.seq, msg.manifest, msg.replica)
         case FetchPartition():
-            return (msg.seq, msg.index, msg.replica)
+            return (msg.seq, msg.index, msg.offset, msg.replica)
         case Partition():
-            return (msg.seq, msg.index, msg.data, msg.replica)
+            return (msg.seq, msg.index, msg.offset, msg.total, msg.data, msg.replica)
         case Hello():
             return (msg.client,)
     raise TypeError(f"not a message: {msg!r}")
@@ -520,9 +527,9 @@ _DECODERS = {
     Hello.TYPE: lambda f, lim: Hello(_int(_list(f, 1)[0])),
     Batch.TYPE: _batch,
     FetchBatch.TYPE: lambda f, lim: FetchBatch(_int(_list(f, 3)[0]), _digest(f[1]), _int(f[2])),
-    FetchPartition.TYPE: lambda f, lim: FetchPartition(_int(_list(f, 3)[0]), _int(f[1]), _int(f[2])),
+    FetchPartition.TYPE: lambda f, lim: FetchPartition(_int(_list(f, 4)[0]), _int(f[1]), _int(f[2]), _int(f[3])),
     Partition.TYPE: lambda f, lim: Partition(
-        _int(_list(f, 4)[0]), _int(f[1]), _bytes(f[2], lim.snapshot_bytes_max), _int(f[3])
+        _int(_list(f, 6)[0]), _int(f[1]), _int(f[2]), _int(f[3]), _bytes(f[4], lim.snapshot_bytes_max), _int(f[5])
     ),
 }
 

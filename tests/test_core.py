@@ -256,7 +256,8 @@ def test_lagging_replica_catches_up_by_state_transfer_and_resists_a_liar() -> No
     def lying_partition(fp, now):
         honest_on_partition(fp, now)
         sent = link.replicas[1].outbox.pop()
-        link.replicas[1].outbox.append(Send(sent.to, replace(sent.msg, data=sent.msg.data + b"x")))
+        lie = bytes([sent.msg.data[0] ^ 1]) + sent.msg.data[1:] if sent.msg.data else b"x"
+        link.replicas[1].outbox.append(Send(sent.to, replace(sent.msg, data=lie, total=len(lie))))
 
     link.replicas[1].handlers[FetchPartition] = lying_partition
     link.tick(NOW + 1_000)  # learns the certified checkpoint from peers' checkpoint messages

@@ -108,8 +108,8 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
     FetchState: st.builds(FetchState, u63, sender_ids),
     State: st.builds(State, u63, st.binary(max_size=256), sender_ids),
     Hello: st.builds(Hello, sender_ids),
-    FetchPartition: st.builds(FetchPartition, u63, u63, sender_ids),
-    Partition: st.builds(Partition, u63, u63, st.binary(max_size=256), sender_ids),
+    FetchPartition: st.builds(FetchPartition, u63, u63, u63, sender_ids),
+    Partition: st.builds(Partition, u63, u63, u63, u63, st.binary(max_size=256), sender_ids),
 }
 ALL_TYPES = list(typing.get_args(Message))
 TYPE_CODES = sorted(cls.TYPE for cls in ALL_TYPES)
@@ -507,8 +507,8 @@ SAMPLES = [
     FetchState(128, 1),
     State(128, b"manifest", 1),
     Hello(1),
-    FetchPartition(128, 3, 1),
-    Partition(128, 3, b"partition", 1),
+    FetchPartition(128, 3, 0, 1),
+    Partition(128, 3, 0, 9, b"partition", 1),
 ]
 
 

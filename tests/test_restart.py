@@ -11,6 +11,7 @@ from bft.core.decision import decide
 from bft.core.effects import Broadcast
 from bft.core.promises import Prepared, Proposed
 from bft.messages import Commit, Prepare, PrePrepare
+from bft.service import KVService
 
 from .test_core import NOW, PARAMS, Link, put, results
 
@@ -165,3 +166,29 @@ def test_a_replica_whose_state_went_wrong_repairs_it_at_the_next_checkpoint() ->
     assert wrong.stats["state-transfer-partitions"] <= 2  # the damaged bucket (and the replica's own)
     link.request(put(1, 11, b"k", b"v"))  # and it agrees from then on
     assert len({r.checkpoints.own[8].root for r in link.replicas}) == 1
+
+
+def test_a_partition_larger_than_a_frame_still_transfers_in_chunks() -> None:
+    """Three 600 KB values in one kv bucket make a partition of about 1.8 MB: it moves as chunks
+    of at most PARTITION_CHUNK_BYTES, and a replica that missed it all catches up."""
+    from bft.core.state import PARTITION_CHUNK_BYTES
+    from bft.messages import Partition
+
+    link = Link(params=replace(PARAMS, separate_large_requests=False))
+    link.cut = {3}
+    service = KVService()
+    keys = [k for k in (b"key-%d" % i for i in range(2000)) if service._bucket(k) == 7][:3]
+    for ts, key in enumerate(keys, 1):
+        link.request(put(1, ts, key, bytes([ts]) * 600_000))
+    for ts in range(4, 11):
+        link.request(put(1, ts, b"small-%d" % ts, b"v"))
+    assert link.replicas[0].stable == 8
+    chunks: list = []
+    link.drop = lambda src, dst, msg: isinstance(msg, Partition) and chunks.append(msg) is not None
+    link.cut = set()
+    for t in range(1_000, 6_000, 200):
+        link.tick(NOW + t)
+    lagging = link.replicas[3]
+    assert lagging.executed == 10 and lagging.service.items() == link.replicas[0].service.items()
+    assert max(len(c.data) for c in chunks) <= PARTITION_CHUNK_BYTES
+    assert any(c.offset > 0 for c in chunks)  # the big bucket came in several chunks

@@ -79,41 +79,77 @@ def rebuild(
     return service, clients, batch_time
 
 
+# A partition travels in chunks of at most this many bytes, so none exceeds a frame however
+# large the partition grew (a kv bucket of big values, many cached replies, a file's blocks).
+PARTITION_CHUNK_BYTES = 1 << 20
+# What a partition may claim to total while we fetch it: a liar cannot make us buffer more.
+PARTITION_BYTES_MAX = 1 << 30
+
+
 class Transfer:
-    """Fetching the partitions of checkpoint ``seq`` (whose manifest we hold) that we lack."""
+    """Fetching the partitions of checkpoint ``seq`` (whose manifest we hold) that we lack, each
+    chunk by chunk from one of the checkpoint's voters, the voters taking turns by partition; a
+    partition that does not match the manifest, or whose source goes quiet, is fetched again
+    from the next voter."""
 
     WINDOW = 8  # partitions asked for at once: bounds what a peer queues for us
 
-    def __init__(self, seq: int, root: bytes, digests: tuple[bytes, ...], have: Snapshot, source: int) -> None:
+    def __init__(self, seq: int, root: bytes, digests: tuple[bytes, ...], have: Snapshot, sources: list[int]) -> None:
+        assert sources, "a transfer needs a replica to fetch from"
         self.seq = seq
         self.root = root
         self.digests = digests
-        self.source = source
+        self.sources = sources
         own = dict(zip(have.digests, have.parts, strict=True))
         self.parts: list[bytes | None] = [own.get(d) for d in digests]
         self.queue = [i for i, p in enumerate(self.parts) if p is None]
-        self.asked: dict[int, int] = {}  # partition -> when we asked
+        self.asked: dict[int, int] = {}  # partition -> when we asked for its next chunk
+        self.filling: dict[int, bytearray] = {}  # partition -> its chunks so far
+        self.tries: dict[int, int] = {}  # partition -> sources that failed it
 
     @property
     def fetched_all(self) -> bool:
         return not self.queue and not self.asked
 
-    def to_ask(self, now_ms: int, timeout_ms: int) -> list[int]:
-        """Partitions to request now: those asked too long ago again, then new ones."""
-        again = [i for i, at in self.asked.items() if now_ms - at >= timeout_ms]
-        while self.queue and len(self.asked) < self.WINDOW:
-            again.append(self.queue.pop(0))
-        for i in again:
-            self.asked[i] = now_ms
-        return again
+    def source(self, index: int) -> int:
+        return self.sources[(index + self.tries.get(index, 0)) % len(self.sources)]
 
-    def offer(self, index: int, data: bytes) -> bool:
-        """Accept partition ``index`` if it is one we asked for and matches the manifest."""
-        if index not in self.asked or digest(data) != self.digests[index]:
-            return False
-        del self.asked[index]
-        self.parts[index] = data
-        return True
+    def _retry(self, index: int) -> None:
+        self.tries[index] = self.tries.get(index, 0) + 1
+        self.filling.pop(index, None)
+        self.asked[index] = -(1 << 62)  # at once, from the next source
+
+    def to_ask(self, now_ms: int, timeout_ms: int) -> list[tuple[int, int, int]]:
+        """(partition, offset, source) to request now: chunks asked too long ago again (from
+        the next source), chunks that follow one that just came, then new partitions."""
+        for i, at in list(self.asked.items()):
+            if at >= 0 and now_ms - at >= timeout_ms:
+                self._retry(i)
+        ready = [i for i, at in self.asked.items() if at < 0]
+        while self.queue and len(self.asked) < self.WINDOW:
+            ready.append(self.queue.pop(0))
+        for i in ready:
+            self.asked[i] = now_ms
+        return [(i, len(self.filling.get(i, b"")), self.source(i)) for i in ready]
+
+    def offer(self, index: int, offset: int, total: int, data: bytes, sender: int) -> str | None:
+        """Take a chunk of partition ``index``; None if taken, else why it was not."""
+        if index not in self.asked or sender != self.source(index):
+            return "unrequested-partition"
+        have = self.filling.setdefault(index, bytearray())
+        if offset != len(have) or total > PARTITION_BYTES_MAX or offset + len(data) > total or not (data or total == 0):
+            self._retry(index)
+            return "malformed-partition"
+        have += data
+        if len(have) < total:
+            self.asked[index] = -1  # ask for the next chunk at once
+            return None
+        del self.asked[index], self.filling[index]
+        if digest(bytes(have)) != self.digests[index]:
+            self._retry(index)
+            return "partition-digest-mismatch"
+        self.parts[index] = bytes(have)
+        return None
 
     def snapshot(self) -> Snapshot:
         assert self.fetched_all

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from bft.core.effects import Persist, Send
 from bft.core.execution import Mode
-from bft.core.state import Snapshot, Transfer, decode_manifest, rebuild, root_of
+from bft.core.state import PARTITION_CHUNK_BYTES, Snapshot, Transfer, decode_manifest, rebuild, root_of
 from bft.messages import DIGEST_BYTES, FetchPartition, FetchState, Partition, State, digest
 
 if TYPE_CHECKING:
@@ -68,17 +68,15 @@ class StateTransfer:
         self.fetch_from = (self.fetch_from + 1) % len(voters)
         t = self.current
         if t is not None and t.seq == seq:
-            if t.asked and all(r.now_ms - at >= r.params.status_interval_ms for at in t.asked.values()):
-                t.source = voters[self.fetch_from]  # the source went quiet: try another
-            self._ask_partitions(t)
+            self._ask_partitions(t)  # chunks whose source went quiet go to the next voter
             return
         r.stats["state-fetches"] += 1
         r.outbox.append(Send(voters[self.fetch_from], FetchState(seq, r.id)))
 
     def _ask_partitions(self, t: Transfer) -> None:
         r = self.r
-        for index in t.to_ask(r.now_ms, 4 * r.params.status_interval_ms):
-            r.outbox.append(Send(t.source, FetchPartition(t.seq, index, r.id)))
+        for index, offset, source in t.to_ask(r.now_ms, 4 * r.params.status_interval_ms):
+            r.outbox.append(Send(source, FetchPartition(t.seq, index, offset, r.id)))
 
     # -- serving others ---------------------------------------------------------------------
 
@@ -92,9 +90,11 @@ class StateTransfer:
     def on_fetch_partition(self, fp: FetchPartition, now_ms: int) -> None:
         r = self.r
         own = r.checkpoints.own.get(fp.seq)
-        if own is None or fp.index >= len(own.parts):
+        if own is None or fp.index >= len(own.parts) or fp.offset > len(own.parts[fp.index]):
             return r.drop("no-such-partition", fp)
-        r.outbox.append(Send(fp.replica, Partition(fp.seq, fp.index, own.parts[fp.index], r.id)))
+        part = own.parts[fp.index]
+        chunk = part[fp.offset : fp.offset + PARTITION_CHUNK_BYTES]
+        r.outbox.append(Send(fp.replica, Partition(fp.seq, fp.index, fp.offset, len(part), chunk, r.id)))
 
     # -- fetching ---------------------------------------------------------------------------
 
@@ -111,7 +111,9 @@ class StateTransfer:
             return r.drop("state-digest-mismatch", st)
         # Only what differs from our own snapshot at that checkpoint (or from our state now) moves.
         have = r.checkpoints.own.get(st.seq) if self.repairing else None
-        self.current = Transfer(st.seq, target[1], digests, have or r.checkpoints.capture(), st.replica)
+        voters = sorted(v for v, vd in r.checkpoints.votes.get(st.seq, {}).items() if vd == target[1] and v != r.id)
+        sources = [st.replica, *(v for v in voters if v != st.replica)]  # its sender first, then the voters
+        self.current = Transfer(st.seq, target[1], digests, have or r.checkpoints.capture(), sources)
         r.stats["state-transfer-partitions"] += len(self.current.queue)
         self._continue()
 
@@ -120,12 +122,9 @@ class StateTransfer:
         t = self.current
         if t is None or p.seq != t.seq or p.index >= len(t.digests):
             return r.drop("unrequested-partition", p)
-        if not t.offer(p.index, p.data) and p.index in t.asked:
-            r.drop("partition-digest-mismatch", p)
-            t.asked[p.index] = -(1 << 62)  # ask again at once, from the next voter
-            voters = sorted(r.checkpoints.votes.get(t.seq, {}).keys() - {r.id, p.replica})
-            if voters:
-                t.source = voters[0]
+        problem = t.offer(p.index, p.offset, p.total, p.data, p.replica)
+        if problem:
+            r.drop(problem, p)  # a lying voter cannot mislead us: the next one is asked
         self._continue()
 
     def _continue(self) -> None:
@@ -142,7 +141,7 @@ class StateTransfer:
             return  # we got there by executing while we fetched: our own state is newer
         problem = self._install(t.seq, t.snapshot())
         if problem:
-            return r.drop(problem, State(t.seq, b"", t.source))
+            return r.drop(problem, State(t.seq, b"", t.sources[0]))
         r.stats["state-transfers"] += 1
         log.info("replica %d installed state at checkpoint %d", r.id, t.seq)
         r.checkpoints.make_stable(t.seq)
