@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from bft.core.effects import Broadcast, Persist
+from bft.core.promises import Stable
 from bft.core.state import Snapshot, capture
 from bft.messages import Checkpoint
 
@@ -114,5 +115,7 @@ class Checkpoints:
         r.stats["stable-checkpoints"] += 1
         own = self.own[seq]
         proof = tuple(sorted((v, d) for v, d in self.votes.get(seq, {}).items() if d == own.root))
+        r.promise(Stable(seq, own.root, proof))
         r.outbox.append(Persist(seq, own, proof))
+        r.view_change.announce_withheld()  # a VIEW-CHANGE that waited for the window to move
         r.normal.propose(r.now_ms)  # the window moved: the primary may order what waits

@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bft.core.execution import Mode
+from bft.core.promises import Learned
 from bft.messages import Commit, PrePrepare
 
 if TYPE_CHECKING:
+    from bft.core.log import Slot
     from bft.core.replica import Replica
 
 
@@ -37,6 +39,17 @@ class Learner:
             del self.proposals[seq]
         for key in [k for k in self.commits if k[1] <= r.executed]:
             del self.commits[key]
+
+    def remember(self, log: dict[int, Slot]) -> None:
+        """The view ends for us: keep what its slots hold (the pre-prepares and every commit,
+        ours too: nobody resends a replica its own messages) for learning the rest."""
+        r = self.r
+        for seq, slot in log.items():
+            pp = slot.pre_prepare
+            if pp is None or not r.executed < seq <= r.stable + r.params.log_window:
+                continue
+            self.proposals[seq] = pp
+            self.commits.setdefault((pp.view, seq), {}).update(slot.commits)
 
     def on_pre_prepare(self, pp: PrePrepare) -> None:
         r = self.r
@@ -69,5 +82,6 @@ class Learner:
             if full is None:
                 break
             r.stats["learned-batches"] += 1
+            r.promise(Learned(full))
             r.execution.execute(full, Mode.COMMITTED)
         self.collect()

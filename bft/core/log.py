@@ -78,6 +78,7 @@ class NormalCase:
             self.r.timer.hold((req.client, req.timestamp), req)
         self.pending.clear()
         self.pending_ids.clear()
+        self.r.learner.remember(self.log)  # what it knew of this view, our own commits included
         self.log = {}
 
     # -- requests ---------------------------------------------------------------------------

@@ -17,7 +17,11 @@ only the latest of those and nothing at or below a stable checkpoint):
 - ``ViewChangeSent(vc)``: we moved to ``vc.view`` and sent this VIEW-CHANGE.
 - ``ViewEntered(nv)``: we entered ``nv.view`` by this NEW-VIEW (sent, as its primary, or accepted).
 - ``Committed(seq, digest)``: we executed this committed batch (its requests are in a
-  ``Proposed`` record); a restart replays these after the checkpoint instead of fetching state.
+  ``Proposed`` or ``Learned`` record); a restart replays these after the checkpoint instead of
+  fetching state.
+- ``Learned(pp)``: a batch we executed on learning it committed in a view we had left.
+- ``Stable(seq, digest, proof)``: our low watermark moved to ``seq`` (the checkpoint file may
+  lag behind, or be damaged).
 """
 
 from __future__ import annotations
@@ -75,7 +79,30 @@ class Committed:
     digest: bytes
 
 
-Record = Proposed | Prepared | ViewChangeSent | ViewEntered | Committed
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """A batch we executed on learning it committed in a view we had left (``Learner``): its
+    requests, for replay; not a pre-prepare of ours, so it is no Q-set entry."""
+
+    pp: PrePrepare
+
+    @property
+    def seq(self) -> int | None:
+        return self.pp.seq
+
+
+@dataclass(frozen=True, slots=True)
+class Stable:
+    """Checkpoint ``seq`` became stable here, with this certificate. The checkpoint itself goes
+    to disk off the event loop and may land later (or be damaged): a restart still knows how
+    far its window had moved, so its VIEW-CHANGE can name every promise it made above it."""
+
+    seq: int
+    digest: bytes
+    proof: tuple[tuple[int, bytes], ...]
+
+
+Record = Proposed | Prepared | ViewChangeSent | ViewEntered | Committed | Learned | Stable
 
 
 class RecordDamaged(ValueError):
@@ -112,17 +139,35 @@ def encode_record(record: Record) -> bytes:
             return msgpack.packb(("N", _message_bytes(nv)))
         case Committed(seq, d):
             return msgpack.packb(("X", seq, d))
+        case Learned(pp):
+            assert pp.resolved, "a learned batch is recorded whole"
+            return msgpack.packb(("L", _message_bytes(pp)))
+        case Stable(seq, d, proof):
+            return msgpack.packb(("S", seq, d, [list(p) for p in proof]))
     raise AssertionError(f"not a record: {record!r}")
+
+
+def _stable(rest: list) -> Stable:
+    if len(rest) != 3 or type(rest[0]) is not int or rest[0] < 0 or type(rest[1]) is not bytes:
+        raise RecordDamaged("an S record is malformed")
+    proof = rest[2]
+    if not isinstance(proof, list) or not all(
+        isinstance(p, list) and len(p) == 2 and type(p[0]) is int and type(p[1]) is bytes for p in proof
+    ):
+        raise RecordDamaged("an S record's certificate is malformed")
+    return Stable(rest[0], rest[1], tuple((v, d) for v, d in proof))
 
 
 def decode_record(data: bytes, limits: Limits) -> Record:
     try:
-        fields = msgpack.unpackb(data, max_map_len=0, max_ext_len=0, max_array_len=4)
+        fields = msgpack.unpackb(data, max_map_len=0, max_ext_len=0, max_array_len=1024)
     except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
         raise RecordDamaged(f"a record is not msgpack: {exc}") from None
     if not isinstance(fields, list) or not fields:
         raise RecordDamaged("a record is not a list")
     kind, rest = fields[0], fields[1:]
+    if kind == "S":
+        return _stable(rest)
     if kind in ("C", "X"):
         ints = rest[:-1]
         if not all(type(i) is int and i >= 0 for i in ints) or type(rest[-1]) is not bytes:
@@ -134,6 +179,8 @@ def decode_record(data: bytes, limits: Limits) -> Record:
         raise RecordDamaged(f"a {kind!r} record is malformed")
     if kind == "P":
         return Proposed(_message(rest[0], limits, PrePrepare))
+    if kind == "L":
+        return Learned(_message(rest[0], limits, PrePrepare))
     if kind == "V":
         return ViewChangeSent(_message(rest[0], limits, ViewChange))
     if kind == "N":

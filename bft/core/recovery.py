@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from bft.core.effects import Persist
 from bft.core.execution import Mode
-from bft.core.promises import Committed, Prepared, Proposed, Record, ViewChangeSent, ViewEntered
+from bft.core.promises import Committed, Learned, Prepared, Proposed, Record, Stable, ViewChangeSent, ViewEntered
 from bft.messages import PrePrepare
 
 if TYPE_CHECKING:
@@ -32,9 +32,12 @@ def recover(r: Replica, saved: Persist | None, records: list[Record]) -> None:
             case Proposed(pp):
                 batches[(pp.seq, pp.digest)] = pp
                 r.view_change.record_pre_prepare(pp)
+            case Learned(pp):
+                batches[(pp.seq, pp.digest)] = pp
             case Prepared(view, seq, d):
                 r.view_change.pset[seq] = (d, view)
     _replay(r, [rec for rec in above if isinstance(rec, Committed)], batches)
+    _restore_stable(r, [rec for rec in above if isinstance(rec, Stable)])
     views = [rec for rec in above if isinstance(rec, ViewChangeSent | ViewEntered)]
     if views:
         _restore_view(r, views[-1])
@@ -57,6 +60,20 @@ def _replay(r: Replica, committed: list[Committed], batches: dict[tuple[int, byt
         if r.executed % r.params.checkpoint_interval == 0:
             r.checkpoints.take()
     r.stats["replayed-batches"] += r.executed - r.stable
+
+
+def _restore_stable(r: Replica, stables: list[Stable]) -> None:
+    """Move the window as far as it had moved: to each certified checkpoint the replay reached,
+    and to a later one by state transfer (until then our VIEW-CHANGEs wait: ViewChanges)."""
+    for rec in sorted(stables, key=lambda s: s.seq):
+        if rec.seq <= r.stable:
+            continue
+        r.checkpoints.votes[rec.seq] = dict(rec.proof)
+        own = r.checkpoints.own.get(rec.seq)
+        if own is not None and own.root == rec.digest:
+            r.checkpoints.make_stable(rec.seq)
+        elif r.executed < rec.seq:
+            r.transfer.want(rec.seq, rec.digest)
 
 
 def _restore_view(r: Replica, rec: ViewChangeSent | ViewEntered) -> None:
@@ -87,6 +104,8 @@ def _restore_slots(r: Replica, records: list[Record]) -> None:
     committed to. A conflicting pre-prepare for one of them is then refused as usual."""
     normal = r.normal
     for rec in records:
+        if rec.seq is not None and rec.seq <= r.stable:
+            continue  # below the window the replay and the Stable records moved to
         match rec:
             case Proposed(pp) if pp.view == r.view:
                 slot = normal.slot(pp.seq)

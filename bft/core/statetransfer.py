@@ -170,7 +170,8 @@ class StateTransfer:
         self.repairing = False
         r.stats["state-repairs"] += 1
         log.info("replica %d repaired its state at checkpoint %d", r.id, seq)
-        r.checkpoints.make_stable(seq)
+        if r.stable < seq:  # a later checkpoint may have become stable during the replay
+            r.checkpoints.make_stable(seq)
 
     def _install(self, seq: int, snap: Snapshot) -> str | None:
         """Replace our state by the snapshot of checkpoint ``seq``, whose partitions were

@@ -67,7 +67,36 @@ class ViewChanges:
         r.timer.attempt += 1
         r.timer.deadline_ms = None
         r.normal.leave_view()
-        vc = ViewChange(
+        vc = self._view_change(view)
+        for v in [v for v in self.view_changes if v < view]:
+            del self.view_changes[v]
+        if self._beyond_window():
+            # We restarted behind our own promises (the checkpoint on disk lagged, or was lost):
+            # a VIEW-CHANGE now would leave out what we prepared above the window. Say nothing
+            # until state transfer has moved the window up (``announce_withheld``).
+            r.stats["view-changes-withheld"] += 1
+            return
+        self._announce(vc)
+
+    def _beyond_window(self) -> bool:
+        top = self.r.stable + self.r.params.log_window
+        return any(s > top for s in self.pset) or any(s > top for s in self.qset)
+
+    def _announce(self, vc: ViewChange) -> None:
+        r = self.r
+        self._store(vc)
+        r.promise(ViewChangeSent(vc))
+        r.outbox.append(Broadcast(vc))
+        self._progress()
+
+    def announce_withheld(self) -> None:
+        r = self.r
+        if r.view_changing and self.own() is None and not self._beyond_window():
+            self._announce(self._view_change(r.view))
+
+    def _view_change(self, view: int) -> ViewChange:
+        r = self.r
+        return ViewChange(
             view,
             r.stable,
             tuple(sorted((s, snap.root) for s, snap in r.checkpoints.own.items())),
@@ -75,12 +104,6 @@ class ViewChanges:
             tuple(sorted((s, tuple(sorted(q.items()))) for s, q in self.qset.items() if r.in_window(s))),
             r.id,
         )
-        for v in [v for v in self.view_changes if v < view]:
-            del self.view_changes[v]
-        self._store(vc)
-        r.promise(ViewChangeSent(vc))
-        r.outbox.append(Broadcast(vc))
-        self._progress()
 
     def own(self) -> ViewChange | None:
         """The VIEW-CHANGE we sent for our current view, if we are changing to it."""
