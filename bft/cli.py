@@ -19,6 +19,7 @@ from pathlib import Path
 import msgpack
 
 from bft import config as cfg
+from bft.byzantine import BEHAVIOURS, describe
 from bft.launch import start_replicas, stop_replicas
 from bft.runtime.process import run_async, setup_logging
 from bft.runtime.storage import StorageError
@@ -74,7 +75,12 @@ def cmd_replica(a: argparse.Namespace) -> None:
     cluster = cfg.load(a.config)
     options = cluster.services.get(a.service, {})
     _service(a.service, options)
-    node = replica_node(cluster, a.id, lambda: make_service(a.service, options), Path(a.data) if a.data else None)
+    rewrite = None
+    if a.byzantine:
+        rewrite = BEHAVIOURS[a.byzantine]
+        log.warning("replica %d is Byzantine (%s): %s", a.id, a.byzantine, describe(a.byzantine))
+    data = Path(a.data) if a.data else None
+    node = replica_node(cluster, a.id, lambda: make_service(a.service, options), data, rewrite)
     run_async(_serve_until_signal(node))
 
 
@@ -320,13 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace an existing cluster")
     k.set_defaults(func=cmd_keygen)
 
-    r = sub.add_parser("replica", help="run one replica process")
+    lies = "\n".join(f"  {name:<22} {describe(name)}" for name in BEHAVIOURS)
+    r = sub.add_parser(
+        "replica", help="run one replica process", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Byzantine behaviours (--byzantine), the simulator's catalogue (bft/byzantine.py):\n{lies}",
+    )
     r.add_argument("--config", required=True)
     r.add_argument("--id", type=_positive, required=True)
     r.add_argument("--service", default="kv", choices=service_names())
     r.add_argument("--data", help="data directory for stable checkpoints (default: data/replica-ID beside the config)")
     r.add_argument("--log-file")
     r.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+    r.add_argument(
+        "--byzantine", metavar="BEHAVIOUR", choices=list(BEHAVIOURS),
+        help="lie: rewrite what this replica sends with BEHAVIOUR (listed below), for tests and demonstrations",
+    )
     r.set_defaults(func=cmd_replica)
 
     u = sub.add_parser("up", help="run a local cluster of 3f+1 replica processes until Ctrl-C")
@@ -365,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--f", type=_positive, default=1)
     m.add_argument(
         "--faults", default="all", choices=["none", "network", "crash", "byzantine", "all"],
-        help="byzantine: no crashes, the fault budget spent on lies (bft/sim/byzantine.py)",
+        help="byzantine: no crashes, the fault budget spent on lies (bft/byzantine.py)",
     )
     m.add_argument("--ops", type=_positive, default=150, help="operations per simulated client")
     m.set_defaults(func=cmd_sim)

@@ -15,22 +15,28 @@ from pathlib import Path
 from bft.config import Cluster
 
 
-def replica_command(cluster: Cluster, replica: int, service: str, log_file: Path, log_level: str) -> list[str]:
-    """The command line that runs replica ``replica`` of ``cluster`` with ``service``."""
-    return [
+def replica_command(
+    cluster: Cluster, replica: int, service: str, log_file: Path, log_level: str, byzantine: str | None = None
+) -> list[str]:
+    """The command line that runs replica ``replica`` of ``cluster`` with ``service``; with
+    ``byzantine`` (a name from bft.byzantine.BEHAVIOURS) a replica that lies."""
+    command = [
         sys.executable, "-m", "bft", "replica", "--config", str(cluster.path), "--id", str(replica),
         "--service", service, "--log-level", log_level, "--log-file", str(log_file),
     ]
+    return [*command, "--byzantine", byzantine] if byzantine else command
 
 
 def start_replicas(
-    cluster: Cluster, service: str, log_dir: Path, log_level: str = "info"
+    cluster: Cluster, service: str, log_dir: Path, log_level: str = "info", byzantine: dict[int, str] | None = None
 ) -> list[subprocess.Popen]:
-    """Start every replica of ``cluster``; replica i logs to ``log_dir/replica-i.log``."""
+    """Start every replica of ``cluster``; replica i logs to ``log_dir/replica-i.log``, and lies
+    with behaviour ``byzantine[i]`` if it has one."""
     log_dir.mkdir(parents=True, exist_ok=True)
+    byzantine = byzantine or {}
     return [
         subprocess.Popen(
-            replica_command(cluster, r.id, service, log_dir / f"replica-{r.id}.log", log_level),
+            replica_command(cluster, r.id, service, log_dir / f"replica-{r.id}.log", log_level, byzantine.get(r.id)),
             start_new_session=True,
         )
         for r in cluster.replicas

@@ -77,7 +77,7 @@ def test_fixed_seeds_cover_the_faults_they_are_chosen_for() -> None:
     assert any(sim.equivocator == 0 for sim in runs), "an equivocating primary"
     assert any(sim.restart_at for sim in runs), "a replica restarted with a wiped state"
     assert any(sim.equivocator == 0 and sim.bounces for sim in runs), "a restart from disk beside a liar"
-    from bft.sim.byzantine import BEHAVIOURS
+    from bft.byzantine import BEHAVIOURS
 
     assert {sim.behaviour for sim in runs} >= set(BEHAVIOURS), "every Byzantine behaviour"
     for sim in runs[-8:]:

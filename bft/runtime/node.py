@@ -24,7 +24,7 @@ from bft.core.replica import Replica
 from bft.core.statetransfer import CheckpointDamaged
 from bft.core.unreplicated import Unreplicated
 from bft.crypto import REPLICA
-from bft.messages import Hello, Request
+from bft.messages import Hello, Message, Request
 from bft.runtime.datadir import DataDir
 from bft.runtime.transport import FrameProtocol, Peer
 from bft.runtime.wire import Wire, limits_of
@@ -53,8 +53,13 @@ class Node:
         admin_port: int = 0,
         name: str = "server",
         data: DataDir | None = None,
+        rewrite: Callable[[Message], list[Message]] | None = None,
     ) -> None:
         self.core = core
+        # A Byzantine replica for tests and demonstrations (bft.byzantine): what the honest core
+        # sends is rewritten before it is sealed, so its lies carry its own valid MACs. None: honest.
+        self.rewrite = rewrite
+        self.rewritten = 0  # messages the rewrite changed
         self.wire = wire
         self.data = data
         self._held: list[Effect] | None = None  # effects waiting for the group commit, if one is due
@@ -170,13 +175,22 @@ class Node:
             return
         if isinstance(msg, Hello | Request):
             # Relayed requests come over replica connections; replies must go to the client's own.
-            if conn not in self.replica_conns:
+            if conn not in self.replica_conns and self.client_conns.get(msg.sender) is not conn:
                 self.client_conns[msg.sender] = conn
+                conn.closed.add_done_callback(lambda _, c=msg.sender: self._forget_client(c, conn))
             if isinstance(msg, Hello):
                 return
-        else:
+        elif conn not in self.replica_conns:
+            # Forgotten once closed: each connection that ever carried one authentic frame (a
+            # replayed one will do) would otherwise stay here with its receive buffer, up to
+            # frame_bytes_max of a frame left unfinished (found by bench.fuzz).
             self.replica_conns.add(conn)
+            conn.closed.add_done_callback(lambda _: self.replica_conns.discard(conn))
         self._dispatch(self.core.step(msg, wall_ms()))
+
+    def _forget_client(self, client: int, conn: FrameProtocol) -> None:
+        if self.client_conns.get(client) is conn:
+            del self.client_conns[client]
 
     def _dispatch(self, effects: list[Effect]) -> None:
         """The router: the core's effects become frames, disk writes and nothing else.
@@ -184,6 +198,8 @@ class Node:
         Persist, then send: a promise goes to the log's buffer, and from then until the group
         commit at the end of this event-loop iteration (written, and fsynced in "strict"), every
         effect waits, so nothing leaves before the promises made ahead of it are on disk."""
+        if self.rewrite is not None:
+            effects = [lie for effect in effects for lie in self._lie(effect)]
         for effect in effects:
             if isinstance(effect, Promise):
                 assert self.data is not None, "a core that keeps promises needs a data directory"
@@ -195,6 +211,21 @@ class Node:
                 self._held.append(effect)
             else:
                 self._route(effect)
+
+    def _lie(self, effect: Effect) -> list[Effect]:
+        """A Byzantine replica's messages, rewritten; what it promises and persists stays honest."""
+        assert self.rewrite is not None
+        match effect:
+            case Send(to, msg):
+                out: list[Effect] = [Send(to, m) for m in self.rewrite(msg)]
+            case Broadcast(msg):
+                out = [Broadcast(m) for m in self.rewrite(msg)]
+            case ReplyTo(client, reply):
+                out = [ReplyTo(client, m) for m in self.rewrite(reply)]
+            case _:
+                return [effect]
+        self.rewritten += out != [effect]
+        return out
 
     def _group_commit(self) -> None:
         assert self.data is not None and self._held is not None
@@ -249,6 +280,8 @@ class Node:
                 out["data_problems"] = self.data.problems
             if self.data.promises is not None:
                 out["promise_log"] = {k: round(v, 6) for k, v in sorted(self.data.promises.stats.items())}
+        if self.rewrite is not None:
+            out["rewritten"] = self.rewritten
         out["dropped"] = dict(sorted((core.dropped + self.transport_drops).items()))
         out["stats"] = dict(sorted(core.stats.items()))
         return out
@@ -291,10 +324,15 @@ class _Collector:
 
 
 def replica_node(
-    cluster: Cluster, replica_id: int, service: Callable[[], Service], data_dir: Path | None = None
+    cluster: Cluster,
+    replica_id: int,
+    service: Callable[[], Service],
+    data_dir: Path | None = None,
+    rewrite: Callable[[Message], list[Message]] | None = None,
 ) -> Node:
     """A replica; its stable checkpoints and promise log go to ``data_dir`` (default:
-    data/replica-I beside the cluster file), and it resumes from them when it starts."""
+    data/replica-I beside the cluster file), and it resumes from them when it starts. With
+    ``rewrite`` (a behaviour of bft.byzantine) it is a Byzantine one."""
     keyring = cluster.keyring(REPLICA, replica_id)
     params = cluster.params
     core = Replica(replica_id, cluster.f, params, service)
@@ -303,7 +341,8 @@ def replica_node(
     wire = Wire(keyring, limits_of(params), Counter())
     data = DataDir(data_dir or cluster.path.parent / "data" / f"replica-{replica_id}", params.durability, wire.limits)
     return Node(
-        core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}", data
+        core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}", data,
+        rewrite,
     )
 
 

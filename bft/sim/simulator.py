@@ -7,7 +7,7 @@ one replica (the primary too) off for longer than the log window; up to f faulty
 replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted from
 its data directory or with a wiped state, or, for view 0's primary, equivocating: it sends a
 different pre-prepare for each sequence number to half of the backups; within what is left of
-the budget, a liar (``bft.sim.byzantine``: lying replies, wrong checkpoints, view changes that
+the budget, a liar (``bft.byzantine``: lying replies, wrong checkpoints, view changes that
 hide or invent certificates, lying state transfer, a status flood). Besides these, up to f
 correct replicas restart from their data directory mid-run ("bounces"): with their promise log
 they stay correct, and the checker holds them to it.
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, replace
 
 import msgpack
 
+from bft.byzantine import BEHAVIOURS
 from bft.core.client import ClientCore
 from bft.core.effects import Broadcast, Effect, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import Params
@@ -53,7 +54,6 @@ from bft.messages import (
     roundtrip,
 )
 from bft.service import KVService
-from bft.sim.byzantine import BEHAVIOURS
 from bft.sim.checker import Checker, Violation
 
 
@@ -208,7 +208,7 @@ class Simulation:
                 down = brng.randrange(fault_phase_ms)
                 self.bounces.append((down, down + brng.randint(1, 300), i))
         # A liar, within the fault budget left: a replica that runs the honest core, but whose
-        # messages a behaviour of bft.sim.byzantine rewrites on the way out, for the whole run.
+        # messages a behaviour of bft.byzantine rewrites on the way out, for the whole run.
         self.liar: int | None = None
         self.behaviour = ""
         budget = f - (len(faulty) if self.faults.crashes else 0) - (self.equivocator is not None)

@@ -1,9 +1,18 @@
-"""Byzantine replicas for the simulator: each behaviour rewrites what an honest core sends.
+"""Byzantine replicas: each behaviour rewrites what an honest core sends.
 
-The liar holds its real keys (the simulator does not authenticate) and runs the unmodified core;
-what leaves it is rewritten on the way out, deterministically, so its lies are consistent: the
-same message always becomes the same lie. The checker does not hold a liar to anything; the
-correct replicas and clients must stay safe and live beside it.
+One catalogue for the simulator (``bft.sim.simulator``) and for real replica processes
+(``bft replica --byzantine BEHAVIOUR``, ``bft.runtime.node.Node``'s ``rewrite`` hook), so the lies
+a seed explores are the lies an integration test or a demonstration tells over TCP.
+
+The liar holds its real keys and runs the unmodified core; what leaves it is rewritten on the way
+out, deterministically, so its lies are consistent: the same message always becomes the same lie.
+In a replica process the rewriting happens before sealing, so every lie carries the liar's own
+valid MAC or signature and only the protocol can catch it (in the simulator nothing is
+authenticated). The simulator's checker does not hold a liar to anything; the correct replicas
+and clients must stay safe and live beside it.
+
+Each behaviour is a pure function from one message to the messages sent in its place; its
+docstring's first line is what ``bft replica --help`` says of it.
 """
 
 from __future__ import annotations
@@ -13,8 +22,11 @@ from dataclasses import replace
 
 from bft.messages import Checkpoint, Message, Partition, Reply, State, Status, ViewChange, digest
 
+Rewrite = Callable[[Message], list[Message]]
+
 
 def _lying_replies(msg: Message) -> list[Message]:
+    """Replies with a wrong result (or a wrong digest of one)."""
     if isinstance(msg, Reply):
         lie = digest(msg.result) if msg.digest_only else b"lie:" + msg.result
         return [replace(msg, result=lie)]
@@ -22,20 +34,21 @@ def _lying_replies(msg: Message) -> list[Message]:
 
 
 def _wrong_checkpoints(msg: Message) -> list[Message]:
+    """Every CHECKPOINT votes for a wrong state digest."""
     if isinstance(msg, Checkpoint):
         return [replace(msg, digest=digest(b"wrong" + msg.digest))]
     return [msg]
 
 
 def _hiding_view_changes(msg: Message) -> list[Message]:
-    """Claims it prepared and pre-prepared nothing: hides the certificates it holds."""
+    """VIEW-CHANGEs hide its certificates: nothing prepared or pre-prepared."""
     if isinstance(msg, ViewChange):
         return [replace(msg, prepared=(), preprepared=(), raw=b"", signature=b"")]
     return [msg]
 
 
 def _claiming_view_changes(msg: Message) -> list[Message]:
-    """Claims a prepared certificate it does not have, for the slot after its checkpoint."""
+    """VIEW-CHANGEs claim a batch it never saw prepared, just after its checkpoint."""
     if isinstance(msg, ViewChange) and msg.view > 0:
         seq, fake = msg.stable + 1, digest(b"never prepared %d" % msg.view)
         prepared = sorted([*(p for p in msg.prepared if p[0] != seq), (seq, fake, msg.view - 1)])
@@ -45,6 +58,7 @@ def _claiming_view_changes(msg: Message) -> list[Message]:
 
 
 def _lying_state(msg: Message) -> list[Message]:
+    """State transfer from it gets a corrupt manifest and corrupt partitions."""
     if isinstance(msg, Partition):
         return [replace(msg, data=msg.data + b"lie")]
     if isinstance(msg, State):
@@ -53,10 +67,11 @@ def _lying_state(msg: Message) -> list[Message]:
 
 
 def _status_flood(msg: Message) -> list[Message]:
+    """Every STATUS goes out eight times, asking peers to resend again and again."""
     return [msg] * 8 if isinstance(msg, Status) else [msg]
 
 
-BEHAVIOURS: dict[str, Callable[[Message], list[Message]]] = {
+BEHAVIOURS: dict[str, Rewrite] = {
     "lying-replies": _lying_replies,
     "wrong-checkpoints": _wrong_checkpoints,
     "hiding-view-changes": _hiding_view_changes,
@@ -64,3 +79,10 @@ BEHAVIOURS: dict[str, Callable[[Message], list[Message]]] = {
     "lying-state": _lying_state,
     "status-flood": _status_flood,
 }
+
+
+def describe(name: str) -> str:
+    """What behaviour ``name`` does, in one line."""
+    doc = BEHAVIOURS[name].__doc__
+    assert doc, f"behaviour {name} says nothing of itself"
+    return doc.strip().splitlines()[0]
