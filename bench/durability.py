@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import tempfile
@@ -36,7 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.micro import RESULTS, latency, machine, throughput
+from bench.micro import RESULTS, latency, machine, throughput, write_results
 from bench.recovery import fill
 from bft import config as cfg
 from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES
@@ -317,13 +316,7 @@ def main() -> None:
     print(md)
     print()
     print(note)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "durability.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "durability.md").write_text(f"Machine: {results['machine']}, {results['date']}\n\n{md}\n\n{note}\n")
-    if plot(results, args.out / "durability.png"):
-        print(f"\nwrote {args.out / 'durability.md'}, durability.json and durability.png")
-    else:
-        print(f"\nwrote {args.out / 'durability.md'} and durability.json (install matplotlib for the chart)")
+    write_results(args.out, "durability", results, f"{md}\n\n{note}", plot)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ RESULTS = Path(__file__).parent / "results"
 SIZES = [(0, 0), (4096, 0), (0, 4096)]
 
 
+def write_results(out: Path, name: str, results: dict, md: str, plot_to: Callable[[dict, Path], bool]) -> None:
+    """``NAME.json``, ``NAME.md`` (with the machine and date) and, with matplotlib, ``NAME.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(f"Machine: {results['machine']}, {results['date']}\n\n{md}\n")
+    if plot_to(results, out / f"{name}.png"):
+        print(f"\nwrote {out / name}.md, {name}.json and {name}.png")
+    else:
+        print(f"\nwrote {out / name}.md and {name}.json (install matplotlib for the chart)")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -269,13 +280,7 @@ def main() -> None:
         md += "\n\n" + optimisation_table(results["optimisations"])
     print()
     print(md)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "micro.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "micro.md").write_text(f"Machine: {results['machine']}, {results['date']}\n\n{md}\n")
-    if plot(results, args.out / "micro.png"):
-        print(f"\nwrote {args.out / 'micro.md'}, micro.json and micro.png")
-    else:
-        print(f"\nwrote {args.out / 'micro.md'} and micro.json (install matplotlib for the chart)")
+    write_results(args.out, "micro", results, md, plot)
 
 
 if __name__ == "__main__":

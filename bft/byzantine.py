@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from bft.core.effects import Broadcast, Effect, ReplyTo, Send
 from bft.messages import Checkpoint, Message, Partition, Reply, State, Status, ViewChange, digest
 
 Rewrite = Callable[[Message], list[Message]]
@@ -86,3 +87,16 @@ def describe(name: str) -> str:
     doc = BEHAVIOURS[name].__doc__
     assert doc, f"behaviour {name} says nothing of itself"
     return doc.strip().splitlines()[0]
+
+
+def lie(rewrite: Rewrite, effect: Effect) -> list[Effect]:
+    """What leaves a liar in place of ``effect``: its messages rewritten; what it promises and
+    persists stays honest."""
+    match effect:
+        case Send(to, msg):
+            return [Send(to, m) for m in rewrite(msg)]
+        case Broadcast(msg):
+            return [Broadcast(m) for m in rewrite(msg)]
+        case ReplyTo(client, reply):
+            return [ReplyTo(client, m) for m in rewrite(reply)]
+    return [effect]

@@ -25,7 +25,6 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import msgpack
 import pytest
 
 from bft.byzantine import BEHAVIOURS
@@ -37,6 +36,8 @@ from bft.runtime.transport import LENGTH
 from bft.runtime.wire import Wire, limits_of
 from bft.service import KVService
 from client import Client
+
+from .test_integration import workload as shared_workload
 
 pytestmark = pytest.mark.integration
 
@@ -62,29 +63,8 @@ CASES = [
 PAUSED = {"view-change": 0, "state-transfer": 2}  # the correct replica each scenario pauses
 
 
-def value_of(result: bytes) -> bytes | None:
-    ok, value = msgpack.unpackb(result)
-    assert ok is True
-    return value
-
-
-async def workload(c: Client, name: bytes, count: int, concurrency: int = 8) -> None:
-    """``count`` writes to 20 keys of our own in rounds of 20 concurrent ones, each round followed
-    by a read of every key, ordered and read-only in turn, that must return what was written."""
-    model: dict[bytes, bytes] = {}
-    sem = asyncio.Semaphore(concurrency)
-
-    async def put(i: int) -> None:
-        key = b"%s-%d" % (name, i % 20)
-        async with sem:
-            value = b"%s=%d" % (key, i)
-            await c.invoke(KVService.put(key, value))
-            model[key] = value
-
-    for start in range(0, count, 20):
-        await asyncio.gather(*(put(i) for i in range(start, min(count, start + 20))))
-        for j, (key, value) in enumerate(sorted(model.items())):
-            assert value_of(await c.invoke(KVService.get(key), read_only=j % 2 == 1)) == value
+async def workload(c: Client, name: bytes, count: int) -> None:
+    await shared_workload(c, name, count, keys=20, read_only_too=True)
 
 
 async def both(a: Client, b: Client, count: int) -> None:

@@ -182,23 +182,19 @@ async def recovers_from(lc: LocalCluster, victim: int, damage: Callable[[Path], 
     return status
 
 
-async def test_flipped_bytes_in_the_promise_log(local_cluster: LocalCluster) -> None:
-    status = await recovers_from(local_cluster, 0, flip_bytes_in_the_log)
-    assert status["stats"].get("state-transfers", 0) > 0
-
-
-async def test_a_missing_partition_file(local_cluster: LocalCluster) -> None:
-    status = await recovers_from(local_cluster, 3, delete_a_partition)
-    assert status["stats"].get("state-transfers", 0) > 0
-
-
-async def test_flipped_bytes_in_a_partition_file(local_cluster: LocalCluster) -> None:
-    status = await recovers_from(local_cluster, 2, flip_bytes_in_a_partition)
-    assert status["stats"].get("state-transfers", 0) > 0
-
-
-async def test_a_truncated_checkpoint(local_cluster: LocalCluster) -> None:
-    status = await recovers_from(local_cluster, 1, truncate_the_checkpoint)
+@pytest.mark.parametrize(
+    ("victim", "damage"),
+    [
+        (0, flip_bytes_in_the_log),
+        (3, delete_a_partition),
+        (2, flip_bytes_in_a_partition),
+        (1, truncate_the_checkpoint),
+    ],
+    ids=["flipped-bytes-in-the-promise-log", "a-missing-partition-file", "flipped-bytes-in-a-partition-file",
+         "a-truncated-checkpoint"],
+)
+async def test_damage_is_repaired_by_state_transfer(local_cluster: LocalCluster, victim: int, damage) -> None:
+    status = await recovers_from(local_cluster, victim, damage)
     assert status["stats"].get("state-transfers", 0) > 0
 
 

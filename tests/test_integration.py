@@ -30,23 +30,27 @@ def value_of(result: bytes) -> bytes | None:
     return value
 
 
-async def workload(c: Client, name: bytes, count: int, concurrency: int = 8) -> None:
-    """``count`` writes to keys of our own in rounds of 50 concurrent ones, each round followed
-    by reads that must return what the round wrote."""
+async def workload(
+    c: Client, name: bytes, count: int, concurrency: int = 8, keys: int = 50, read_only_too: bool = False
+) -> None:
+    """``count`` writes to ``keys`` keys of our own in rounds of ``keys`` concurrent ones, each
+    round followed by a read of every key (ordered, or ordered and read-only in turn) that must
+    return what was written."""
     model: dict[bytes, bytes] = {}
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
-        key = b"%s-%d" % (name, i % 50)
+        key = b"%s-%d" % (name, i % keys)
         async with sem:
             value = b"%s=%d" % (key, i)
             await c.invoke(KVService.put(key, value))
             model[key] = value
 
-    for start in range(0, count, 50):
-        await asyncio.gather(*(one(i) for i in range(start, min(count, start + 50))))
-        for key, value in model.items():
-            assert value_of(await c.invoke(KVService.get(key))) == value
+    for start in range(0, count, keys):
+        await asyncio.gather(*(one(i) for i in range(start, min(count, start + keys))))
+        for j, (key, value) in enumerate(sorted(model.items())):
+            read_only = read_only_too and j % 2 == 1
+            assert value_of(await c.invoke(KVService.get(key), read_only=read_only)) == value
 
 
 async def test_two_clients_then_one_backup_killed(local_cluster) -> None:

@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from bft.byzantine import lie
 from bft.config import Cluster
 from bft.core.effects import Broadcast, Effect, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import DEFAULT_PARAMS, Params
@@ -77,7 +78,6 @@ class Node:
         self._admin: web.AppRunner | None = None
         self.started_s = time.monotonic()
         self.failure: asyncio.Future[None] | None = None  # set when our own code raised
-        self._pending_recovery: list[Effect] = []  # what recovering from disk asked for
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -95,7 +95,6 @@ class Node:
         )
         for p in self.peers.values():
             p.start()
-        self._dispatch(self._pending_recovery)
         for job in (self._ticker(), self._summaries()):
             task = loop.create_task(job)
             task.add_done_callback(self._task_done)
@@ -136,7 +135,7 @@ class Node:
                 "%s resumed in %s: checkpoint %d, %d records, executed %d, view %d",
                 self.name, data.directory, core.stable, len(records), core.executed, core.view,
             )
-        self._pending_recovery = core.take_outbox()
+        self._dispatch(core.take_outbox())  # peers queue it until they connect
 
     def _on_bug(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         """An exception escaped a callback (a frame handler, a core step): hostile input never
@@ -199,7 +198,12 @@ class Node:
         commit at the end of this event-loop iteration (written, and fsynced in "strict"), every
         effect waits, so nothing leaves before the promises made ahead of it are on disk."""
         if self.rewrite is not None:
-            effects = [lie for effect in effects for lie in self._lie(effect)]
+            told: list[Effect] = []
+            for effect in effects:
+                out = lie(self.rewrite, effect)
+                self.rewritten += out != [effect]
+                told += out
+            effects = told
         for effect in effects:
             if isinstance(effect, Promise):
                 assert self.data is not None, "a core that keeps promises needs a data directory"
@@ -211,21 +215,6 @@ class Node:
                 self._held.append(effect)
             else:
                 self._route(effect)
-
-    def _lie(self, effect: Effect) -> list[Effect]:
-        """A Byzantine replica's messages, rewritten; what it promises and persists stays honest."""
-        assert self.rewrite is not None
-        match effect:
-            case Send(to, msg):
-                out: list[Effect] = [Send(to, m) for m in self.rewrite(msg)]
-            case Broadcast(msg):
-                out = [Broadcast(m) for m in self.rewrite(msg)]
-            case ReplyTo(client, reply):
-                out = [ReplyTo(client, m) for m in self.rewrite(reply)]
-            case _:
-                return [effect]
-        self.rewritten += out != [effect]
-        return out
 
     def _group_commit(self) -> None:
         assert self.data is not None and self._held is not None

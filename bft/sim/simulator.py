@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 
 import msgpack
 
-from bft.byzantine import BEHAVIOURS
+from bft.byzantine import BEHAVIOURS, lie
 from bft.core.client import ClientCore
 from bft.core.effects import Broadcast, Effect, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import Params
@@ -255,7 +255,8 @@ class Simulation:
     def _route(self, src: tuple[str, int], effects: list[Effect]) -> None:
         kind, i = src
         if src == ("replica", self.liar):
-            effects = [lie for e in effects for lie in self._lie(e)]
+            rewrite = BEHAVIOURS[self.behaviour]
+            effects = [told for e in effects for told in lie(rewrite, e)]
         for effect in effects:
             match effect:
                 case Persist():
@@ -285,17 +286,6 @@ class Simulation:
                             self._send(src, ("replica", j), msg)
                 case _:
                     raise AssertionError(f"{kind} {i} asked for an unknown effect: {effect!r}")
-
-    def _lie(self, effect: Effect) -> list[Effect]:
-        rewrite = BEHAVIOURS[self.behaviour]
-        match effect:
-            case Send(to, msg):
-                return [Send(to, m) for m in rewrite(msg)]
-            case Broadcast(msg):
-                return [Broadcast(m) for m in rewrite(msg)]
-            case ReplyTo(client, reply):
-                return [ReplyTo(client, m) for m in rewrite(reply)]
-        return [effect]
 
     def _check_replica(self, i: int, replica: Replica) -> None:
         # The replica's own invariants (a failed assertion is a bug and stops the run with its
