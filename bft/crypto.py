@@ -81,6 +81,10 @@ class Keyring:
         self._verifiers = {
             rid: Ed25519PublicKey.from_public_bytes(pk.sign) for rid, pk in replicas.items()
         }
+        # Session handshakes (bft.runtime.session) prove who is at the other end of a connection.
+        self._identities: dict[Principal, Ed25519PublicKey] = {(REPLICA, r): v for r, v in self._verifiers.items()}
+        if me[0] == REPLICA:
+            self._identities |= {(CLIENT, c): Ed25519PublicKey.from_public_bytes(pk.sign) for c, pk in clients.items()}
         kex = X25519PrivateKey.from_private_bytes(private.kex)
         self._out: dict[Principal, bytes] = {}
         self._in: dict[Principal, bytes] = {}
@@ -116,6 +120,22 @@ class Keyring:
         if len(tag) != MAC_BYTES:
             return False
         return hmac.compare_digest(tag, mac(key, signed_bytes(type_, peer[1], payload)))
+
+    def has_verifier(self, peer: Principal) -> bool:
+        return peer in self._identities
+
+    def sign_raw(self, data: bytes) -> bytes:
+        return self._signer.sign(data)
+
+    def verify_raw(self, peer: Principal, data: bytes, signature: bytes) -> bool:
+        verifier = self._identities.get(peer)
+        if verifier is None or len(signature) != SIGNATURE_BYTES:
+            return False
+        try:
+            verifier.verify(signature, data)
+        except InvalidSignature:
+            return False
+        return True
 
     def sign(self, type_: int, payload: bytes) -> bytes:
         return self._signer.sign(signed_bytes(type_, self.me[1], payload))

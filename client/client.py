@@ -23,7 +23,8 @@ from bft.core.client import ClientCore
 from bft.core.effects import Broadcast, Send
 from bft.core.params import DEFAULT_PARAMS, Params
 from bft.crypto import CLIENT
-from bft.messages import Hello, Reply
+from bft.messages import Reply
+from bft.runtime.session import Session
 from bft.runtime.transport import FrameProtocol, Peer
 from bft.runtime.wire import Wire, limits_of
 
@@ -77,10 +78,11 @@ class Client:
     async def start(self) -> None:
         self._window_open = asyncio.Event()
         self._window_open.set()
-        hello = self.wire.seal(Hello(self.id))
-        for host, port in self._addrs:
-            peer = Peer(host, port, self._on_frame, self.core.params.frame_bytes_max, self.dropped)
-            peer.greeting = hello
+        kr, encrypt = self.wire.keyring, self.core.params.encrypt
+        for j, (host, port) in enumerate(self._addrs):
+            # A session per connection: replies come only on it, from the replica it proved to be.
+            session = None if kr is None else (lambda j=j: Session(kr, expect=j, encrypt=encrypt))
+            peer = Peer(host, port, self._on_frame, self.core.params.frame_bytes_max, self.dropped, session)
             self._peers.append(peer)
             peer.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -149,6 +151,9 @@ class Client:
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data)
         if not isinstance(msg, Reply):
+            return
+        if conn.peer is not None and conn.peer[1] != msg.replica:
+            self.dropped["not-from-session-peer"] += 1
             return
         self.core.on_reply(msg, self._now_ms())
         self._send(self.core.take_outbox())  # a fallback or a resend goes at once, not at the next tick

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -37,6 +36,7 @@ from bft.runtime.wire import Wire, limits_of
 from bft.service import KVService
 from client import Client
 
+from .sessionconn import blocking_session
 from .test_integration import workload as shared_workload
 
 pytestmark = pytest.mark.integration
@@ -196,15 +196,16 @@ def rss_bytes(pid: int) -> int:
 
 
 async def test_connections_that_carried_a_replicas_frame_are_forgotten_when_closed(tmp_path) -> None:
-    """Each connection that delivered one authentic replica frame (a replayed one would do) and
-    was then left with half a frame used to stay in the node's set of replica connections, its
-    receive buffer with it, for good (bench.fuzz found the target growing 14 MB per million frames):
-    300 such connections pinned 60 MB. Here replica 3's key plays the Byzantine replica."""
+    """Each connection that delivered one authentic replica frame and was then left with half a
+    frame used to stay in the node's set of replica connections, its receive buffer with it, for
+    good (bench.fuzz found the target growing 14 MB per million frames): 300 such connections
+    pinned 60 MB. Here replica 3's key plays the Byzantine replica, each time in a session of its
+    own (a new session of a replica replaces its previous one)."""
     lc = LocalCluster(tmp_path / "cluster", 1, "kv", PARAMS)
     cluster = lc.cluster
     try:
-        wire = Wire(cluster.keyring(REPLICA, 3), limits_of(cluster.params), Counter())
-        status_frame = wire.seal(Status(0, 0, 0, False, 3))
+        keyring = cluster.keyring(REPLICA, 3)
+        status_frame = Wire(keyring, limits_of(cluster.params), Counter()).seal(Status(0, 0, 0, False, 3))
         half = LENGTH.pack(1 << 20) + bytes(200_000)  # a 1 MiB frame, 200 KB of it sent
         target = cluster.replicas[1]
         pid = lc.procs[1].pid
@@ -212,8 +213,10 @@ async def test_connections_that_carried_a_replicas_frame_are_forgotten_when_clos
 
         def attack() -> None:
             for _ in range(300):
-                with socket.create_connection((target.host, target.port)) as s:
-                    s.sendall(LENGTH.pack(len(status_frame)) + status_frame + half)
+                sock, session = blocking_session(target.host, target.port, keyring, 1)
+                with sock:
+                    sealed = session.seal(status_frame)
+                    sock.sendall(LENGTH.pack(len(sealed)) + sealed + half)
 
         await asyncio.to_thread(attack)
         await asyncio.sleep(0.5)

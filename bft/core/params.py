@@ -31,6 +31,8 @@ class Params:
     separate_large_requests: bool = True  # clients send large requests to all; batches carry digests
     large_request_bytes: int = 4096  # what "large" means for the line above
     durability: str = "strict"  # memory | log | strict: see DURABILITY_MODES
+    # Sessions (bft.runtime.session) authenticate every frame; this also encrypts them.
+    encrypt: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -24,10 +24,11 @@ from bft.core.params import DEFAULT_PARAMS, Params
 from bft.core.replica import Replica
 from bft.core.statetransfer import CheckpointDamaged
 from bft.core.unreplicated import Unreplicated
-from bft.crypto import REPLICA
-from bft.messages import Hello, Message, Request
+from bft.crypto import CLIENT, REPLICA
+from bft.messages import Message, Request
 from bft.runtime.datadir import DataDir
-from bft.runtime.transport import FrameProtocol, Peer
+from bft.runtime.session import Session
+from bft.runtime.transport import Admission, FrameProtocol, Peer
 from bft.runtime.wire import Wire, limits_of
 from bft.service import Service
 
@@ -68,11 +69,20 @@ class Node:
         self.name = name
         self.transport_drops: Counter[str] = wire.dropped
         self.frame_bytes_max = frame_bytes_max
+        kr = wire.keyring
+        encrypt = isinstance(core, Replica) and core.params.encrypt
         self.peers = {
-            j: Peer(h, p, self._on_frame, frame_bytes_max, self.transport_drops) for j, (h, p) in peers.items()
+            j: Peer(
+                h, p, self._on_frame, frame_bytes_max, self.transport_drops,
+                None if kr is None else (lambda j=j: Session(kr, expect=j, encrypt=encrypt)),
+            )
+            for j, (h, p) in peers.items()
         }
+        self.admission = Admission(self.transport_drops)
+        # The connection each client's replies go to: the one its last session runs on (or,
+        # without keys, the one its last request came on).
         self.client_conns: dict[int, FrameProtocol] = {}
-        self.replica_conns: set[FrameProtocol] = set()
+        self.replica_conns: dict[int, FrameProtocol] = {}  # inbound, by the replica that proved it
         self._server: asyncio.AbstractServer | None = None
         self._tasks: list[asyncio.Task] = []
         self._admin: web.AppRunner | None = None
@@ -87,9 +97,7 @@ class Node:
         loop.set_exception_handler(self._on_bug)
         if self.data is not None and isinstance(self.core, Replica):
             self._recover(self.data)
-        self._server = await loop.create_server(
-            lambda: FrameProtocol(self._on_frame, self.frame_bytes_max, self.transport_drops),
-            self.host,
+        self._server = await loop.create_server(self._accept, self.host,
             self.port,
             reuse_address=True,
         )
@@ -111,7 +119,7 @@ class Node:
             await p.close()
         if self._server is not None:
             self._server.close()
-            for conn in list(self.client_conns.values()) + list(self.replica_conns):
+            for conn in list(self.client_conns.values()) + list(self.replica_conns.values()):
                 if conn.transport is not None:
                     conn.transport.close()
             await self._server.wait_closed()
@@ -168,28 +176,41 @@ class Node:
 
     # -- data path --------------------------------------------------------------------------
 
+    def _accept(self) -> FrameProtocol:
+        kr = self.wire.keyring
+        if kr is None:
+            return FrameProtocol(self._on_frame, self.frame_bytes_max, self.transport_drops)
+        return FrameProtocol(
+            self._on_frame, self.frame_bytes_max, self.transport_drops, Session(kr), self.admission, self._bind
+        )
+
+    def _bind(self, conn: FrameProtocol) -> None:
+        """A session is up: its peer's previous connection, if any, is replaced (an honest peer
+        that opens a new one has given up on the old), so each principal holds at most one."""
+        kind, who = conn.peer
+        conns = self.client_conns if kind == CLIENT else self.replica_conns
+        old = conns.get(who)
+        conns[who] = conn
+        if old is not None and old.transport is not None:
+            old.transport.close()
+        # Forgotten once closed, with its receive buffer (bench.fuzz found connections kept).
+        conn.closed.add_done_callback(lambda _: conns.get(who) is conn and conns.pop(who))
+
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data)
         if msg is None:
             return
-        if isinstance(msg, Hello | Request):
-            # Relayed requests come over replica connections; replies must go to the client's own.
-            if conn not in self.replica_conns and self.client_conns.get(msg.sender) is not conn:
-                self.client_conns[msg.sender] = conn
-                conn.closed.add_done_callback(lambda _, c=msg.sender: self._forget_client(c, conn))
-            if isinstance(msg, Hello):
-                return
-        elif conn not in self.replica_conns:
-            # Forgotten once closed: each connection that ever carried one authentic frame (a
-            # replayed one will do) would otherwise stay here with its receive buffer, up to
-            # frame_bytes_max of a frame left unfinished (found by bench.fuzz).
-            self.replica_conns.add(conn)
-            conn.closed.add_done_callback(lambda _: self.replica_conns.discard(conn))
+        peer = conn.peer
+        if peer is None:  # no keys (the unreplicated baseline): a request names its connection
+            if isinstance(msg, Request) and self.client_conns.get(msg.client) is not conn:
+                self.client_conns[msg.client] = conn
+                conn.closed.add_done_callback(
+                    lambda _, c=msg.client: self.client_conns.get(c) is conn and self.client_conns.pop(c)
+                )
+        elif not _from_peer(msg, peer):
+            self.transport_drops["not-from-session-peer"] += 1
+            return
         self._dispatch(self.core.step(msg, wall_ms()))
-
-    def _forget_client(self, client: int, conn: FrameProtocol) -> None:
-        if self.client_conns.get(client) is conn:
-            del self.client_conns[client]
 
     def _dispatch(self, effects: list[Effect]) -> None:
         """The router: the core's effects become frames, disk writes and nothing else.
@@ -291,6 +312,15 @@ class Node:
         self._admin = web.AppRunner(app, access_log=None)
         await self._admin.setup()
         await web.TCPSite(self._admin, self.host, self.admin_port).start()
+
+
+def _from_peer(msg: Message, peer: tuple[str, int]) -> bool:
+    """A client's session carries its own requests only; a replica's, its own messages and the
+    client requests it relays (each still under its client's authenticator)."""
+    kind, who = peer
+    if isinstance(msg, Request):
+        return kind == REPLICA or msg.client == who
+    return kind == REPLICA and msg.sender == who
 
 
 class _Collector:

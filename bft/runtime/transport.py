@@ -1,11 +1,15 @@
-"""TCP transport: length-prefixed frames, a push parser, persistent outbound connections.
+"""TCP transport: length-prefixed frames, a push parser, sessions, persistent outbound connections.
 
 Each frame is a 4-byte big-endian length and the frame bytes. ``FrameProtocol`` feeds received
 bytes to a parser that hands whole frames to a callback; a length over the limit cannot be
-resynchronised, so that connection is closed (an honest peer reconnects). ``Peer`` keeps one
-outbound connection to a node, reconnecting with exponential back-off, and bounds what it holds:
-frames queued while disconnected, and bytes buffered in the kernel-facing write buffer. What does
-not fit is dropped and counted; the protocol above recovers lost messages.
+resynchronised, so that connection is closed (an honest peer reconnects). With a ``Session``
+(bft.runtime.session) a connection first runs its handshake, in frames of at most a few hundred
+bytes, and then hands on only frames that passed their session tag, with the peer it proved to
+be; anything else closes the connection. ``Admission`` bounds what peers that have not proved who
+they are may hold: how many at once, and for how long. ``Peer`` keeps one outbound connection to
+a node, reconnecting with exponential back-off, and bounds what it holds: frames queued while
+disconnected, and bytes buffered in the kernel-facing write buffer. What does not fit is dropped
+and counted; the protocol above recovers lost messages.
 """
 
 from __future__ import annotations
@@ -17,31 +21,117 @@ import struct
 from collections import Counter, deque
 from collections.abc import Callable
 
+from bft.messages import MAC_BYTES
+from bft.runtime.session import HANDSHAKE_BYTES_MAX, Session, SessionError
+
 log = logging.getLogger("bft.transport")
 
 LENGTH = struct.Struct("!I")
 FrameHandler = Callable[[bytes, "FrameProtocol"], None]
 
 
+class Admission:
+    """What a server grants connections whose peer has not yet proved who it is: at most
+    ``pending_max`` of them at a time, each for ``deadline_s``. Each costs the server one
+    ephemeral key exchange and one signature, so their number and lifetime are what bound it."""
+
+    DEADLINE_S = 5.0  # an honest handshake takes three messages and well under a millisecond
+
+    def __init__(self, counters: Counter[str], pending_max: int = 64, deadline_s: float = DEADLINE_S) -> None:
+        self.counters = counters
+        self.pending_max = pending_max
+        self.deadline_s = deadline_s
+        self.pending = 0
+
+    def admit(self, conn: FrameProtocol) -> bool:
+        if self.pending >= self.pending_max:
+            self.counters["unauthenticated-connections-refused"] += 1
+            return False
+        self.pending += 1
+        timer = asyncio.get_running_loop().call_later(self.deadline_s, conn.expire)
+        conn.ready.add_done_callback(lambda _: self._release(timer))
+        return True
+
+    def _release(self, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        self.pending -= 1
+
+
 class FrameProtocol(asyncio.Protocol):
-    def __init__(self, on_frame: FrameHandler, frame_bytes_max: int, counters: Counter[str]) -> None:
+    def __init__(
+        self,
+        on_frame: FrameHandler,
+        frame_bytes_max: int,
+        counters: Counter[str],
+        session: Session | None = None,
+        admission: Admission | None = None,
+        on_session: Callable[[FrameProtocol], None] | None = None,
+    ) -> None:
         self.on_frame = on_frame
+        # Called as soon as the handshake completes, before any frame after it is handed on (a
+        # future's callbacks would run only later, after frames that arrived in the same read).
+        self.on_session = on_session
         self.frame_bytes_max = frame_bytes_max
         self.counters = counters
+        self.session = session
+        self.admission = admission
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._out: list[bytes] = []
         self.write_paused = False
-        self.closed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        # Done when frames may flow: at once without a session, after the handshake with one
+        # (True), or when the connection closed first (False).
+        self.ready: asyncio.Future[bool] = loop.create_future()
+        if session is None:
+            self.ready.set_result(True)
+
+    @property
+    def peer(self):
+        return None if self.session is None else self.session.peer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=4 * 1024 * 1024)  # type: ignore[attr-defined]
+        if self.admission is not None and not self.admission.admit(self):
+            transport.close()
+        elif self.session is not None and self.session.expect is not None:
+            self._write(self.session.initiate())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if not self.ready.done():
+            self.ready.set_result(False)
         if not self.closed.done():
             self.closed.set_result(None)
+
+    def expire(self) -> None:
+        if not self.ready.done() and self.transport is not None:
+            self.counters["handshake-timeout"] += 1
+            self.transport.close()
+
+    def _write(self, frame: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(LENGTH.pack(len(frame)) + frame)
+
+    def _handshake(self, frame: bytes) -> None:
+        session = self.session
+        assert session is not None
+        try:
+            answer = session.receive_handshake(frame)
+        except SessionError as exc:
+            self.counters["bad-handshake"] += 1
+            log.info("closing a connection: %s", exc)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if answer is not None:
+            self._write(answer)
+        if session.established and not self.ready.done():
+            if self.on_session is not None:
+                self.on_session(self)
+            self.ready.set_result(True)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -54,9 +144,16 @@ class FrameProtocol(asyncio.Protocol):
         buf += data
         pos = 0
         end = len(buf)
+        session = self.session
         while end - pos >= 4:
             (size,) = LENGTH.unpack_from(buf, pos)
-            if size > self.frame_bytes_max:
+            if session is None:
+                limit = self.frame_bytes_max
+            elif session.established:
+                limit = self.frame_bytes_max + MAC_BYTES  # the session tag
+            else:
+                limit = HANDSHAKE_BYTES_MAX
+            if size > limit:
                 self.counters["frame-too-large"] += 1
                 log.warning("closing a connection that announced a %d-byte frame", size)
                 buf.clear()
@@ -67,6 +164,22 @@ class FrameProtocol(asyncio.Protocol):
                 break
             frame = bytes(buf[pos + 4:pos + 4 + size])
             pos += 4 + size
+            if session is not None:
+                if not session.established:
+                    self._handshake(frame)
+                    if self.transport is None or self.transport.is_closing():
+                        break
+                    continue
+                try:
+                    frame = session.open(frame)
+                except SessionError:
+                    # Not from the peer that ran the handshake, or replayed, reordered or cut:
+                    # nothing after it on this stream can be trusted.
+                    self.counters["bad-session-tag"] += 1
+                    buf.clear()
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
             # Hostile input is rejected and counted where it is parsed (the wire, the core); an
             # exception here is our own bug, which the node turns into a stop (Node.failure).
             self.on_frame(frame, self)
@@ -79,10 +192,12 @@ class FrameProtocol(asyncio.Protocol):
         Frames queued during one event-loop iteration leave in one write: under load a replica
         answers many frames per iteration, and a system call per frame was most of its time."""
         t = self.transport
-        if t is None or t.is_closing() or self.write_paused:
+        if t is None or t.is_closing() or self.write_paused or not self.ready.done():
             return False
         if not self._out:
             asyncio.get_running_loop().call_soon(self._flush)
+        if self.session is not None:
+            frame = self.session.seal(frame)
         self._out += (LENGTH.pack(len(frame)), frame)
         return True
 
@@ -108,14 +223,15 @@ class Peer:
         on_frame: FrameHandler,
         frame_bytes_max: int,
         counters: Counter[str],
+        session: Callable[[], Session] | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.on_frame = on_frame
         self.frame_bytes_max = frame_bytes_max
         self.counters = counters
+        self.session = session  # a fresh one for each connection: new keys every time
         self.protocol: FrameProtocol | None = None
         self.backlog: deque[bytes] = deque()
-        self.greeting: bytes | None = None  # sent first on every (re)connection
         self._task: asyncio.Task | None = None
         self.connected = asyncio.Event()
 
@@ -135,8 +251,11 @@ class Peer:
         delay = self.RETRY_S_MIN
         while True:
             try:
+                session = None if self.session is None else self.session()
                 _, proto = await loop.create_connection(
-                    lambda: FrameProtocol(self.on_frame, self.frame_bytes_max, self.counters),
+                    lambda session=session: FrameProtocol(
+                        self.on_frame, self.frame_bytes_max, self.counters, session
+                    ),
                     self.host,
                     self.port,
                 )
@@ -144,10 +263,20 @@ class Peer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.RETRY_S_MAX)
                 continue
+            try:
+                ok = await asyncio.wait_for(asyncio.shield(proto.ready), Admission.DEADLINE_S)
+            except TimeoutError:
+                ok = False
+                if proto.transport is not None:
+                    proto.transport.close()
+            if not ok:
+                # Closed during the handshake: the peer is restarting, or is not who we expect.
+                self.counters["handshake-failed"] += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.RETRY_S_MAX)
+                continue
             delay = self.RETRY_S_MIN
             self.protocol = proto
-            if self.greeting is not None:
-                proto.send(self.greeting)
             while self.backlog and proto.send(self.backlog[0]):
                 self.backlog.popleft()
             self.connected.set()
