@@ -1,25 +1,45 @@
 """Fuzzing one replica of a real 4-replica kv cluster over TCP while a correct client works.
 
-A fuzzer process (this module with ``--worker``) opens connections to a backup (replica 1) and
-sends hostile frames as fast as the replica reads them: random bytes; random headers; real sealed
+A fuzzer process (this module with ``--worker``) connects to a backup (replica 1) and sends it
+hostile frames as fast as the replica reads them. Replicas take frames only inside authenticated
+sessions (bft.runtime.session), so the fuzzer runs real session handshakes with the keys of the
+cluster: as replica 3 (the one Byzantine replica f = 1 allows; its real process is stopped first,
+or it and the fuzzer would take the session of replica 3 from each other at every reconnection,
+since a principal holds one session with a replica at a time) for most frames, and as client 7
+for a fifth of them. Each hostile frame is sealed with its connection's session, so it passes the
+session layer and reaches the wire decoder and the core: random bytes; random headers; real sealed
 messages of every type in bft/messages.py with bits flipped, bytes cut off or appended; the same
 messages with a field changed (at any depth of the payload) and then authenticated with real keys
-from the cluster (replica 3's, so the fuzzer is the one Byzantine replica f = 1 allows, and
-client 7's), so they pass the MAC or signature and must be refused by later checks; valid
-messages of replica 3 and client 7 about the live sequence numbers; forged tags and signatures;
-and now and then a length prefix over ``frame_bytes_max``, which makes the replica close the
-connection (the fuzzer reconnects and goes on). Meanwhile a correct client (client 0) keeps
-writing and reading back keys of its own, and this process watches the target: its process alive
-and its /status answering, every half second.
+(replica 3's, client 7's), so they pass the MAC or signature and must be refused by later checks;
+valid messages of replica 3 and client 7 about the live sequence numbers; forged tags and
+signatures. A replica's session may carry client 7's requests too (replicas relay requests); the
+session of client 7 carries its requests only, and the rest on it, replica 3's messages among
+them, must be refused ("not-from-session-peer", or "bad-authentication"). Now and then a frame
+has a length prefix over the limit, or one that disagrees with its frame (a desync length):
+either ends the session (the replica closes it), and the fuzzer reconnects with a new handshake
+and goes on.
 
-At the end it prints frames sent and per second, the target's dropped counters by reason (the
-increase during the fuzz), whether it stayed up, the client's operations and their throughput
-during the fuzz against before it, and the target's RSS before and after; and writes
-``bench/results/fuzz.{md,json}``. If the target stops or the client stalls, the frames the fuzzer
-sent last are saved to ``bench/results/fuzz-last-frames.jsonl`` (hex, newest last) and the
-target's log tail is printed and kept in the JSON. A measurement, not a test.
+Besides, about one connection per 2,000 frames never completes a handshake (UNAUTH_KINDS): it
+sends nothing (idle), a garbage or oversized handshake frame, a fresh INIT cut short (framed as cut,
+or its length prefix and only part of it), an INIT and FINISH recorded from an earlier handshake of
+the fuzzer's (or either alone), or a misaddressed INIT; the fuzzer records when the target closes
+each (at once, or at its handshake deadline). Every 250,000 frames it opens more idle connections
+at once than the target admits unauthenticated (Admission), counts those refused and tries an
+honest handshake during that (refused) and after (accepted); at the end, with all its connections
+closed, it checks that the target admits as many as before (no pending slot leaked). Meanwhile a
+correct client (client 0) keeps writing and reading back keys of its own, and this process watches
+the target: its process alive and its /status answering, every half second.
 
-    python -m bench.fuzz [--frames 1000000] [--seconds-max 300] [--seed 1]
+At the end it prints frames sent and per second, what became of the sessions and of the
+unauthenticated connections, the target's dropped counters by reason (the increase during the
+fuzz), whether it stayed up, the client's operations and their throughput during the fuzz against
+before it, and the target's RSS before and after; and writes ``bench/results/fuzz.{md,json}``. If
+the target stops or the client stalls, the frames the fuzzer sent last are saved to
+``bench/results/fuzz-last-frames.jsonl`` (newest last: the session each went on, its kind, its
+length prefix and the frame before sealing, in hex: sealed it is good on that session only) and
+the target's log tail is printed and kept in the JSON. A measurement, not a test.
+
+    python -m bench.fuzz [--frames 1000000] [--seconds-max 300] [--seed 1] [--liar-process stop|keep]
 """
 
 from __future__ import annotations
@@ -28,6 +48,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import random
@@ -49,7 +70,7 @@ from bench.micro import RESULTS, machine
 from bench.recovery import rss_mb
 from bft import config as cfg
 from bft.core.params import Params
-from bft.crypto import CLIENT, REPLICA
+from bft.crypto import CLIENT, REPLICA, Keyring
 from bft.local import LocalCluster
 from bft.messages import (
     CLIENT_TYPES,
@@ -68,6 +89,9 @@ from bft.messages import (
     encode_payload,
 )
 from bft.runtime.process import run_async
+from bft.runtime.session import HANDSHAKE_BYTES_MAX, Session
+from bft.runtime.session import VERSION as SESSION_VERSION
+from bft.runtime.transport import Admission
 from bft.runtime.wire import Wire, limits_of
 from bft.service import KVService
 from client import Client, QuorumTimeout
@@ -93,6 +117,26 @@ KINDS = {
 }
 OVERSIZED_EVERY = 20_000  # about one frame in this many announces more than frame_bytes_max
 DESYNC_EVERY = 5_000  # about one in this many has a length prefix that disagrees with its frame
+CLIENT_SESSION_SHARE = 0.2  # of the frames, those sent in the session of client 7 (else replica 3)
+
+# Connections that never complete a handshake, and how often each kind is opened (weights).
+UNAUTH_KINDS = {
+    "idle": 3,  # sends nothing
+    "garbage": 3,  # a frame of random bytes (at most the handshake limit) for its INIT
+    "garbage-oversized": 1,  # a length prefix over the handshake limit
+    "truncated-init": 2,  # a fresh INIT cut short, framed as cut
+    "partial-init": 2,  # a fresh INIT's length prefix and only part of it, then nothing
+    "replayed-init-finish": 2,  # INIT and FINISH recorded from an earlier handshake of ours
+    "replayed-init": 1,  # a recorded INIT, then nothing
+    "replayed-finish": 1,  # a recorded FINISH as the first frame
+    "init-misaddressed": 1,  # an INIT for another replica, or from an unknown principal or itself
+}
+UNAUTH_EVERY = 2_000  # about one unauthenticated connection opened per this many frames
+UNAUTH_OPEN_MAX = 40  # the most of them open at once (below PENDING_MAX, but for a saturation)
+PENDING_MAX = inspect.signature(Admission).parameters["pending_max"].default
+HANDSHAKE_DEADLINE_S = Admission.DEADLINE_S
+SATURATE_EVERY = 250_000  # frames between saturations: PENDING_MAX + SATURATE_EXTRA idle at once
+SATURATE_EXTRA = 8
 
 
 # -- the fuzzer process ------------------------------------------------------------------------
@@ -277,20 +321,78 @@ class Frames:
         return self._flip(frame) if kind == "forged-mutated" else frame
 
 
-class Connection:
-    def __init__(self, host: str, port: int) -> None:
-        self.addr = (host, port)
-        self.sock: socket.socket | None = None
-        self.desynced = False  # a length prefix that disagreed with its frame went out on it
+def framed(data: bytes) -> bytes:
+    return LENGTH.pack(len(data)) + data
 
-    def open(self, deadline_s: float) -> None:
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        out += chunk
+    return out
+
+
+def handshake(sock: socket.socket, keyring: Keyring, replica: int) -> tuple[Session, bytes, bytes]:
+    """The initiator's side of a session handshake on a blocking socket (as
+    tests/sessionconn.blocking_session); returns the session and its INIT and FINISH, to replay."""
+    session = Session(keyring, expect=replica)
+    init = session.initiate()
+    sock.sendall(framed(init))
+    (size,) = LENGTH.unpack(_exactly(sock, 4))
+    if size > HANDSHAKE_BYTES_MAX:
+        raise ConnectionError(f"an ACCEPT of {size} bytes")
+    finish = session.receive_handshake(_exactly(sock, size))
+    assert finish is not None and session.established
+    sock.sendall(framed(finish))
+    return session, init, finish
+
+
+def closed_now(sock: socket.socket) -> bool:
+    """Whether the peer has closed ``sock`` (non-blocking; what it sent meanwhile is discarded)."""
+    try:
+        while select.select([sock], [], [], 0)[0]:
+            if not sock.recv(1 << 16):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return False
+
+
+class SessionConnection:
+    """The fuzzer's session with the target as one principal. A principal holds one session
+    with a replica at a time (a new one replaces the old), so there is one of these per principal."""
+
+    def __init__(self, name: str, host: str, port: int, keyring: Keyring, replica: int) -> None:
+        self.name = name
+        self.addr = (host, port)
+        self.keyring = keyring
+        self.replica = replica
+        self.sock: socket.socket | None = None
+        self.session: Session | None = None
+        self.serial = 0  # sessions opened so far
+
+    def open(self, deadline_s: float, events: Counter[str]) -> tuple[bytes, bytes]:
+        """A new connection and handshake, retried (while the target refuses unauthenticated
+        connections, say) until ``deadline_s``; returns its INIT and FINISH."""
         end = time.monotonic() + deadline_s
         while True:
+            sock = None
             try:
-                self.sock = socket.create_connection(self.addr, timeout=10)
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return
+                sock = socket.create_connection(self.addr, timeout=10)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.session, init, finish = handshake(sock, self.keyring, self.replica)
+                self.sock = sock
+                self.serial += 1
+                return init, finish
             except OSError:
+                if sock is not None:
+                    sock.close()
+                events["session-handshake-failed-retried"] += 1
                 if time.monotonic() > end:
                     raise
                 time.sleep(0.05)
@@ -299,22 +401,15 @@ class Connection:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        self.desynced = False
+        self.session = None
 
     def drain(self) -> bool:
-        """Read what the replica sent us (replies to client 7, answers to replica 3); False if
-        it closed the connection."""
+        """Read what the replica sent us (replies to client 7); False if it closed the connection."""
         assert self.sock is not None
-        try:
-            while select.select([self.sock], [], [], 0)[0]:
-                if not self.sock.recv(1 << 16):
-                    return False
-        except OSError:
-            return False
-        return True
+        return not closed_now(self.sock)
 
     def closed_by_peer(self, timeout_s: float = 5.0) -> bool:
-        """After an oversized length prefix: wait for the replica to close the connection."""
+        """After an oversized or desync length: wait for the replica to close the connection."""
         assert self.sock is not None
         self.sock.settimeout(timeout_s)
         try:
@@ -325,6 +420,125 @@ class Connection:
             return False
         except OSError:
             return True
+
+
+def probe(host: str, port: int, keyring: Keyring) -> bool:
+    """Whether an honest handshake gets through now (closed at once after)."""
+    try:
+        with socket.create_connection((host, port), timeout=5) as sock:
+            handshake(sock, keyring, TARGET)
+            return True
+    except OSError:
+        return False
+
+
+@dataclasses.dataclass
+class Unauthenticated:
+    kind: str
+    sock: socket.socket
+    opened: float
+
+
+class Unauthenticateds:
+    """Connections that never complete a handshake, each of a kind of UNAUTH_KINDS, watched
+    until the target closes them: at once for a bad handshake frame or a refusal (the target
+    holds PENDING_MAX of them at most), at its handshake deadline for one that stops short."""
+
+    def __init__(self, cluster: cfg.Cluster, host: str, port: int, rng: random.Random) -> None:
+        self.addr = (host, port)
+        self.rng = rng
+        self.frame_bytes_max = cluster.params.frame_bytes_max
+        self.replica_kr = cluster.keyring(REPLICA, LIAR)
+        self.recorded: deque[tuple[bytes, bytes]] = deque(maxlen=16)  # INIT, FINISH of our sessions
+        self.open_now: list[Unauthenticated] = []
+        self.opened: Counter[str] = Counter()
+        self.outcomes: Counter[str] = Counter()
+
+    def data(self, kind: str) -> bytes:
+        rng = self.rng
+        init, finish = rng.choice(self.recorded)
+        if kind == "idle":
+            return b""
+        if kind == "garbage":
+            return framed(os.urandom(rng.randint(0, HANDSHAKE_BYTES_MAX)))
+        if kind == "garbage-oversized":
+            return LENGTH.pack(HANDSHAKE_BYTES_MAX + 1 + rng.randrange(self.frame_bytes_max)) + os.urandom(32)
+        if kind in ("truncated-init", "partial-init"):
+            fresh = Session(self.replica_kr, expect=TARGET).initiate()
+            cut = fresh[:rng.randrange(len(fresh))]
+            return framed(cut) if kind == "truncated-init" else LENGTH.pack(len(fresh)) + cut
+        if kind == "replayed-init-finish":
+            return framed(init) + framed(finish)
+        if kind == "replayed-init":
+            return framed(init)
+        if kind == "replayed-finish":
+            return framed(finish)
+        assert kind == "init-misaddressed", kind
+        if rng.random() < 0.5:  # to another replica
+            return framed(Session(self.replica_kr, expect=rng.choice([0, 2, 3])).initiate())
+        who = rng.choice([(CLIENT, 99), (REPLICA, 4), (REPLICA, TARGET), ("server", 1)])  # unknown, or itself
+        return framed(msgpack.packb([SESSION_VERSION, *who, TARGET, os.urandom(32), False]))
+
+    def open(self, kind: str, events: Counter[str]) -> None:
+        data = self.data(kind)
+        try:
+            sock = socket.create_connection(self.addr, timeout=2)
+        except OSError:
+            events["unauthenticated-connect-failed"] += 1
+            return
+        self.opened[kind] += 1
+        u = Unauthenticated(kind, sock, time.monotonic())
+        try:
+            if data:
+                sock.sendall(data)
+        except OSError:
+            self._outcome(u, 0.0)
+            sock.close()
+            return
+        sock.setblocking(False)
+        self.open_now.append(u)
+
+    def _outcome(self, u: Unauthenticated, after_s: float) -> None:
+        if after_s < 1.0:
+            when = "closed at once"
+        elif abs(after_s - HANDSHAKE_DEADLINE_S) <= 2.0:
+            when = "closed at the deadline"
+        else:
+            when = f"closed after {after_s:.0f} s"
+        self.outcomes[f"{u.kind}: {when}"] += 1
+
+    def poll(self, events: Counter[str]) -> None:
+        now = time.monotonic()
+        keep = []
+        for u in self.open_now:
+            if closed_now(u.sock):
+                self._outcome(u, now - u.opened)
+                u.sock.close()
+            elif now - u.opened > HANDSHAKE_DEADLINE_S + 5:
+                self.outcomes[f"{u.kind}: NOT closed by the target"] += 1
+                events["unauthenticated-not-closed"] += 1
+                u.sock.close()
+            else:
+                keep.append(u)
+        self.open_now = keep
+
+    def close_all(self, why: str) -> None:
+        for u in self.open_now:
+            self.outcomes[f"{u.kind}: closed by the fuzzer {why}"] += 1
+            u.sock.close()
+        self.open_now = []
+
+
+def hold_idle(addr: tuple[str, int], count: int, wait_s: float) -> tuple[list[socket.socket], int]:
+    """``count`` idle connections; how many the target closed within ``wait_s`` (refused)."""
+    socks = []
+    for _ in range(count):
+        with contextlib.suppress(OSError):
+            socks.append(socket.create_connection(addr, timeout=2))
+    time.sleep(wait_s)
+    for s in socks:
+        s.setblocking(False)
+    return socks, sum(closed_now(s) for s in socks)
 
 
 def cpu_s(pid: int) -> float:
@@ -344,32 +558,54 @@ def _status(host: str, port: int) -> dict | None:
 def worker(a: argparse.Namespace) -> None:
     cluster = cfg.load(a.config)
     target = cluster.replicas[a.target]
+    addr = (target.host, target.port)
     rng = random.Random(a.seed)
     frames = Frames(cluster, rng)
     kinds, weights = list(KINDS), list(KINDS.values())
-    conns = [Connection(target.host, target.port) for _ in range(a.connections)]
-    for c in conns:
-        c.open(10)
-    recent: deque[tuple[int, str, bytes]] = deque(maxlen=RECENT_FRAMES)
-    sent: Counter[str] = Counter()
+    unauth_kinds, unauth_weights = list(UNAUTH_KINDS), list(UNAUTH_KINDS.values())
     events: Counter[str] = Counter()
+    unauth = Unauthenticateds(cluster, *addr, rng)
+    as_replica = SessionConnection(f"replica {LIAR}", *addr, frames.replica_kr, a.target)
+    as_client = SessionConnection(f"client {FUZZ_CLIENT}", *addr, frames.client_kr, a.target)
+    prober = cluster.keyring(CLIENT, FUZZ_CLIENT - 1)  # a third principal, for handshakes that only probe
+    for c in (as_replica, as_client):
+        unauth.recorded.append(c.open(10, events))
+    recent: deque[dict] = deque(maxlen=RECENT_FRAMES)
+    sent: Counter[str] = Counter()
+    by_session: Counter[str] = Counter()
     stopped = False
 
     def dump(*_: object) -> None:
         with open(a.dump, "w") as out:
-            for i, kind, data in recent:
-                out.write(json.dumps({"connection": i, "kind": kind, "frame_hex": data.hex()}) + "\n")
+            for rec in recent:
+                out.write(json.dumps(rec) + "\n")
         print(f"fuzz: saved the last {len(recent)} frames to {a.dump}", flush=True)
 
     def stop(*_: object) -> None:
         nonlocal stopped
         stopped = True
 
+    def saturate() -> None:
+        """More idle unauthenticated connections at once than the target admits; an honest
+        handshake then (refused) and after they are closed (accepted). Ours open before are
+        closed first: one reaching its deadline meanwhile would free a slot."""
+        unauth.close_all("before a saturation")
+        time.sleep(0.1)
+        socks, refused = hold_idle(addr, PENDING_MAX + SATURATE_EXTRA, 0.3)
+        events["saturation-connections"] += len(socks)
+        events["saturation-refused"] += refused
+        events["probe-while-saturated-" + ("accepted" if probe(*addr, prober) else "refused")] += 1
+        for s in socks:
+            s.close()
+        time.sleep(0.3)
+        events["probe-after-saturation-" + ("accepted" if probe(*addr, prober) else "refused")] += 1
+
     signal.signal(signal.SIGUSR1, dump)
     signal.signal(signal.SIGTERM, stop)
+    limit = frames.frame_bytes_max + MAC_BYTES  # what the target reads of a frame in a session
     t0 = last_print = last_refresh = time.monotonic()
     total = 0
-    turn = 0
+    next_saturation = SATURATE_EVERY
     limit_reason = "frames"
     while total < a.frames and not stopped:
         now = time.monotonic()
@@ -385,30 +621,46 @@ def worker(a: argparse.Namespace) -> None:
             last_print = now
             rate = total / (now - t0)
             print(f"fuzz: {total:,} of {a.frames:,} frames, {rate:,.0f} frames/s, "
-                  f"{events['closed-by-replica']} closed by the replica after an oversized length", flush=True)
-        turn = (turn + 1) % len(conns)
-        conn = conns[turn]
+                  f"{events['reconnects']} new sessions, {sum(unauth.opened.values())} unauthenticated "
+                  f"connections ({len(unauth.open_now)} open)", flush=True)
+        unauth.poll(events)
+        if rng.random() < BATCH_FRAMES / UNAUTH_EVERY and len(unauth.open_now) < UNAUTH_OPEN_MAX:
+            unauth.open(rng.choices(unauth_kinds, unauth_weights)[0], events)
+        if total >= next_saturation:
+            next_saturation += SATURATE_EVERY
+            saturate()
+        conn = as_client if rng.random() < CLIENT_SESSION_SHARE else as_replica
+        assert conn.session is not None
         batch: list[bytes] = []
-        oversized = False
+        ends: str | None = None  # what ends this session
         for _ in range(min(BATCH_FRAMES, a.frames - total)):
             roll = rng.randrange(OVERSIZED_EVERY)
+            body = b""
             if roll == 0:
-                size = frames.frame_bytes_max + 1 + rng.randrange(1 << 31)
-                data = LENGTH.pack(size) + os.urandom(rng.randint(0, 64))
-                kind, oversized = "oversized-length", True
+                prefix = limit + 1 + rng.randrange(1 << 31)
+                data = LENGTH.pack(prefix) + os.urandom(rng.randint(0, 64))
+                kind = ends = "oversized-length"
             else:
                 kind = rng.choices(kinds, weights)[0]
                 body = frames.make(kind)
-                prefix = len(body)
+                sealed = conn.session.seal(body)
+                prefix = len(sealed)
                 if roll <= OVERSIZED_EVERY // DESYNC_EVERY:
-                    kind, prefix = "desync-length", max(0, prefix + rng.choice([-9, -1, 1, 40]))
-                    conn.desynced = True
-                data = LENGTH.pack(prefix) + body
+                    # Bytes after it, so that whichever length the target reads, it has it whole.
+                    kind = ends = "desync-length"
+                    prefix = max(0, prefix + rng.choice([-9, -1, 1, 40]))
+                    data = LENGTH.pack(prefix) + sealed + os.urandom(64)
+                else:
+                    data = LENGTH.pack(prefix) + sealed
             batch.append(data)
-            recent.append((turn, kind, data))
+            recent.append({
+                "session": f"{conn.name} #{conn.serial}", "kind": kind, "length_prefix": prefix,
+                "sealed_bytes": len(data) - LENGTH.size, "frame_hex": body.hex(),
+            })
             sent[kind] += 1
+            by_session[conn.name] += 1
             total += 1
-            if oversized:
+            if ends:
                 break
         try:
             assert conn.sock is not None
@@ -416,19 +668,15 @@ def worker(a: argparse.Namespace) -> None:
             alive = conn.drain()
         except OSError:
             alive = False
-        if oversized:
-            if conn.closed_by_peer():
-                events["closed-by-replica"] += 1
-            else:
-                # Out of step, the stream may hold the prefix inside a frame the replica still reads.
-                events["oversized-not-closed-desynced" if conn.desynced else "oversized-not-closed"] += 1
+        if ends:
+            events[f"{ends}: " + ("closed by the target" if conn.closed_by_peer() else "NOT closed")] += 1
             alive = False
+        elif not alive:
+            events[f"session of {conn.name} lost"] += 1  # closed by the target unasked: a bug, or a new session of ours
         if not alive:
-            if not oversized:
-                events["connection-lost"] += 1  # a desynchronised stream that came to a huge length, say
             conn.close()
             try:
-                conn.open(5)
+                unauth.recorded.append(conn.open(10, events))
                 events["reconnects"] += 1
             except OSError:
                 events["target-unreachable"] += 1
@@ -436,13 +684,25 @@ def worker(a: argparse.Namespace) -> None:
                 dump()
                 break
     elapsed = time.monotonic() - t0
-    for c in conns:
+    for c in (as_replica, as_client):
         c.close()
+    # Every unauthenticated connection ended: does the target admit PENDING_MAX again (none of
+    # its pending count leaked)?
+    unauth.close_all("at the end")
+    time.sleep(0.5)
+    socks, final_refused = hold_idle(addr, PENDING_MAX, 0.5)
+    for s in socks:
+        s.close()
+    time.sleep(0.3)
     report = {
         "frames": total, "seconds": elapsed, "frames_per_s": total / elapsed if elapsed else 0.0,
         "stopped_by": limit_reason if not stopped else "signal", "kinds": dict(sorted(sent.items())),
-        "events": dict(sorted(events.items())), "connections": a.connections, "seed": a.seed,
-        "cpu_s": time.process_time(),
+        "by_session": dict(sorted(by_session.items())), "events": dict(sorted(events.items())),
+        "unauthenticated": {
+            "opened": dict(sorted(unauth.opened.items())), "outcomes": dict(sorted(unauth.outcomes.items())),
+        },
+        "final_idle_refused": final_refused, "final_probe_accepted": probe(*addr, prober),
+        "pending_max": PENDING_MAX, "seed": a.seed, "cpu_s": time.process_time(),
     }
     Path(a.report).write_text(json.dumps(report, indent=2) + "\n")
     print(f"fuzz: done, {total:,} frames in {elapsed:.1f} s ({report['frames_per_s']:,.0f} frames/s)", flush=True)
@@ -489,6 +749,10 @@ async def measure(a: argparse.Namespace, lc: LocalCluster) -> dict:
     cluster = lc.cluster
     proc = lc.procs[TARGET]
     report_path = Path(lc.cluster.path.parent) / "fuzz-report.json"
+    if a.liar_process == "stop":
+        # The fuzzer is replica 3. Left running, the real one and the fuzzer would take the
+        # session of replica 3 with the target from each other at every reconnection.
+        lc.kill(LIAR)
     async with Client(cluster, CORRECT_CLIENT) as c:
         await c.wait_connected(10)
         load = Load(c, a.concurrency)
@@ -506,10 +770,10 @@ async def measure(a: argparse.Namespace, lc: LocalCluster) -> dict:
         fuzzer = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.fuzz", "--worker", "--config", str(cluster.path), "--target", str(TARGET),
             "--frames", str(a.frames), "--seconds-max", str(a.seconds_max), "--seed", str(a.seed),
-            "--connections", str(a.connections), "--report", str(report_path), "--dump", str(a.dump),
+            "--report", str(report_path), "--dump", str(a.dump),
         )
         f0 = time.monotonic()
-        cpu0 = [cpu_s(p.pid) for p in lc.procs]
+        cpu0 = [cpu_s(p.pid) if p.poll() is None else 0.0 for p in lc.procs]
         down: list[str] = []
         status_misses = 0
         last_print = f0
@@ -555,9 +819,10 @@ async def measure(a: argparse.Namespace, lc: LocalCluster) -> dict:
     others: list[dict] = []
     status_after: dict = {}
     stopped_at = time.monotonic()
+    live = [i for i in range(cluster.n) if i != TARGET and lc.procs[i].poll() is None]
     while alive and time.monotonic() - stopped_at < 30:
         with contextlib.suppress(OSError):
-            others = [await asyncio.to_thread(lc.status, i) for i in range(cluster.n) if i != TARGET]
+            others = [await asyncio.to_thread(lc.status, i) for i in live]
             status_after = await asyncio.to_thread(lc.status, TARGET)
             if status_after["executed"] >= max(o["executed"] for o in others):
                 caught_up_s = time.monotonic() - stopped_at
@@ -576,6 +841,7 @@ async def measure(a: argparse.Namespace, lc: LocalCluster) -> dict:
     return {
         "machine": machine(), "date": time.strftime("%Y-%m-%d"), "target": TARGET,
         "params": "defaults (durability strict)", "frames_asked": a.frames, "fuzz": fuzz,
+        "liar_process": a.liar_process,
         "fuzz_seconds": f1 - f0,
         "stayed_up": not down and alive, "down": down, "status_misses": status_misses,
         "dropped_during_fuzz": dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
@@ -588,6 +854,9 @@ async def measure(a: argparse.Namespace, lc: LocalCluster) -> dict:
         "target_after": {k: status_after.get(k) for k in ("view", "log_slots", "pending_requests", "stats")},
         "cpu_s_during_fuzz": {"replicas": cpu, "fuzzer": fuzz.get("cpu_s")},
         "target_caught_up_s": caught_up_s,
+        # Each closes every session: the fuzzer's too (bft.runtime.node.Node.recover_proactively).
+        "target_proactive_recoveries_during": status_after.get("proactive_recoveries", 0)
+        - status_before.get("proactive_recoveries", 0),
         "target_executed_after": status_after.get("executed"),
         "others_executed_after": [s["executed"] for s in others],
         "target_view_after": status_after.get("view"),
@@ -601,17 +870,38 @@ def markdown(r: dict) -> str:
     rss_max = max((mb for _, mb in r["rss_mb"]["during"]), default=float("nan"))
     ratio = cl["during_ops_per_s"] / cl["before_ops_per_s"] if cl["before_ops_per_s"] else float("nan")
     limit = "" if fz.get("stopped_by") == "frames" else f" (stopped by the {fz.get('stopped_by')} limit)"
+    by_session = fz.get("by_session", {})
+    lost = {k: v for k, v in ev.items() if k.startswith("session of")}
+    liar = "stopped: the fuzzer is replica 3" if r.get("liar_process") == "stop" else "running"
+    un = fz.get("unauthenticated", {})
     lines = [
         "| measurement | result |",
         "|---|---|",
-        f"| frames sent to replica {r['target']} (a backup) | {fz.get('frames', 0):,}{limit} in "
+        f"| frames sent to replica {r['target']} (a backup) in sessions | {fz.get('frames', 0):,}{limit} in "
         f"{fz.get('seconds', 0):.0f} s |",
         f"| frames per second | {fz.get('frames_per_s', 0):,.0f} |",
-        f"| oversized length prefixes: connection closed by the replica / not, the stream already out of step "
-        f"(a desync-length frame before) / not, in step | {ev.get('closed-by-replica', 0)} / "
-        f"{ev.get('oversized-not-closed-desynced', 0)} / {ev.get('oversized-not-closed', 0)} |",
-        f"| reconnects (after those, and after streams out of step came to a length over the limit) | "
-        f"{ev.get('reconnects', 0)} |",
+        "| of them in the session of " + " / ".join(by_session) + " | "
+        + " / ".join(f"{v:,}" for v in by_session.values()) + " |",
+        f"| the real replica {LIAR}'s process | {liar} |",
+        f"| oversized length prefixes: session closed by the target / not | "
+        f"{ev.get('oversized-length: closed by the target', 0)} / {ev.get('oversized-length: NOT closed', 0)} |",
+        f"| desync lengths (a length prefix that disagrees with its frame): session closed by the target / not | "
+        f"{ev.get('desync-length: closed by the target', 0)} / {ev.get('desync-length: NOT closed', 0)} |",
+        f"| new sessions after those / handshakes retried (target refusing) | {ev.get('reconnects', 0)} / "
+        f"{ev.get('session-handshake-failed-retried', 0)} |",
+        "| sessions closed by the target unasked (its proactive recoveries during the fuzz, which close all) | "
+        + (", ".join(f"{k}: {v}" for k, v in lost.items()) or "none")
+        + f" ({r.get('target_proactive_recoveries_during', 0)}) |",
+        f"| unauthenticated connections opened (by kind below) / not closed by the target | "
+        f"{sum(un.get('opened', {}).values()):,} / {ev.get('unauthenticated-not-closed', 0)} |",
+        f"| saturations ({PENDING_MAX} + {SATURATE_EXTRA} idle connections at once): connections / refused at "
+        f"once | {ev.get('saturation-connections', 0)} / {ev.get('saturation-refused', 0)} |",
+        f"| an honest handshake during a saturation: accepted / refused; after it: accepted / refused | "
+        f"{ev.get('probe-while-saturated-accepted', 0)} / {ev.get('probe-while-saturated-refused', 0)}; "
+        f"{ev.get('probe-after-saturation-accepted', 0)} / {ev.get('probe-after-saturation-refused', 0)} |",
+        f"| after the fuzz: of {fz.get('pending_max', PENDING_MAX)} idle connections, refused (0: no pending "
+        f"slot leaked); an honest handshake | {fz.get('final_idle_refused')}; "
+        f"{'accepted' if fz.get('final_probe_accepted') else 'REFUSED'} |",
         f"| target stayed up (process alive, /status answering every half second) | "
         f"{'yes' if r['stayed_up'] else 'NO: ' + '; '.join(r['down'][:3])} |",
         f"| correct client: operations during the fuzz | {cl['during_ops']:,} "
@@ -628,9 +918,15 @@ def markdown(r: dict) -> str:
     ]
     drops = ["", "Target's dropped counters, increase during the fuzz:", "", "| reason | count |", "|---|---|"]
     drops += [f"| {k} | {v:,} |" for k, v in r["dropped_during_fuzz"].items()]
-    kinds = ["", "Frames sent, by kind:", "", "| kind | frames |", "|---|---|"]
+    kinds = ["", "Frames sent in sessions, by kind:", "", "| kind | frames |", "|---|---|"]
     kinds += [f"| {k} | {v:,} |" for k, v in fz.get("kinds", {}).items()]
-    return "\n".join(lines + drops + kinds)
+    unauth = ["", "Unauthenticated connections, by kind and what the target did:", "",
+              "| kind | opened | outcome |", "|---|---|---|"]
+    outcomes = un.get("outcomes", {})
+    for kind, n in un.get("opened", {}).items():
+        seen = [f"{k.split(': ', 1)[1]} {v}" for k, v in outcomes.items() if k.split(": ", 1)[0] == kind]
+        unauth.append(f"| {kind} | {n:,} | {', '.join(seen)} |")
+    return "\n".join(lines + drops + kinds + unauth)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -640,7 +936,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--frames", type=int, default=1_000_000, help="frames to send (default 1,000,000)")
     ap.add_argument("--seconds-max", type=float, default=300.0, help="stop sending after this long (default 300)")
     ap.add_argument("--seed", type=int, default=1, help="the fuzzer's random seed")
-    ap.add_argument("--connections", type=int, default=4, help="fuzzer connections to the target")
+    ap.add_argument(
+        "--liar-process", choices=["stop", "keep"], default="stop",
+        help="stop the real replica 3 (the fuzzer takes its place; default) or keep it running",
+    )
     ap.add_argument("--concurrency", type=int, default=4, help="the correct client's operations in flight")
     ap.add_argument("--baseline-s", type=float, default=10.0, help="seconds of correct load before the fuzz")
     ap.add_argument("--out", type=Path, default=RESULTS)
