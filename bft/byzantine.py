@@ -12,7 +12,8 @@ authenticated). The simulator's checker does not hold a liar to anything; the co
 and clients must stay safe and live beside it.
 
 Each behaviour is a pure function from one message to the messages sent in its place; its
-docstring's first line is what ``bft replica --help`` says of it.
+docstring's first line is what ``bft replica --help`` says of it. A few (``DELAYING``) also
+hold some messages back (``held_ms``), which only a replica process does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from bft.core.effects import Broadcast, Effect, ReplyTo, Send
-from bft.messages import Checkpoint, Message, Partition, Reply, State, Status, ViewChange, digest
+from bft.core.params import Params
+from bft.messages import Checkpoint, Message, Partition, PrePrepare, Reply, State, Status, ViewChange, digest
 
 Rewrite = Callable[[Message], list[Message]]
 
@@ -82,9 +84,39 @@ BEHAVIOURS: dict[str, Rewrite] = {
 }
 
 
+# Behaviours that send what an honest replica sends, some of it late. A delay is not a rewrite:
+# the node holds what ``held_ms`` names on its event loop's clock. They are kept apart from
+# BEHAVIOURS, from which the simulator draws its liars: a new name there would move every
+# seed's draw (and the golden transcripts that pin them).
+Hold = Callable[[Message, Params], int]
+
+
+def _slow_primary(msg: Message) -> list[Message]:
+    """As the primary, holds each PRE-PREPARE for 0.9 of the view timeout (Aardvark's slow primary)."""
+    return [msg]
+
+
+def _slow_primary_hold(msg: Message, params: Params) -> int:
+    # Just within the view timer of the requests it carries: only the slow-primary monitor
+    # (bft.core.monitor) can tell this primary from a correct one.
+    return params.view_timeout_ms * 9 // 10 if isinstance(msg, PrePrepare) else 0
+
+
+DELAYING: dict[str, Rewrite] = {"slow-primary": _slow_primary}
+_HOLDS: dict[Rewrite, Hold] = {_slow_primary: _slow_primary_hold}
+# Every behaviour a replica process can take (``bft replica --byzantine``).
+CATALOGUE: dict[str, Rewrite] = BEHAVIOURS | DELAYING
+
+
+def held_ms(rewrite: Rewrite, msg: Message, params: Params) -> int:
+    """How long a liar with behaviour ``rewrite`` holds ``msg`` before sending it (0: not at all)."""
+    hold = _HOLDS.get(rewrite)
+    return hold(msg, params) if hold is not None else 0
+
+
 def describe(name: str) -> str:
     """What behaviour ``name`` does, in one line."""
-    doc = BEHAVIOURS[name].__doc__
+    doc = CATALOGUE[name].__doc__
     assert doc, f"behaviour {name} says nothing of itself"
     return doc.strip().splitlines()[0]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgpack
 
 from bft import config as cfg
-from bft.byzantine import BEHAVIOURS, describe
+from bft.byzantine import CATALOGUE, describe
 from bft.launch import start_replicas, stop_replicas
 from bft.runtime.process import run_async, setup_logging
 from bft.runtime.storage import StorageError
@@ -77,7 +77,7 @@ def cmd_replica(a: argparse.Namespace) -> None:
     _service(a.service, options)
     rewrite = None
     if a.byzantine:
-        rewrite = BEHAVIOURS[a.byzantine]
+        rewrite = CATALOGUE[a.byzantine]
         log.warning("replica %d is Byzantine (%s): %s", a.id, a.byzantine, describe(a.byzantine))
     data = Path(a.data) if a.data else None
     node = replica_node(cluster, a.id, lambda: make_service(a.service, options), data, rewrite)
@@ -326,10 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace an existing cluster")
     k.set_defaults(func=cmd_keygen)
 
-    lies = "\n".join(f"  {name:<22} {describe(name)}" for name in BEHAVIOURS)
+    lies = "\n".join(f"  {name:<22} {describe(name)}" for name in CATALOGUE)
     r = sub.add_parser(
         "replica", help="run one replica process", formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Byzantine behaviours (--byzantine), the simulator's catalogue (bft/byzantine.py):\n{lies}",
+        epilog=f"Byzantine behaviours (--byzantine), the catalogue of bft/byzantine.py:\n{lies}",
     )
     r.add_argument("--config", required=True)
     r.add_argument("--id", type=_positive, required=True)
@@ -338,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--log-file")
     r.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
     r.add_argument(
-        "--byzantine", metavar="BEHAVIOUR", choices=list(BEHAVIOURS),
-        help="lie: rewrite what this replica sends with BEHAVIOUR (listed below), for tests and demonstrations",
+        "--byzantine", metavar="BEHAVIOUR", choices=list(CATALOGUE),
+        help="lie: rewrite or delay what this replica sends with BEHAVIOUR (listed below), for tests and demos",
     )
     r.set_defaults(func=cmd_replica)
 

@@ -31,6 +31,22 @@ class Params:
     separate_large_requests: bool = True  # clients send large requests to all; batches carry digests
     large_request_bytes: int = 4096  # what "large" means for the line above
     durability: str = "strict"  # memory | log | strict: see DURABILITY_MODES
+    # The slow-primary monitor (bft.core.monitor, after Aardvark's adaptive view change). A
+    # backup demands a view change when, while clients are kept waiting, the primary executes
+    # fewer requests in a window than this fraction of the best window of the recent views (or
+    # of its own view). Half, not Aardvark's 90%: the best window is a maximum, above a correct
+    # primary's typical window, and a correct primary under the same load never does half of
+    # it, while a slow one does a few percent. 0 turns the monitor off.
+    primary_throughput_fraction: float = 0.5
+    # A new view's primary is not judged for this long: it re-proposes the NEW-VIEW's batches
+    # and clients find it (Aardvark's 5 s). Longer than the simulator's fault phase (4 s), so
+    # the seeds' faults end before any view could be judged.
+    primary_grace_ms: int = 5_000
+    # Throughput is counted in windows this long: long enough that a correct primary's count
+    # is steady (hundreds of requests), short enough that a slow one goes within seconds.
+    primary_window_ms: int = 1_000
+    # Sessions (bft.runtime.session) authenticate every frame; this also encrypts them.
+    encrypt: bool = False
     # Sessions (bft.runtime.session) authenticate every frame; this also encrypts them.
     encrypt: bool = False
 
@@ -40,6 +56,9 @@ class Params:
             if f.type == "bool":
                 if type(value) is not bool:
                     raise ValueError(f"protocol parameter {f.name} must be true or false")
+            elif f.type == "float":
+                if type(value) not in (int, float) or not 0 <= value <= 1:
+                    raise ValueError(f"protocol parameter {f.name} must be a number from 0 (off) to 1")
             elif f.type == "str":
                 if value not in DURABILITY_MODES:
                     raise ValueError(f"protocol parameter {f.name} must be one of {', '.join(DURABILITY_MODES)}")

@@ -7,7 +7,8 @@ raises. Assertions guard our own invariants: one that fails is a bug, and stops 
 
 The replica holds what every part needs (view, executed, stable, the effects) and wires the
 parts, each of which owns its state: the log and normal case, execution, checkpoints, state
-transfer, the view timer, the view change, status recovery and large requests.
+transfer, the view timer, the slow-primary monitor, the view change, status recovery and large
+requests.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from bft.core.execution import Execution
 from bft.core.large import LargeRequests
 from bft.core.learner import Learner
 from bft.core.log import NormalCase
+from bft.core.monitor import PrimaryMonitor
 from bft.core.params import Params
 from bft.core.promises import Record
 from bft.core.quorum import Quorum
@@ -64,6 +66,7 @@ class Replica:
         "keeps_promises",
         "large",
         "learner",
+        "monitor",
         "n",
         "normal",
         "now_ms",
@@ -103,6 +106,7 @@ class Replica:
         self.large = LargeRequests(self)
         self.learner = Learner(self)
         self.timer = ViewTimer(self)
+        self.monitor = PrimaryMonitor(self)
         self.view_change = ViewChanges(self)
         self.status = StatusRecovery(self)
         self.handlers: dict[type, Callable[[Message, int], None]] = {
@@ -158,6 +162,7 @@ class Replica:
             self.drop("unexpected-type", msg)
         else:
             handler(msg, now_ms)
+        self.monitor.observe(now_ms)
         return self.take_outbox()
 
     def tick(self, now_ms: int) -> list[Effect]:
@@ -165,6 +170,7 @@ class Replica:
         self.status.tick(now_ms)
         self.timer.tick(now_ms)
         self.normal.propose(now_ms)
+        self.monitor.observe(now_ms)
         return self.take_outbox()
 
     def recover(self, saved: Persist | None, records: list[Record]) -> None:
@@ -202,3 +208,5 @@ class Replica:
         assert not self.timer.deadline_ms or self.timer.waiting or self.view_changing, "timer runs for a request"
         assert self.timer.waiting.keys() == self.timer.arrived_ms.keys()
         assert sum(self.timer.per_client.values()) == len(self.timer.waiting)
+        watched = self.monitor.view
+        assert watched is None or (watched == self.view and not self.view_changing), "the monitor counts this view"

@@ -6,7 +6,9 @@ As Aardvark (Clement et al., NSDI 2009) does, a request's time runs from its arr
 when it became the oldest one waiting: a primary that executes each request just before its
 timeout would otherwise restart the timer in full for the next one, and never be replaced. A new
 view starts every clock again (its primary gets a full timeout). Each client has a fair share of
-the waiting set, so a flooding client cannot push the others' requests out of it.
+the waiting set, so a flooding client cannot push the others' requests out of it. A primary
+that orders each request a little within its timeout is left to the slow-primary monitor
+(``bft.core.monitor``), which reads the waits of the requests held here.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class ViewTimer:
 
     def done(self, key: tuple[int, int]) -> None:
         if self.waiting.pop(key, None) is not None:
-            del self.arrived_ms[key]
+            self.r.monitor.completed(self.r.now_ms - self.arrived_ms.pop(key))
             self.per_client[key[0]] -= 1
             if not self.per_client[key[0]]:
                 del self.per_client[key[0]]

@@ -17,7 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from bft.byzantine import lie
+from bft.byzantine import held_ms, lie
 from bft.config import Cluster
 from bft.core.effects import Broadcast, Effect, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import DEFAULT_PARAMS, Params
@@ -244,7 +244,13 @@ class Node:
         for effect in held:
             self._route(effect)
 
-    def _route(self, effect: Effect) -> None:
+    def _route(self, effect: Effect, held: bool = False) -> None:
+        if self.rewrite is not None and not held and isinstance(effect, Send | Broadcast):
+            delay_ms = held_ms(self.rewrite, effect.msg, self.core.params)
+            if delay_ms:  # a liar that sends this late, as it is (bft.byzantine.DELAYING)
+                self.rewritten += 1
+                asyncio.get_running_loop().call_later(delay_ms / 1000, self._route, effect, True)
+                return
         match effect:
             case Send(to, msg):
                 peer = self.peers.get(to)
