@@ -7,8 +7,9 @@ A frame on the wire is::
     payload msgpack array of the message's fields
 
 The MAC or signature covers ``version | type | sender | payload`` (see ``signed_bytes``), so a
-receiver can authenticate a frame before it decodes the payload. Decoding is strict: msgpack is
-given limits on every container and byte string before it allocates, and every field is checked
+receiver can authenticate a frame before it decodes the payload. Decoding is strict: a payload
+longer than its type may be within the protocol's bounds is refused unread, every list is checked
+against its bound before its elements are unpacked (``bft.bounds``), and every field is checked
 for type and range; anything else raises ``DecodeError`` with a short reason that the caller counts.
 
 Requests keep their encoded body (``raw``) and their client's authenticator (``auth``) so the
@@ -24,22 +25,36 @@ from dataclasses import dataclass, field, replace
 
 import msgpack
 
+from bft.bounds import (
+    BOOL_BYTES,
+    DEFAULT_LIMITS,
+    DIGEST_BYTES,
+    DIGEST_FIELD_BYTES,
+    INT_BYTES_MAX,
+    INT_MAX,
+    INT_MIN,
+    SIGNATURE_BYTES,
+    DecodeError,
+    Limits,
+    Reader,
+    array_bytes_max,
+    as_bool,
+    as_bytes,
+    as_digest,
+    as_int,
+    auth_bytes_max,
+    batch_bytes_max,
+    bin_bytes_max,
+    flat_fields,
+    new_view_bytes_max,
+    request_bytes_max,
+    view_change_bytes_max,
+)
+from bft.bounds import MAC_BYTES as MAC_BYTES  # part of the wire format: importers find it here
+
 VERSION = 1
 HEADER = struct.Struct("!BBIH")
-MAC_BYTES = 16
-SIGNATURE_BYTES = 64
-DIGEST_BYTES = 32
-
-# Hard limits of the codec itself; the configured limits (protocol parameters) are tighter.
-FRAME_BYTES_MAX = 64 * 1024 * 1024
-ARRAY_LEN_MAX = 1 << 16
-INT_MAX = (1 << 63) - 1
-INT_MIN = -(1 << 63)
 SENDER_MAX = (1 << 32) - 1  # the frame header holds the sender in 32 bits
-
-
-class DecodeError(ValueError):
-    """A peer sent something that is not a well-formed message; the reason is a short label."""
 
 
 def digest(data: bytes) -> bytes:
@@ -365,19 +380,6 @@ def frame(msg: Message, payload: bytes, auth: bytes) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds enforced while decoding, before anything is allocated for the data."""
-
-    frame_bytes_max: int = 16 * 1024 * 1024
-    op_bytes_max: int = 8 * 1024 * 1024
-    batch_len_max: int = 1024
-    snapshot_bytes_max: int = FRAME_BYTES_MAX - 1024
-
-
-DEFAULT_LIMITS = Limits()
-
-
-@dataclass(frozen=True, slots=True)
 class Envelope:
     """A frame split into its parts, not yet authenticated or decoded."""
 
@@ -388,6 +390,8 @@ class Envelope:
 
 
 def split_frame(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> Envelope:
+    """Split a frame, refusing one longer than its type can be within ``limits`` (``bft.bounds``,
+    step 1) before anything of it is authenticated or parsed."""
     if len(data) > limits.frame_bytes_max:
         raise DecodeError("frame-too-large")
     if len(data) < HEADER.size:
@@ -395,151 +399,135 @@ def split_frame(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> En
     version, type_, sender, auth_len = HEADER.unpack_from(data)
     if version != VERSION:
         raise DecodeError("bad-version")
-    if type_ not in _DECODERS:
+    if type_ not in _PAYLOAD_BYTES_MAX:
         raise DecodeError("unknown-type")
     end = HEADER.size + auth_len
     if end > len(data):
         raise DecodeError("short-frame")
+    if auth_len > auth_bytes_max(limits):
+        raise DecodeError("auth-too-large")
+    if len(data) - end > _PAYLOAD_BYTES_MAX[type_](limits):
+        raise DecodeError("payload-too-large")
     return Envelope(type_, sender, bytes(data[HEADER.size:end]), bytes(data[end:]))
 
 
-def _unpack(payload: bytes, limits: Limits) -> list:
-    try:
-        obj = msgpack.unpackb(
-            payload,
-            max_bin_len=max(limits.op_bytes_max, limits.snapshot_bytes_max),
-            max_str_len=0,
-            max_array_len=max(limits.batch_len_max, ARRAY_LEN_MAX),
-            max_map_len=0,
-            max_ext_len=0,
-            use_list=True,
-            strict_map_key=True,
-        )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise DecodeError("bad-msgpack") from exc
-    if not isinstance(obj, list):
-        raise DecodeError("bad-shape")
-    return obj
-
-
-def _int(v: object, lo: int = 0, hi: int = INT_MAX) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise DecodeError("bad-int")
-    return v
-
-
-def _bytes(v: object, max_len: int, exact: int | None = None) -> bytes:
-    if type(v) is not bytes or len(v) > max_len or (exact is not None and len(v) != exact):
-        raise DecodeError("bad-bytes")
-    return v
-
-
-def _bool(v: object) -> bool:
-    if type(v) is not bool:
-        raise DecodeError("bad-bool")
-    return v
-
-
-def _list(v: object, length: int | None = None, max_len: int = ARRAY_LEN_MAX) -> list:
-    if type(v) is not list or len(v) > max_len or (length is not None and len(v) != length):
-        raise DecodeError("bad-shape")
-    return v
-
-
-def _digest(v: object) -> bytes:
-    return _bytes(v, DIGEST_BYTES, DIGEST_BYTES)
+# The largest payload of each type within the limits (``bft.bounds``, step 1).
+_I, _D = INT_BYTES_MAX, DIGEST_FIELD_BYTES
+_PAYLOAD_BYTES_MAX = {
+    Request.TYPE: request_bytes_max,
+    PrePrepare.TYPE: lambda lim: batch_bytes_max(lim, 3),
+    Prepare.TYPE: lambda lim: array_bytes_max(_I, _I, _D, _I),
+    Commit.TYPE: lambda lim: array_bytes_max(_I, _I, _D, _I),
+    Reply.TYPE: lambda lim: array_bytes_max(_I, _I, _I, _I, bin_bytes_max(lim.op_bytes_max), BOOL_BYTES, BOOL_BYTES),
+    Checkpoint.TYPE: lambda lim: array_bytes_max(_I, _D, _I),
+    Status.TYPE: lambda lim: array_bytes_max(_I, _I, _I, BOOL_BYTES, _I),
+    ViewChange.TYPE: view_change_bytes_max,
+    NewView.TYPE: new_view_bytes_max,
+    FetchState.TYPE: lambda lim: array_bytes_max(_I, _I),
+    State.TYPE: lambda lim: array_bytes_max(_I, bin_bytes_max(lim.snapshot_bytes_max), _I),
+    Hello.TYPE: lambda lim: array_bytes_max(_I),
+    Batch.TYPE: lambda lim: batch_bytes_max(lim, 2),
+    FetchBatch.TYPE: lambda lim: array_bytes_max(_I, _D, _I),
+    FetchPartition.TYPE: lambda lim: array_bytes_max(_I, _I, _I, _I),
+    Partition.TYPE: lambda lim: array_bytes_max(_I, _I, _I, _I, bin_bytes_max(lim.chunk_bytes_max), _I),
+}
 
 
 def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
-    f = _list(_unpack(raw, limits), 4)
-    return Request(
-        _int(f[0]), _int(f[1]), _bytes(f[2], limits.op_bytes_max), _bool(f[3]), raw, digest(raw), auth
-    )
+    f = flat_fields(raw, 4)
+    op = as_bytes(f[2], limits.op_bytes_max)
+    return Request(as_int(f[0]), as_int(f[1]), op, as_bool(f[3]), raw, digest(raw), auth)
 
 
-def _requests(v: object, limits: Limits, refs: bool = False) -> tuple[Request | bytes, ...]:
+def _requests(r: Reader, lim: Limits, refs: bool = False) -> tuple[Request | bytes, ...]:
     reqs: list[Request | bytes] = []
-    for item in _list(v, max_len=limits.batch_len_max):
-        if refs and type(item) is list and len(item) == 1:
-            reqs.append(_digest(item[0]))
-            continue
-        raw, auth = _list(item, 2)
-        reqs.append(decode_request(_bytes(raw, limits.frame_bytes_max), _bytes(auth, 4096), limits))
+    raw_max, auth_max = request_bytes_max(lim), auth_bytes_max(lim)
+    for _ in range(r.array(lim.batch_len_max, "requests")):
+        shape = r.header()
+        if refs and shape == 1:
+            reqs.append(r.digest())  # a large request, by reference
+        elif shape == 2:
+            raw, auth = r.blob(raw_max), r.blob(auth_max)
+            reqs.append(decode_request(raw, auth, lim))
+        else:
+            raise DecodeError("bad-shape")
     return tuple(reqs)
 
 
-def _pre_prepare(f: list, limits: Limits) -> PrePrepare:
-    _list(f, 5)
-    view, seq, ts = _int(f[0]), _int(f[1]), _int(f[2], INT_MIN, INT_MAX)
-    requests = _requests(f[3], limits, refs=True)
-    return PrePrepare(view, seq, ts, requests, _int(f[4]), batch_digest(ts, requests))
+def _pre_prepare(r: Reader, lim: Limits) -> PrePrepare:
+    view, seq, ts = r.fixed(5).integer(), r.integer(), r.integer(INT_MIN, INT_MAX)
+    requests = _requests(r, lim, refs=True)
+    return PrePrepare(view, seq, ts, requests, r.integer(), batch_digest(ts, requests))
 
 
-def _batch(f: list, limits: Limits) -> Batch:
-    _list(f, 4)
-    seq, ts = _int(f[0]), _int(f[1], INT_MIN, INT_MAX)
-    requests = _requests(f[2], limits)
-    return Batch(seq, ts, requests, _int(f[3]), batch_digest(ts, requests))
+def _batch(r: Reader, lim: Limits) -> Batch:
+    seq, ts = r.fixed(4).integer(), r.integer(INT_MIN, INT_MAX)
+    requests = _requests(r, lim)
+    return Batch(seq, ts, requests, r.integer(), batch_digest(ts, requests))
 
 
-def _view_change(f: list, limits: Limits) -> ViewChange:
-    _list(f, 6)
-    ckpts = tuple((_int(s), _digest(d)) for s, d in (_list(x, 2) for x in _list(f[2])))
-    prepared = tuple((_int(s), _digest(d), _int(v)) for s, d, v in (_list(x, 3) for x in _list(f[3])))
-    preprepared = tuple(
-        (_int(s), tuple((_digest(d), _int(v)) for d, v in (_list(y, 2) for y in _list(entries))))
-        for s, entries in (_list(x, 2) for x in _list(f[4]))
+def _view_change(r: Reader, lim: Limits) -> ViewChange:
+    view, stable = r.fixed(6).integer(), r.integer()
+    ckpts = tuple((r.fixed(2).integer(), r.digest()) for _ in range(r.array(lim.checkpoints_max, "checkpoints")))
+    prepared = tuple(
+        (r.fixed(3).integer(), r.digest(), r.integer()) for _ in range(r.array(lim.window_max, "prepared"))
     )
-    return ViewChange(_int(f[0]), _int(f[1]), ckpts, prepared, preprepared, _int(f[5]))
+    preprepared = []
+    for _ in range(r.array(lim.window_max, "preprepared")):
+        seq = r.fixed(2).integer()
+        count = r.array(lim.qset_digests_max, "qset-digests")
+        preprepared.append((seq, tuple((r.fixed(2).digest(), r.integer()) for _ in range(count))))
+    return ViewChange(view, stable, ckpts, prepared, tuple(preprepared), r.integer())
 
 
-def _new_view(f: list, limits: Limits) -> NewView:
-    _list(f, 5)
+def _new_view(r: Reader, lim: Limits) -> NewView:
+    view = r.fixed(5).integer()
     vcs = []
-    for item in _list(f[1], max_len=1024):
-        raw, signature = _list(item, 2)
-        vc = _view_change(_unpack(_bytes(raw, limits.frame_bytes_max), limits), limits)
-        vcs.append(replace(vc, raw=raw, signature=_bytes(signature, SIGNATURE_BYTES)))
-    s, d = _list(f[2], 2)
-    decisions = tuple((_int(n), _digest(d)) for n, d in (_list(x, 2) for x in _list(f[3])))
-    return NewView(_int(f[0]), tuple(vcs), (_int(s), _digest(d)), decisions, _int(f[4]))
+    for _ in range(r.array(lim.replicas_max, "view-changes")):
+        raw, signature = r.fixed(2).blob(view_change_bytes_max(lim)), r.blob(SIGNATURE_BYTES)
+        inner = Reader(raw)
+        vc = _view_change(inner, lim)
+        inner.end()
+        vcs.append(replace(vc, raw=raw, signature=signature))
+    checkpoint = (r.fixed(2).integer(), r.digest())
+    decisions = tuple((r.fixed(2).integer(), r.digest()) for _ in range(r.array(lim.window_max, "decisions")))
+    return NewView(view, tuple(vcs), checkpoint, decisions, r.integer())
 
 
-_DECODERS = {
-    Request.TYPE: None,  # decoded from its raw body, see decode_payload
-    PrePrepare.TYPE: _pre_prepare,
-    Prepare.TYPE: lambda f, lim: Prepare(
-        _int(_list(f, 4)[0]), _int(f[1]), _digest(f[2]), _int(f[3])
-    ),
-    Commit.TYPE: lambda f, lim: Commit(_int(_list(f, 4)[0]), _int(f[1]), _digest(f[2]), _int(f[3])),
-    Reply.TYPE: lambda f, lim: Reply(
-        _int(_list(f, 7)[0]), _int(f[1]), _int(f[2]), _int(f[3]), _bytes(f[4], lim.op_bytes_max), _bool(f[5]),
-        _bool(f[6]),
-    ),
-    Checkpoint.TYPE: lambda f, lim: Checkpoint(_int(_list(f, 3)[0]), _digest(f[1]), _int(f[2])),
-    Status.TYPE: lambda f, lim: Status(_int(_list(f, 5)[0]), _int(f[1]), _int(f[2]), _bool(f[3]), _int(f[4])),
-    ViewChange.TYPE: _view_change,
-    NewView.TYPE: _new_view,
-    FetchState.TYPE: lambda f, lim: FetchState(_int(_list(f, 2)[0]), _int(f[1])),
-    State.TYPE: lambda f, lim: State(
-        _int(_list(f, 3)[0]), _bytes(f[1], lim.snapshot_bytes_max), _int(f[2])
-    ),
-    Hello.TYPE: lambda f, lim: Hello(_int(_list(f, 1)[0])),
-    Batch.TYPE: _batch,
-    FetchBatch.TYPE: lambda f, lim: FetchBatch(_int(_list(f, 3)[0]), _digest(f[1]), _int(f[2])),
-    FetchPartition.TYPE: lambda f, lim: FetchPartition(_int(_list(f, 4)[0]), _int(f[1]), _int(f[2]), _int(f[3])),
-    Partition.TYPE: lambda f, lim: Partition(
-        _int(_list(f, 6)[0]), _int(f[1]), _int(f[2]), _int(f[3]), _bytes(f[4], lim.snapshot_bytes_max), _int(f[5])
-    ),
+# Messages that are one array of scalars: (arity, the message from its fields).
+_FLAT = {
+    Prepare.TYPE: (4, lambda f, lim: Prepare(as_int(f[0]), as_int(f[1]), as_digest(f[2]), as_int(f[3]))),
+    Commit.TYPE: (4, lambda f, lim: Commit(as_int(f[0]), as_int(f[1]), as_digest(f[2]), as_int(f[3]))),
+    Reply.TYPE: (7, lambda f, lim: Reply(
+        as_int(f[0]), as_int(f[1]), as_int(f[2]), as_int(f[3]), as_bytes(f[4], lim.op_bytes_max), as_bool(f[5]),
+        as_bool(f[6]),
+    )),
+    Checkpoint.TYPE: (3, lambda f, lim: Checkpoint(as_int(f[0]), as_digest(f[1]), as_int(f[2]))),
+    Status.TYPE: (5, lambda f, lim: Status(as_int(f[0]), as_int(f[1]), as_int(f[2]), as_bool(f[3]), as_int(f[4]))),
+    FetchState.TYPE: (2, lambda f, lim: FetchState(as_int(f[0]), as_int(f[1]))),
+    State.TYPE: (3, lambda f, lim: State(as_int(f[0]), as_bytes(f[1], lim.snapshot_bytes_max), as_int(f[2]))),
+    Hello.TYPE: (1, lambda f, lim: Hello(as_int(f[0]))),
+    FetchBatch.TYPE: (3, lambda f, lim: FetchBatch(as_int(f[0]), as_digest(f[1]), as_int(f[2]))),
+    FetchPartition.TYPE: (4, lambda f, lim: FetchPartition(as_int(f[0]), as_int(f[1]), as_int(f[2]), as_int(f[3]))),
+    Partition.TYPE: (6, lambda f, lim: Partition(
+        as_int(f[0]), as_int(f[1]), as_int(f[2]), as_int(f[3]), as_bytes(f[4], lim.chunk_bytes_max), as_int(f[5])
+    )),
 }
+# Messages with lists, read from a stream with each list's bound.
+_NESTED = {PrePrepare.TYPE: _pre_prepare, Batch.TYPE: _batch, ViewChange.TYPE: _view_change, NewView.TYPE: _new_view}
 
 
 def decode_payload(env: Envelope, limits: Limits = DEFAULT_LIMITS) -> Message:
     """Decode an envelope's payload; the message's own sender field must match the frame's."""
     if env.type == Request.TYPE:
         msg: Message = decode_request(env.payload, env.auth, limits)
+    elif env.type in _FLAT:
+        arity, make = _FLAT[env.type]
+        msg = make(flat_fields(env.payload, arity), limits)
     else:
-        msg = _DECODERS[env.type](_unpack(env.payload, limits), limits)
+        r = Reader(env.payload)
+        msg = _NESTED[env.type](r, limits)
+        r.end()
         if isinstance(msg, ViewChange):
             msg = replace(msg, raw=env.payload, signature=env.auth)
     if msg.sender != env.sender:

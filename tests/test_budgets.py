@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
+from bft.core.budgets import queue_bytes_max, request_bytes
 from bft.core.effects import Send
-from bft.messages import PrePrepare, Request, Status
+from bft.messages import Commit, PrePrepare, Request, Status
 from bft.service import KVService
 
 from .test_core import NOW, PARAMS, Link, put
@@ -67,3 +69,68 @@ def test_a_flooding_client_gets_its_share_of_a_backup_s_waiting_set_and_no_more(
     held = backup.timer.per_client
     assert held[9] == PARAMS.client_window and held[1] == 1
     assert backup.stats["waiting-requests-refused"] == 100 - PARAMS.client_window
+
+
+# -- byte budgets (bft.core.budgets): at the budget accepted, a byte more refused -----------------
+
+SMALL_FRAMES = replace(PARAMS, op_bytes_max=4096, frame_bytes_max=8192, large_request_bytes=1024)
+BUDGET = queue_bytes_max(SMALL_FRAMES)  # 16 KiB: twice the one frame the primary may have in flight
+SIZE = 4096  # BUDGET / 4: four requests fill it exactly
+
+
+def sized(client: int, ts: int, size: int, read_only: bool = False) -> Request:
+    """A kv request (a get if read-only, else a put) whose encoding is exactly ``size`` bytes."""
+    for pad in range(size):
+        op = KVService.get(b"k" * pad) if read_only else KVService.put(b"k", b"v" * pad)
+        req = Request.make(client, ts, op, read_only)
+        if request_bytes(req) == size:
+            return req
+    raise AssertionError(f"no request of {size} bytes")
+
+
+def test_the_primary_s_pending_queue_is_bounded_in_bytes() -> None:
+    link = Link(params=replace(SMALL_FRAMES, large_request_bytes=SIZE))  # none of them large
+    link.cut = {1, 2, 3}  # the first batch waits for the backups; the rest waits in the queue
+    primary = link.replicas[0]
+    link.request(sized(1, 1, SIZE))
+    for client in range(2, 2 + BUDGET // SIZE):
+        link.request(sized(client, 1, SIZE))
+    assert primary.normal.pending_bytes == BUDGET and not primary.dropped
+    link.request(put(9, 1, b"k", b""))  # a few bytes more
+    assert primary.dropped == Counter({"pending-queue-bytes-full": 1})
+    assert len(primary.normal.pending) == BUDGET // SIZE
+    link.cut = set()
+    for t in range(1, 40):  # status recovery brings the backups along; batches drain the queue
+        link.tick(NOW + t * PARAMS.status_interval_ms)
+    assert primary.normal.pending_bytes == 0 and primary.executed == 1 + BUDGET // SIZE
+
+
+def test_a_backup_keeps_large_request_bodies_within_a_byte_budget() -> None:
+    backup = Link(params=SMALL_FRAMES).replicas[1]
+    bodies = [sized(c, 1, SIZE) for c in range(1, 2 + BUDGET // SIZE)]
+    assert all(backup.large.is_large(b) for b in bodies)
+    for body in bodies[:-1]:  # clients send their large requests to every replica
+        backup.step(body, NOW)
+    assert backup.large.bodies_bytes == BUDGET and not backup.stats["large-requests-evicted"]
+    backup.step(bodies[-1], NOW)  # one more: the oldest goes (a batch fetch would recover it)
+    assert backup.stats["large-requests-evicted"] == 1
+    assert backup.large.bodies_bytes == BUDGET
+    assert list(backup.large.bodies) == [b.digest for b in bodies[1:]]
+
+
+def test_reads_waiting_for_a_tentative_batch_to_commit_are_bounded_in_bytes() -> None:
+    link = Link(params=replace(SMALL_FRAMES, tentative=True))
+    link.drop = lambda src, dst, msg: isinstance(msg, Commit)  # batches prepare, never commit
+    link.request(put(1, 1, b"k", b"v"))
+    backup = link.replicas[1]
+    assert backup.execution.tentative_seq == 1
+    for client in range(2, 2 + BUDGET // SIZE):
+        assert backup.step(sized(client, 1, SIZE, read_only=True), NOW) == []  # deferred
+    assert backup.execution.deferred_bytes == BUDGET and not backup.dropped
+    backup.step(sized(9, 1, 64, read_only=True), NOW)
+    assert backup.dropped == Counter({"deferred-reads-full": 1})
+    link.drop = lambda src, dst, msg: False
+    for t in range(1, 20):  # the commits come by status recovery: the reads are answered
+        link.tick(NOW + t * PARAMS.status_interval_ms)
+    assert backup.execution.tentative_seq == 0 and backup.execution.deferred_bytes == 0
+    assert {r.client for r in link.replies if r.replica == 1} >= set(range(2, 2 + BUDGET // SIZE))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import typing
 from collections import Counter
 from dataclasses import replace
@@ -11,6 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bft.bounds import auth_bytes_max
+from bft.core.params import DEFAULT_PARAMS
+from bft.core.promises import RecordDamaged, Stable, decode_record, encode_record
 from bft.messages import (
     DEFAULT_LIMITS,
     DIGEST_BYTES,
@@ -46,6 +50,7 @@ from bft.messages import (
     roundtrip,
     split_frame,
 )
+from bft.runtime.wire import limits_of
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUNDTRIP = settings(max_examples=60, deadline=None)
@@ -458,7 +463,7 @@ def test_batch_longer_than_limit_is_rejected():
     n = DEFAULT_LIMITS.batch_len_max
     full = PrePrepare.make(0, 1, 0, (req,) * n, 0)
     assert len(roundtrip(full).requests) == n
-    assert _reason(_frame(PrePrepare.make(0, 1, 0, (req,) * (n + 1), 0))) == "bad-shape"
+    assert _reason(_frame(PrePrepare.make(0, 1, 0, (req,) * (n + 1), 0))) == "too-many-requests"
 
     limits = Limits(batch_len_max=3)
     assert len(roundtrip(PrePrepare.make(0, 1, 0, (req,) * 3, 0), limits).requests) == 3
@@ -469,7 +474,7 @@ def test_batch_longer_than_limit_is_rejected():
         roundtrip(Batch.of(PrePrepare.make(0, 1, 0, (req,) * 4, 0), 2), limits)
 
 
-@pytest.mark.parametrize("type_", [0, 17, 18, 100, 255])
+@pytest.mark.parametrize("type_", [0, 18, 19, 100, 255])
 def test_unknown_type_byte(type_):
     assert _reason(_raw_frame(type_, 0, msgpack.packb([0]))) == "unknown-type"
 
@@ -545,6 +550,7 @@ PREPARE = [0, 1, bytes(32), 2]
 REQUEST = [1, 2, b"op", False]
 REPLY = [0, 2, 5, 1, b"r", True, False]
 VC_FIELDS = [1, 0, [], [], [], 2]
+AUTH_MAX = auth_bytes_max(DEFAULT_LIMITS)  # a tag per replica and a signature
 
 BAD_PAYLOADS = {
     # strings where bytes or ints belong
@@ -594,7 +600,9 @@ BAD_PAYLOADS = {
     "vc-entry-arity": (ViewChange.TYPE, 1, msgpack.packb([1, 0, [[0]], [], [], 1])),
     "pp-request-not-bytes": (PrePrepare.TYPE, 1, msgpack.packb([0, 1, 0, [[REQUEST, b""]], 1])),
     "pp-request-str": (PrePrepare.TYPE, 1, msgpack.packb([0, 1, 0, [["x", b""]], 1])),
-    "pp-auth-too-long": (PrePrepare.TYPE, 1, msgpack.packb([0, 1, 0, [[msgpack.packb(REQUEST), bytes(4097)]], 1])),
+    "pp-auth-too-long": (
+        PrePrepare.TYPE, 1, msgpack.packb([0, 1, 0, [[msgpack.packb(REQUEST), bytes(AUTH_MAX + 1)]], 1])
+    ),
 }
 
 
@@ -611,7 +619,7 @@ def test_bad_payload_controls_are_valid():
     assert decode_payload(Envelope(Prepare.TYPE, 2, b"", msgpack.packb(PREPARE))) == Prepare(0, 1, bytes(32), 2)
     assert decode_payload(Envelope(Request.TYPE, 1, b"", msgpack.packb(REQUEST))) == Request.make(1, 2, b"op")
     assert decode_payload(Envelope(Reply.TYPE, 1, b"", msgpack.packb(REPLY))) == Reply(0, 2, 5, 1, b"r", True)
-    ok_pp = [0, 1, 0, [[msgpack.packb(REQUEST), bytes(4096)]], 1]
+    ok_pp = [0, 1, 0, [[msgpack.packb(REQUEST), bytes(AUTH_MAX)]], 1]
     assert len(decode_payload(Envelope(PrePrepare.TYPE, 1, b"", msgpack.packb(ok_pp))).requests) == 1
     assert decode_payload(Envelope(PrePrepare.TYPE, 1, b"", msgpack.packb([0, 1, -INT_MAX, [], 1]))).timestamp == (
         -INT_MAX
@@ -631,3 +639,165 @@ def test_int_fields_accept_full_63_bit_range():
 def test_header_sender_is_32_bit():
     assert _frame(Hello(2**32 - 1))[2:6] == b"\xff\xff\xff\xff"
     assert _reason(_raw_frame(Hello.TYPE, 2**32 - 1, msgpack.packb([2**32]))) == "sender-mismatch"
+
+
+# ---------------------------------------------------------------------------------------------
+# The protocol's bounds (bft.bounds): a message at every bound decodes; one over is refused, by
+# its length before it is parsed, or at the header of the list that is too long
+
+TIGHT = Limits(
+    frame_bytes_max=1 << 20, op_bytes_max=40, batch_len_max=3, snapshot_bytes_max=50, replicas_max=4,
+    window_max=3, checkpoints_max=2, qset_digests_max=2, chunk_bytes_max=30,
+)
+TIGHT_AUTH = auth_bytes_max(TIGHT)
+D32 = bytes(range(32))
+
+
+def _widest(obj: object) -> bytes:
+    """``obj`` with every value in msgpack's widest encoding: valid, and as long as it can be."""
+    if type(obj) is bool:
+        return b"\xc3" if obj else b"\xc2"
+    if type(obj) is int:
+        return b"\xd3" + obj.to_bytes(8, "big", signed=True)
+    if type(obj) is bytes:
+        return b"\xc6" + len(obj).to_bytes(4, "big") + obj
+    assert type(obj) is list
+    return b"\xdd" + len(obj).to_bytes(4, "big") + b"".join(map(_widest, obj))
+
+
+def _full_request(ts: int) -> list:
+    return [7, ts, b"o" * TIGHT.op_bytes_max, True]
+
+
+def _vc(replica: int = 2, c: int = 0, p: int = 0, q: int = 0, digests: int = 1) -> list:
+    return [
+        5, 0, [[128 * i, D32] for i in range(c)], [[s, D32, 1] for s in range(1, p + 1)],
+        [[s, [[D32, 1]] * digests] for s in range(1, q + 1)], replica,
+    ]
+
+
+def _full_vc(replica: int) -> list:
+    return _vc(replica, TIGHT.checkpoints_max, TIGHT.window_max, TIGHT.window_max, TIGHT.qset_digests_max)
+
+
+_FULL_BATCH = [[_widest(_full_request(t)), bytes(TIGHT_AUTH)] for t in range(1, TIGHT.batch_len_max + 1)]
+_DECISIONS = [[s, D32] for s in range(1, TIGHT.window_max + 1)]
+# Every type at every bound of TIGHT: (sender, fields); each is encoded the widest way.
+AT_EVERY_BOUND = {
+    Request: (7, _full_request(1)),
+    PrePrepare: (2, [0, 1, -5, _FULL_BATCH, 2]),
+    Batch: (2, [1, -5, _FULL_BATCH, 2]),
+    Prepare: (2, [0, 1, D32, 2]),
+    Commit: (2, [0, 1, D32, 2]),
+    Reply: (2, [0, 1, 7, 2, b"r" * TIGHT.op_bytes_max, True, False]),
+    Checkpoint: (2, [128, D32, 2]),
+    Status: (2, [1, 2, 3, True, 2]),
+    ViewChange: (2, _full_vc(2)),
+    NewView: (1, [1, [[_widest(_full_vc(i)), bytes(SIGNATURE_BYTES)] for i in range(4)], [0, D32], _DECISIONS, 1]),
+    FetchState: (2, [128, 2]),
+    State: (2, [128, b"m" * TIGHT.snapshot_bytes_max, 2]),
+    Hello: (7, [7]),
+    FetchBatch: (2, [1, D32, 2]),
+    FetchPartition: (2, [128, 3, 0, 2]),
+    Partition: (2, [128, 3, 0, 30, b"p" * TIGHT.chunk_bytes_max, 2]),
+}
+
+
+def test_at_every_bound_covers_every_type():
+    assert set(AT_EVERY_BOUND) == set(ALL_TYPES)
+
+
+@pytest.mark.parametrize("cls", ALL_TYPES, ids=lambda c: c.__name__)
+def test_a_message_at_every_bound_decodes_and_a_byte_more_is_refused_unread(cls):
+    """The largest payload a type may have is exact: every list at its bound, every field at its
+    widest encoding, fits; one more byte does not (so the bound is no looser than it must be)."""
+    sender, fields = AT_EVERY_BOUND[cls]
+    payload, auth = _widest(fields), bytes(TIGHT_AUTH)
+    msg = _decode(_raw_frame(cls.TYPE, sender, payload, auth), TIGHT)
+    assert type(msg) is cls
+    assert msgpack.unpackb(encode_payload(msg)) == fields
+    assert _reason(_raw_frame(cls.TYPE, sender, payload + b"\x00", auth), TIGHT) == "payload-too-large"
+    assert _reason(_raw_frame(cls.TYPE, sender, payload, auth + b"\x00"), TIGHT) == "auth-too-large"
+
+
+def _requests_of(count: int) -> list:
+    return [[msgpack.packb([7, t, b"", False]), b""] for t in range(count)]
+
+
+def _new_view_of(count: int) -> list:
+    return [1, [[msgpack.packb(_vc(i)), bytes(SIGNATURE_BYTES)] for i in range(count)], [0, D32], [], 1]
+
+
+# (what, type, sender, bound, fields with that many elements)
+LIST_BOUNDS = [
+    ("requests", PrePrepare, 2, TIGHT.batch_len_max, lambda k: [0, 1, 0, _requests_of(k), 2]),
+    ("requests", Batch, 2, TIGHT.batch_len_max, lambda k: [1, 0, _requests_of(k), 2]),
+    ("checkpoints", ViewChange, 2, TIGHT.checkpoints_max, lambda k: _vc(c=k)),
+    ("prepared", ViewChange, 2, TIGHT.window_max, lambda k: _vc(p=k)),
+    ("preprepared", ViewChange, 2, TIGHT.window_max, lambda k: _vc(q=k)),
+    ("qset-digests", ViewChange, 2, TIGHT.qset_digests_max, lambda k: _vc(q=1, digests=k)),
+    ("view-changes", NewView, 1, TIGHT.replicas_max, _new_view_of),
+    ("decisions", NewView, 1, TIGHT.window_max, lambda k: [1, [], [0, D32], [[s, D32] for s in range(1, k + 1)], 1]),
+]
+
+
+@pytest.mark.parametrize(("what", "cls", "sender", "bound", "make"), LIST_BOUNDS, ids=lambda x: str(x))
+def test_a_list_at_its_bound_decodes_and_one_longer_is_refused_at_its_header(what, cls, sender, bound, make):
+    assert type(_decode(_raw_frame(cls.TYPE, sender, msgpack.packb(make(bound))), TIGHT)) is cls
+    # Encoded compactly, one element more still fits the type's length: the list's header stops it.
+    assert _reason(_raw_frame(cls.TYPE, sender, msgpack.packb(make(bound + 1))), TIGHT) == f"too-many-{what}"
+
+
+# (type, sender, fields with a byte string of the given length, that string's bound)
+BYTES_BOUNDS = [
+    (Request, 7, lambda k: [7, 1, b"o" * k, False], TIGHT.op_bytes_max),
+    (Reply, 2, lambda k: [0, 1, 7, 2, b"r" * k, False, False], TIGHT.op_bytes_max),
+    (State, 2, lambda k: [128, b"m" * k, 2], TIGHT.snapshot_bytes_max),
+    (Partition, 2, lambda k: [128, 3, 0, 99, b"p" * k, 2], TIGHT.chunk_bytes_max),
+]
+
+
+@pytest.mark.parametrize(("cls", "sender", "make", "bound"), BYTES_BOUNDS, ids=lambda x: getattr(x, "__name__", ""))
+def test_a_byte_string_at_its_bound_decodes_and_one_longer_is_refused(cls, sender, make, bound):
+    assert type(_decode(_raw_frame(cls.TYPE, sender, msgpack.packb(make(bound))), TIGHT)) is cls
+    assert _reason(_raw_frame(cls.TYPE, sender, msgpack.packb(make(bound + 1))), TIGHT) == "bad-bytes"
+
+
+def test_a_nested_list_where_a_scalar_belongs_is_refused_before_it_is_built():
+    """A REPLY whose result is a list of a million empty lists: msgpack.unpackb would build them
+    all (some 70 MB for this 1 MB frame); the stream reader refuses the list at its header."""
+    nested = b"\xdd" + (1 << 20).to_bytes(4, "big") + b"\x90" * (1 << 20)
+    data = _raw_frame(Reply.TYPE, 2, b"\x97\x00\x01\x07\x02" + nested + b"\xc2\xc2")
+    tracemalloc.start()
+    try:
+        assert _reason(data) == "bad-msgpack"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(data)  # copies of the payload (split, and read), not a list per byte
+
+
+def test_a_new_view_of_copies_is_refused_by_its_length_before_it_is_parsed():
+    vc = ViewChange(1, 0, (), tuple((s, D32, 0) for s in range(1, 257)), (), 2, b"", bytes(SIGNATURE_BYTES))
+    data = _frame(NewView(1, (vc,) * 1024, (0, D32), (), 1))
+    assert len(data) > 1 << 20
+    assert _reason(data, CLUSTER_LIMITS) == "payload-too-large"
+    assert _reason(data) == "too-many-view-changes"  # within the codec's own limits, at the list's header
+
+
+CLUSTER_LIMITS = limits_of(DEFAULT_PARAMS, 4)
+
+
+@pytest.mark.parametrize("cls", ALL_TYPES, ids=lambda c: c.__name__)
+@ROUNDTRIP
+@given(data=st.data())
+def test_roundtrip_within_a_clusters_limits(cls, data):
+    msg = data.draw(STRATEGIES[cls])
+    assert roundtrip(msg, CLUSTER_LIMITS) == msg
+
+
+def test_a_checkpoint_certificate_on_disk_holds_at_most_one_vote_per_replica():
+    votes = tuple((i, D32) for i in range(TIGHT.replicas_max))
+    assert decode_record(encode_record(Stable(128, D32, votes)), TIGHT).proof == votes
+    with pytest.raises(RecordDamaged):
+        decode_record(encode_record(Stable(128, D32, (*votes, (9, D32)))), TIGHT)

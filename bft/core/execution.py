@@ -9,6 +9,7 @@ from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from bft.core.budgets import queue_bytes_max, request_bytes
 from bft.core.clients import ClientTable
 from bft.core.effects import Executed, ReplyTo
 from bft.core.params import DIGEST_REPLY_BYTES_MIN
@@ -37,6 +38,7 @@ class Execution:
     __slots__ = (
         "batch_time_ms",
         "clients",
+        "deferred_bytes",
         "deferred_reads",
         "executed_batches",
         "r",
@@ -54,6 +56,7 @@ class Execution:
         self.tentative_seq = 0  # the batch executed tentatively and not yet committed, if any
         self.executed_batches: dict[int, PrePrepare] = {}  # executed above h, for rollback replay
         self.deferred_reads: list[Request] = []  # read-only requests waiting for a commit
+        self.deferred_bytes = 0  # what they hold (``request_bytes``)
 
     def collect(self, stable: int) -> None:
         for s in [s for s in self.executed_batches if s <= stable]:
@@ -69,8 +72,11 @@ class Execution:
         if not (r.params.read_only and self.service.is_read_only(req.op)):
             return r.drop("not-read-only", req)
         if self.tentative_seq:
-            if len(self.deferred_reads) < DEFERRED_READS_MAX:
-                self.deferred_reads.append(req)
+            cost = request_bytes(req)
+            if len(self.deferred_reads) >= DEFERRED_READS_MAX or self.deferred_bytes + cost > queue_bytes_max(r.params):
+                return r.drop("deferred-reads-full", req)  # the client resends, or falls back
+            self.deferred_reads.append(req)
+            self.deferred_bytes += cost
             return
         r.stats["read-only-requests"] += 1
         result = self.service.execute(req.op, req.client, self.batch_time_ms)
@@ -136,7 +142,7 @@ class Execution:
         tentative = mode is Mode.TENTATIVE
         for req in pp.requests:
             r.normal.pending_ids.discard((req.client, req.timestamp))
-            r.large.bodies.pop(req.digest, None)
+            r.large.forget(req.digest)
             if not tentative:  # a tentative execution may be undone: keep waiting on it
                 r.timer.done((req.client, req.timestamp))
             if not self.clients.is_new(req.client, req.timestamp):
@@ -202,6 +208,6 @@ class Execution:
         self._serve_deferred_reads()
 
     def _serve_deferred_reads(self) -> None:
-        reads, self.deferred_reads = self.deferred_reads, []
+        reads, self.deferred_reads, self.deferred_bytes = self.deferred_reads, [], 0
         for req in reads:
             self.r.normal.on_request(req, self.r.now_ms)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bft.core.budgets import queue_bytes_max, request_bytes
 from bft.core.effects import Send
 from bft.messages import FetchBatch, PrePrepare, Request
 
@@ -18,11 +19,13 @@ REQUEST_STORE_MAX = 4096
 
 
 class LargeRequests:
-    __slots__ = ("bodies", "r", "unresolved")
+    __slots__ = ("bodies", "bodies_bytes", "bodies_bytes_max", "r", "unresolved")
 
     def __init__(self, replica: Replica) -> None:
         self.r = replica
-        self.bodies: dict[bytes, Request] = {}  # large request bodies by digest
+        self.bodies: dict[bytes, Request] = {}  # large request bodies by digest, oldest first
+        self.bodies_bytes = 0  # what they hold (``request_bytes``)
+        self.bodies_bytes_max = queue_bytes_max(replica.params)
         self.unresolved: dict[int, PrePrepare] = {}  # pre-prepares still missing some bodies
 
     def is_large(self, req: Request) -> bool:
@@ -32,12 +35,27 @@ class LargeRequests:
     def collect(self) -> None:
         clients = self.r.execution.clients
         for d in [d for d, q in self.bodies.items() if not clients.is_new(q.client, q.timestamp)]:
-            del self.bodies[d]  # executed here by state transfer, or never to come
+            self.forget(d)  # executed here by state transfer, or never to come
+
+    def forget(self, d: bytes) -> None:
+        """The body of request ``d`` is no longer kept (executed, or making room)."""
+        body = self.bodies.pop(d, None)
+        if body is not None:
+            self.bodies_bytes -= request_bytes(body)
+
 
     def store(self, req: Request) -> None:
-        if len(self.bodies) >= REQUEST_STORE_MAX:
-            del self.bodies[next(iter(self.bodies))]  # the oldest; a batch fetch recovers it
+        self.forget(req.digest)
+        cost = request_bytes(req)
+        # The oldest make room, in count and in bytes: if a pre-prepare still names one, the
+        # batch is fetched instead.
+        while self.bodies and (
+            len(self.bodies) >= REQUEST_STORE_MAX or self.bodies_bytes + cost > self.bodies_bytes_max
+        ):
+            self.forget(next(iter(self.bodies)))
+            self.r.stats["large-requests-evicted"] += 1
         self.bodies[req.digest] = req
+        self.bodies_bytes += cost
         for pp in [self.unresolved[s] for s in sorted(self.unresolved)]:
             if req.digest in pp.requests:
                 self.r.normal.on_pre_prepare(pp, self.r.now_ms)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from bft.core.budgets import queue_bytes_max, request_bytes
 from bft.core.effects import Broadcast, Send
 from bft.core.promises import Prepared, Proposed
 from bft.messages import Commit, Prepare, PrePrepare, Request
@@ -47,7 +48,10 @@ class Slot:
 
 
 class NormalCase:
-    __slots__ = ("log", "next_seq", "pending", "pending_ids", "proposed_time_ms", "r", "view_floor")
+    __slots__ = (
+        "log", "next_seq", "pending", "pending_bytes", "pending_bytes_max", "pending_ids", "proposed_time_ms", "r",
+        "view_floor",
+    )
 
     def __init__(self, replica: Replica) -> None:
         self.r = replica
@@ -55,6 +59,8 @@ class NormalCase:
         self.next_seq = 1  # primary: next sequence number to assign
         self.proposed_time_ms = 0  # primary: time proposed in its last pre-prepare
         self.pending: deque[Request] = deque()  # primary: requests waiting for a batch
+        self.pending_bytes = 0  # what they hold (``request_bytes``)
+        self.pending_bytes_max = queue_bytes_max(replica.params)
         self.pending_ids: set[tuple[int, int]] = set()  # primary: pending or proposed, not executed
         # Nothing at or below the NEW-VIEW's checkpoint is ordered in this view, even while our
         # own low watermark lags behind it (we fetch that state instead).
@@ -77,6 +83,7 @@ class NormalCase:
         for req in self.pending:
             self.r.timer.hold((req.client, req.timestamp), req)
         self.pending.clear()
+        self.pending_bytes = 0
         self.pending_ids.clear()
         self.r.learner.remember(self.log)  # what it knew of this view, our own commits included
         self.log = {}
@@ -104,11 +111,24 @@ class NormalCase:
             return
         if key in self.pending_ids:
             return
+        if self.enqueue(req):
+            self.propose(now_ms)
+
+    def enqueue(self, req: Request) -> bool:
+        """Primary: queue a request for the next batches, if it fits: no more than the window
+        can order, in count, nor more than the queue's budget in bytes (``bft.core.budgets``)."""
+        r = self.r
         if len(self.pending) >= r.params.batch_size_max * r.params.log_window:
-            return r.drop("pending-queue-full", req)
-        self.pending_ids.add(key)
+            r.drop("pending-queue-full", req)
+            return False
+        cost = request_bytes(req)
+        if self.pending_bytes + cost > self.pending_bytes_max:
+            r.drop("pending-queue-bytes-full", req)
+            return False
+        self.pending_ids.add((req.client, req.timestamp))
         self.pending.append(req)
-        self.propose(now_ms)
+        self.pending_bytes += cost
+        return True
 
     def propose(self, now_ms: int) -> None:
         """Primary: order pending requests. While ``inflight_max`` batches are unexecuted the
@@ -131,6 +151,7 @@ class NormalCase:
                 if batch and size + cost > budget:
                     break
                 batch.append(self.pending.popleft())
+                self.pending_bytes -= request_bytes(req)
                 size += cost
             # Agreed time must move forward even if our clock steps back (TOCS 2002, 6.2).
             self.proposed_time_ms = max(now_ms, self.proposed_time_ms + 1)

@@ -147,11 +147,11 @@ def encode_record(record: Record) -> bytes:
     raise AssertionError(f"not a record: {record!r}")
 
 
-def _stable(rest: list) -> Stable:
+def _stable(rest: list, limits: Limits) -> Stable:
     if len(rest) != 3 or type(rest[0]) is not int or rest[0] < 0 or type(rest[1]) is not bytes:
         raise RecordDamaged("an S record is malformed")
     proof = rest[2]
-    if not isinstance(proof, list) or not all(
+    if not isinstance(proof, list) or len(proof) > limits.replicas_max or not all(
         isinstance(p, list) and len(p) == 2 and type(p[0]) is int and type(p[1]) is bytes for p in proof
     ):
         raise RecordDamaged("an S record's certificate is malformed")
@@ -167,7 +167,7 @@ def decode_record(data: bytes, limits: Limits) -> Record:
         raise RecordDamaged("a record is not a list")
     kind, rest = fields[0], fields[1:]
     if kind == "S":
-        return _stable(rest)
+        return _stable(rest, limits)  # a certificate: at most one vote per replica
     if kind in ("C", "X"):
         ints = rest[:-1]
         if not all(type(i) is int and i >= 0 for i in ints) or type(rest[-1]) is not bytes:

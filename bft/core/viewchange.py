@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from bft.core.budgets import QSET_ENTRIES_MAX
 from bft.core.decision import decide
 from bft.core.effects import Broadcast, Send
 from bft.core.promises import Proposed, ViewChangeSent, ViewEntered
@@ -18,10 +19,6 @@ if TYPE_CHECKING:
     from bft.core.replica import Replica
 
 log = logging.getLogger("bft.replica")
-
-# Q-set entries kept per sequence number (the most recent views): bounds a view change's size.
-QSET_ENTRIES_MAX = 4
-
 
 class ViewChanges:
     __slots__ = ("batches", "new_view", "pset", "qset", "r", "view_changes", "wanted_batches")
@@ -280,8 +277,7 @@ class ViewChanges:
             normal.next_seq = max(top, n0, r.executed) + 1
             for key, req in sorted(timer.waiting.items()):
                 if key not in decided and r.execution.clients.is_new(*key):
-                    normal.pending.append(req)
-                    normal.pending_ids.add(key)
+                    normal.enqueue(req)
             timer.clear()
             normal.propose(r.now_ms)
         else:

@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
+from bft.bounds import REPLICAS_MAX
+from bft.core.budgets import QSET_ENTRIES_MAX
 from bft.core.params import Params
+from bft.core.state import PARTITION_CHUNK_BYTES
 from bft.crypto import CLIENT, REPLICA, Keyring
 from bft.messages import (
     CLIENT_TYPES,
@@ -33,13 +36,21 @@ from bft.messages import (
 )
 
 
-def limits_of(params: Params) -> Limits:
-    """The decoding bounds that follow from a cluster's protocol parameters."""
+def limits_of(params: Params, n: int = REPLICAS_MAX) -> Limits:
+    """The decoding bounds that follow from a cluster's protocol parameters and its n replicas
+    (a ``Wire`` with keys takes n from its keyring)."""
     return Limits(
         frame_bytes_max=params.frame_bytes_max,
         op_bytes_max=params.op_bytes_max,
         batch_len_max=params.batch_size_max,
         snapshot_bytes_max=params.frame_bytes_max - 1024,
+        replicas_max=n,
+        window_max=params.log_window,
+        # What a correct VIEW-CHANGE holds: the checkpoints of its window (ViewChanges._valid
+        # refuses more), and the Q entries ViewChanges.record_pre_prepare keeps per slot.
+        checkpoints_max=params.log_window // params.checkpoint_interval + 2,
+        qset_digests_max=QSET_ENTRIES_MAX,
+        chunk_bytes_max=PARTITION_CHUNK_BYTES,
     )
 
 
@@ -48,7 +59,8 @@ class Wire:
         self, keyring: Keyring | None, limits: Limits, dropped: Counter[str], replica: bool | None = None
     ) -> None:
         self.keyring = keyring
-        self.limits = limits
+        # The keyring knows n: what a NEW-VIEW or an authenticator may hold follows from it.
+        self.limits = limits if keyring is None else replace(limits, replicas_max=min(limits.replicas_max, keyring.n))
         self.dropped = dropped
         assert keyring is not None or replica is not None, "without keys, say which side we are"
         # Our slot in an authenticator: our replica id; a client reads the one tag of a reply.
