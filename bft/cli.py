@@ -24,6 +24,7 @@ from bft.launch import start_replicas, stop_replicas
 from bft.runtime.process import run_async, setup_logging
 from bft.runtime.storage import StorageError
 from bft.service import KVService, NullService, make_service, service_names
+from bft.sim.faults import FAULT_SETS
 
 log = logging.getLogger("bft")
 
@@ -270,10 +271,18 @@ def cmd_sim(a: argparse.Namespace) -> None:
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     failures = []
     injected: Counter[str] = Counter()
+    events: Counter[str] = Counter()
+    gap, heal = (0, -1, 0), (0, -1, 0)  # (longest wait in ms, its seed, the bound it was held to)
+    held = 0  # seeds with Byzantine replicas alone, whose clients are held to the progress bound
     t0 = time.monotonic()
     for i, seed in enumerate(seeds, 1):
         r = run_seed(seed, f=a.f, faults=a.faults, ops_per_client=a.ops)
         injected.update(k.rsplit(" ", 1)[0] for k in r.injected)
+        events.update(r.events)
+        if r.gap_bound_ms is not None:
+            held += 1
+            gap = max(gap, (r.longest_gap_ms, seed, r.gap_bound_ms))
+        heal = max(heal, (r.longest_heal_ms, seed, r.heal_bound_ms or 0))
         if not r.ok:
             failures.append(r)
             replay = f"bft sim --seed {seed} --f {a.f} --faults {a.faults} --ops {a.ops}"
@@ -283,6 +292,14 @@ def cmd_sim(a: argparse.Namespace) -> None:
             line = f"{i}/{len(seeds)} seeds, {len(failures)} failed, {time.monotonic() - t0:.1f} s"
             print("\r" + line, end=end, flush=True)
     print("faults injected: " + (", ".join(f"{k} {n}" for k, n in sorted(injected.items())) or "none"))
+    if events:
+        print("what they did: " + ", ".join(f"{k} {n}" for k, n in sorted(events.items())))
+    if held:
+        print(
+            f"longest a client waited while faults lasted, in the {held} seeds with Byzantine replicas alone: "
+            f"{gap[0]} ms (seed {gap[1]}, bound {gap[2]} ms)"
+        )
+    print(f"longest a request took after the faults healed: {heal[0]} ms (seed {heal[1]}, bound {heal[2]} ms)")
     if failures:
         raise CliError(f"{len(failures)} of {len(seeds)} seeds failed: {', '.join(str(r.seed) for r in failures)}")
     print(f"all {len(seeds)} seeds passed (f = {a.f}, faults = {a.faults}): 0 violations")
@@ -377,9 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--first-seed", type=_positive, default=0)
     m.add_argument("--seed", type=_positive, help="replay one seed")
     m.add_argument("--f", type=_positive, default=1)
-    m.add_argument(
-        "--faults", default="all", choices=["none", "network", "crash", "byzantine", "all"],
-        help="byzantine: no crashes, the fault budget spent on lies (bft/byzantine.py)",
+    which = m.add_mutually_exclusive_group()
+    which.add_argument(
+        "--faults", default="all", choices=FAULT_SETS,
+        help="byzantine: the fault budget spent on Byzantine replicas (bft/byzantine.py, bft/sim/liars.py), "
+        "beside partitions, restarts from disk and slow checkpoint writes; liars: Byzantine replicas alone, "
+        "with a bound on how long a client may wait; mixed: all of it, crashes too",
+    )
+    which.add_argument(
+        "--byzantine", dest="faults", action="store_const", const="byzantine", help="the same as --faults byzantine"
     )
     m.add_argument("--ops", type=_positive, default=150, help="operations per simulated client")
     m.set_defaults(func=cmd_sim)

@@ -5,7 +5,10 @@
 - checkpoints: every checkpoint taken at a sequence number has the same digest everywhere;
 - linearisability: every result a client accepted equals the result of executing the committed
   order sequentially on a fresh service; a read-only result (not in the order) must be a value
-  the key held at some point of that sequential execution.
+  the key held at some point of that sequential execution;
+- promises: no replica sends two different PRE-PREPAREs, PREPAREs or COMMITs for one slot of one
+  view, or two different VIEW-CHANGEs or NEW-VIEWs for one view, across its restarts from disk
+  too (the simulator exempts the Byzantine ones, and those restarted wiped).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import msgpack
 
 from bft.core.clients import ClientTable
-from bft.messages import PrePrepare
+from bft.messages import Commit, Message, NewView, Prepare, PrePrepare, ViewChange, encode_payload
 from bft.service import KVService
 
 
@@ -89,3 +92,39 @@ class Checker:
             raise Violation(
                 f"linearisability: client {client} request {ts} got {result!r}, sequential order gives {expected!r}"
             )
+
+
+def _promised(msg: Message) -> tuple[tuple, bytes] | None:
+    """What a message binds its sender to: (kind, view[, seq]) and what it said there."""
+    match msg:
+        case PrePrepare() | Prepare() | Commit():
+            return (type(msg).__name__, msg.view, msg.seq), msg.digest
+        case ViewChange() | NewView():
+            return (type(msg).__name__, msg.view), encode_payload(msg)
+    return None
+
+
+class Promises:
+    def __init__(self) -> None:
+        self.spoken: dict[tuple, bytes] = {}  # (replica, message kind, view[, seq]) -> what it said
+        self.twins: dict[tuple, set[bytes]] = {}  # the same, for both instances of a twin
+
+    def said(self, replica: int, msg: Message, restarted: bool) -> None:
+        what = _promised(msg)
+        if what is None:
+            return
+        said = self.spoken.setdefault((replica, *what[0]), what[1])
+        if said != what[1]:
+            why = " (it restarted from its data directory)" if restarted else ""
+            raise Violation(f"promise: replica {replica} sent a second, different {what[0]}{why}")
+
+    def twin_said(self, replica: int, msg: Message) -> bool:
+        """Whether this is the first time the twins of ``replica`` contradict each other where
+        it promised one thing: what Twins makes unmodified code do."""
+        what = _promised(msg)
+        if what is None:
+            return False
+        said = self.twins.setdefault((replica, *what[0]), set())
+        before = len(said)
+        said.add(what[1])
+        return before == 1 and len(said) == 2

@@ -1,88 +1,53 @@
 """A deterministic simulator: 3f+1 core replicas and several clients over a simulated network and
-clock, every choice drawn from one seeded RNG, so any run replays exactly from its seed.
+clock, every choice drawn from seeded RNGs, so any run replays exactly from its seed.
 
 A run has a fault phase followed by a healed phase in which every submitted request must
-complete. Faults: random delays that reorder, duplicated and lost messages; partitions that cut
-one replica (the primary too) off for longer than the log window; up to f faulty
-replicas, each crashed (the primary of view 0 among the candidates), crashed and restarted from
-its data directory or with a wiped state, or, for view 0's primary, equivocating: it sends a
-different pre-prepare for each sequence number to half of the backups; within what is left of
-the budget, a liar (``bft.byzantine``: lying replies, wrong checkpoints, view changes that
-hide or invent certificates, lying state transfer, a status flood). Besides these, up to f
-correct replicas restart from their data directory mid-run ("bounces"): with their promise log
-they stay correct, and the checker holds them to it.
-After every input a replica takes, its own invariants must hold (``Replica.check_invariants``:
-a failed assertion is a bug in our code and stops the run with its seed), and the checker asserts:
+complete. Faults (``bft.sim.faults``): random delays that reorder, duplicated, lost and replayed
+messages; partitions that cut one replica (the primary too) off for longer than the log window;
+up to f faulty replicas, each crashed, crashed and restarted from its data directory or with a
+wiped state, or Byzantine: view 0's primary equivocating, a liar from ``bft.byzantine`` (lying
+replies, wrong checkpoints, view changes that hide or invent certificates, lying state transfer,
+a status flood) or from ``bft.sim.liars`` (a slow or silent primary, a replayer, twins: two
+instances of one replica on opposite sides of a split network). Besides these, up to f correct
+replicas restart from their data directory mid-run ("bounces"), their checkpoint writes perhaps
+late or lost (``bft.sim.disk``): with their promise log they stay correct, and the checker holds
+them to it.
 
-- agreement: no two correct replicas execute different batches at the same sequence number, nor
-  commit different batches in one slot of one view;
-- checkpoints: every checkpoint taken at a sequence number has the same digest everywhere;
-- promises: no replica (but one restarted wiped) sends two different PRE-PREPAREs, PREPAREs or
-  COMMITs for one slot of one view, or two different VIEW-CHANGEs or NEW-VIEWs for one view,
-  across its restarts from disk too;
-- linearisability: every result a client accepted equals the result of executing the committed
-  order sequentially on a fresh service; a read-only result (not in the order) must be a value
-  the key held at some point of that sequential execution.
+After every input a replica takes, its own invariants must hold (``Replica.check_invariants``:
+a failed assertion is a bug in our code and stops the run with its seed), and the checker
+(``bft.sim.checker``) asserts agreement, equal checkpoint digests and linearisability; here, that
+no replica (but a Byzantine one, or one restarted wiped) contradicts what it said, across its
+restarts from disk too; and ``bft.sim.progress`` bounds how long clients wait.
 """
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import random
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-import msgpack
-
-from bft.byzantine import BEHAVIOURS, lie
 from bft.core.client import ClientCore
 from bft.core.effects import Broadcast, Effect, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import Params
-from bft.core.promises import Record, decode_record, encode_record
 from bft.core.replica import Replica
-from bft.messages import (
-    DEFAULT_LIMITS,
-    Checkpoint,
-    Commit,
-    Message,
-    NewView,
-    Prepare,
-    PrePrepare,
-    ViewChange,
-    encode_payload,
-    roundtrip,
-)
+from bft.messages import Checkpoint, Message, PrePrepare, roundtrip
 from bft.service import KVService
-from bft.sim.checker import Checker, Violation
-
-
-@dataclass(frozen=True, slots=True)
-class Faults:
-    loss: float = 0.05
-    duplicate: float = 0.05
-    delay_ms_max: int = 20
-    crashes: bool = True
-    restarts: bool = True  # crashed replicas may come back with an empty state
-    byzantine: bool = True  # view 0's primary may equivocate
-    partitions: bool = True  # one replica at a time may be cut off, for longer than the log window
-    bounces: bool = True  # up to f correct replicas restart from their data directory mid-run
-    liar_chance: float = 0.7  # how likely a run gets a liar, where the fault budget leaves room
-
-    @staticmethod
-    def named(name: str) -> Faults:
-        if name == "none":
-            return Faults(0.0, 0.0, 2, False, False, False, False, False)
-        if name == "network":
-            return Faults(crashes=False, restarts=False, byzantine=False, bounces=False)
-        if name == "crash":
-            return Faults(byzantine=False)
-        if name == "all":
-            return Faults()
-        if name == "byzantine":  # the whole budget for lies: an equivocating primary or a liar
-            return Faults(crashes=False, restarts=False, liar_chance=1.0)
-        raise ValueError(f"unknown fault set {name!r} (choose none, network, crash, byzantine or all)")
-
+from bft.sim.checker import Checker, Promises, Violation
+from bft.sim.disk import Disk
+from bft.sim.faults import Faults, Schedule, draw
+from bft.sim.liars import (
+    EQUIVOCATING,
+    REPLAY,
+    REPLAY_CHANCE_PER_TICK,
+    SLOW_SHARE,
+    Recorder,
+    equivocation,
+    misbehave,
+    replay_destination,
+)
+from bft.sim.network import DELIVER, LATE, TICK, Network, Node, identity
+from bft.sim.progress import Progress, gap_bound_ms, heal_bound_ms
+from bft.sim.report import Result, report
 
 SIM_PARAMS = Params(
     checkpoint_interval=8,
@@ -95,34 +60,6 @@ SIM_PARAMS = Params(
     view_timeout_ms=300,
     large_request_bytes=90,  # the sim's padded values travel separately from their batches
 )
-
-
-@dataclass(slots=True)
-class Result:
-    seed: int
-    ok: bool
-    error: str = ""
-    sim_time_ms: int = 0
-    messages: int = 0
-    completed: int = 0
-    crashed: tuple[int, ...] = ()
-    dropped: Counter[str] = field(default_factory=Counter)
-    transcript: str = ""  # digest of every message sent, in order (golden transcripts)
-    injected: tuple[str, ...] = ()  # the faults the seed drew, by kind
-
-
-class _Disk:
-    """A replica's data directory: its last stable checkpoint and its promise log, which a
-    stable checkpoint truncates (the latest view record stays, as on a real disk)."""
-
-    def __init__(self) -> None:
-        self.saved: Persist | None = None
-        self.records: list[Record] = []
-
-    def checkpoint(self, saved: Persist) -> None:
-        self.saved = saved
-        views = [r for r in self.records if r.seq is None]
-        self.records = [r for r in self.records if r.seq is not None and r.seq > saved.seq] + views[-1:]
 
 
 class Simulation:
@@ -139,6 +76,7 @@ class Simulation:
         heal_budget_ms: int = 30_000,
         params: Params = SIM_PARAMS,
         tentative: bool | None = None,
+        schedule: Schedule | None = None,  # the faults, instead of what the seed draws (scenario tests)
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -155,171 +93,115 @@ class Simulation:
         self.checker = Checker(params.client_window)
         self.replicas = [self._new_replica(i) for i in range(self.n)]
         self.restarted: set[int] = set()
-        self.disks: dict[int, _Disk] = {}  # each replica's data directory
         self.amnesiacs: set[int] = set()  # restarted wiped: they forgot their promises (faulty)
-        self.spoken: dict[tuple, bytes] = {}  # (replica, message kind, view[, seq]) -> what it said
+        self.promises = Promises()
         self.clients = [ClientCore(c, f, params) for c in range(clients)]
         self.ops_left = [ops_per_client] * clients
         self.outstanding: dict[tuple[int, int], bytes] = {}
         self.read_only: set[tuple[int, int]] = set()
         self.crashed: set[int] = set()
         self.now = 0
-        self.queue: list[tuple[int, int, int, object]] = []
-        self.counter = 0
         self.messages = 0
         self.completed = 0
-        # Every message sent, in order, with its time and both ends: the golden transcripts pin
-        # a seed's whole run to this digest, so a refactoring that changes behaviour shows.
-        self.transcript = hashlib.blake2b(digest_size=16)
-        # Up to f faulty replicas: an equivocating primary, crashes, restarts with a wiped state.
-        self.crash_at: list[tuple[int, int]] = []
-        self.restart_at: list[tuple[int, int]] = []
-        self.equivocator: int | None = None
-        faulty = self.rng.sample(range(self.n), self.rng.randint(0, f))
-        if self.faults.byzantine and 0 in faulty and self.rng.random() < 0.5:
-            self.equivocator = 0
-            faulty.remove(0)
-        if self.faults.crashes:
-            for v in faulty:
-                at = self.rng.randrange(fault_phase_ms)
-                self.crash_at.append((at, v))
-                if self.faults.restarts and self.rng.random() < 0.5:
-                    self.restart_at.append((at + self.rng.randrange(1, fault_phase_ms), v))
-            self.crash_at.sort()
-            self.restart_at.sort()
+        self.schedule = s = schedule or draw(seed, f, self.faults, fault_phase_ms, clients, self.rng)
+        # What is still to come: the schedule keeps the whole of it, for the report.
+        self.crash_at, self.restart_at, self.bounces = list(s.crash_at), list(s.restart_at), list(s.bounces)
+        self.equivocator, self.byzantine = s.equivocator, s.byzantine
         self.crash_schedule = tuple((v, at) for at, v in self.crash_at)  # (replica, time), for reports
-        # Partitions come from a stream of their own, so that adding them kept every seed's
-        # other faults where they were (the regression seeds depend on it).
-        self.partitions: list[tuple[int, int, int]] = []  # (start, end, isolated replica)
-        if self.faults.partitions:
-            prng = random.Random(seed ^ 0x9A27)
-            for _ in range(prng.randint(0, 2)):
-                start = prng.randrange(fault_phase_ms)
-                end = min(fault_phase_ms, start + prng.randint(300, 1500))
-                self.partitions.append((start, end, prng.randrange(self.n)))
-        # Restarts from disk ("bounces"), from a stream of their own too: up to f replicas that
-        # the fault budget does not count, since a replica that kept its promises is as correct
-        # after a restart as before it. They may come alongside the equivocating primary.
-        self.bounces: list[tuple[int, int, int]] = []  # (down, up, replica)
-        if self.faults.bounces:
-            brng = random.Random(seed ^ 0xB0B5)
-            correct = [i for i in range(self.n) if i not in faulty and i != self.equivocator]
-            for i in brng.sample(correct, brng.randint(0, f)):
-                down = brng.randrange(fault_phase_ms)
-                self.bounces.append((down, down + brng.randint(1, 300), i))
-        # A liar, within the fault budget left: a replica that runs the honest core, but whose
-        # messages a behaviour of bft.byzantine rewrites on the way out, for the whole run.
-        self.liar: int | None = None
-        self.behaviour = ""
-        budget = f - (len(faulty) if self.faults.crashes else 0) - (self.equivocator is not None)
-        if self.faults.byzantine and budget > 0:
-            lrng = random.Random(seed ^ 0xB1A5)
-            bounced = {i for _, _, i in self.bounces}
-            honest = [i for i in range(self.n) if i not in faulty and i != self.equivocator and i not in bounced]
-            if honest and lrng.random() < self.faults.liar_chance:
-                self.liar = lrng.choice(honest)
-                self.behaviour = lrng.choice(sorted(BEHAVIOURS))
+        self.equivocators = {i for i in (s.equivocator,) if i is not None}
+        self.equivocators |= {i for i, b in s.byzantine.items() if b == EQUIVOCATING}
+        self.twins = {i: self._new_replica(i) for i in s.twins}  # each twin's second instance
+        replayers = [i for i, b in s.byzantine.items() if b == REPLAY]
+        self.recorders = {i: Recorder(random.Random(f"{seed}-replayer-{i}")) for i in replayers}
+        self.disk_rng = random.Random(f"{seed}-disk-writes")
+        self.disks: dict[int, Disk] = {}  # each replica's data directory
+        self.net = Network(seed, self.rng, self.faults, s, fault_phase_ms)
+        self.progress = Progress(clients, fault_phase_ms, gap_bound_ms(params, f) if s.byzantine_alone() else None)
+        self.acts = Counter[str]()  # Byzantine acts, by kind, for the report
 
     def _new_replica(self, i: int) -> Replica:
         return Replica(i, self.f, self.params, KVService)
 
-    # -- event plumbing ---------------------------------------------------------------------
+    def _disk(self, i: int) -> Disk:
+        if i not in self.disks:
+            lag_ms = self.schedule.slow_disks.get(i, 0)
+            self.disks[i] = Disk(self.disk_rng, lag_ms) if lag_ms else Disk()
+        return self.disks[i]
 
-    def _schedule(self, at: int, kind: int, payload: object) -> None:
-        self.counter += 1
-        heapq.heappush(self.queue, (at, self.counter, kind, payload))
+    # -- routing ----------------------------------------------------------------------------
 
-    def _faulty_phase(self) -> bool:
-        return self.now < self.fault_phase_ms
+    def _send(self, src: Node, dst: Node, msg: Message) -> None:
+        if src[0] != "client" and src[1] in self.recorders:
+            self.recorders[src[1]].record(dst, msg)
+        self.net.send(self.now, src, dst, msg)
 
-    def _cut_off(self, src: tuple[str, int], dst: tuple[str, int]) -> bool:
-        for start, end, r in self.partitions:
-            if start <= self.now < end and (src == ("replica", r)) != (dst == ("replica", r)):
-                return True
-        return False
+    def _route(self, src: Node, effects: list[Effect]) -> None:
+        behaviour = self.byzantine.get(src[1]) if src[0] != "client" else None
+        if behaviour is not None:
+            effects, late = misbehave(behaviour, effects)
+            if late:
+                self.acts["pre-prepares held back by a slow primary"] += len(late)
+                self.net.schedule(self.now + int(SLOW_SHARE * self.params.view_timeout_ms), LATE, (src, late))
+        self._dispatch(src, effects)
 
-    def _send(self, src: tuple[str, int], dst: tuple[str, int], msg: Message) -> None:
-        self.transcript.update(msgpack.packb((self.now, src, dst, msg.TYPE, encode_payload(msg))))
-        copies = 1
-        if self._faulty_phase():
-            if self._cut_off(src, dst):
-                return
-            if self.rng.random() < self.faults.loss:
-                return
-            if self.rng.random() < self.faults.duplicate:
-                copies = 2
-        for _ in range(copies):
-            delay = self.rng.randint(1, self.faults.delay_ms_max if self._faulty_phase() else 2)
-            self._schedule(self.now + delay, 0, (dst, msg))
-
-    def _route(self, src: tuple[str, int], effects: list[Effect]) -> None:
+    def _dispatch(self, src: Node, effects: list[Effect]) -> None:
         kind, i = src
-        if src == ("replica", self.liar):
-            rewrite = BEHAVIOURS[self.behaviour]
-            effects = [told for e in effects for told in lie(rewrite, e)]
         for effect in effects:
             match effect:
-                case Persist():
-                    self.disks.setdefault(i, _Disk()).checkpoint(effect)
-                case Promise(record):
-                    # Through the codec, as the promise log on disk would give it back.
-                    self.disks.setdefault(i, _Disk()).records.append(
-                        decode_record(encode_record(record), DEFAULT_LIMITS)
-                    )
+                case Persist() if kind == "replica":
+                    self._disk(i).checkpoint(effect, self.now)
+                case Promise(record) if kind == "replica":
+                    self._disk(i).promise(record)
+                case Persist() | Promise():
+                    pass  # a twin's second instance never restarts: its disk is never read
                 case Executed(batch):
-                    # Only what commits is checked: a tentative execution may be rolled back.
-                    self.checker.executed(i, batch)
+                    # Only what commits is checked (a tentative execution may be rolled back),
+                    # and only at correct replicas: a twin may be led to execute anything.
+                    if i not in self.twins:
+                        self.checker.executed(i, batch)
                 case ReplyTo(client, reply):
                     self._send(src, ("client", client), reply)
                 case Send(to, msg):
                     self._check_sent(src, msg)
                     self._send(src, ("replica", to), msg)
-                case Broadcast(msg) if src == ("replica", self.equivocator) and isinstance(msg, PrePrepare):
-                    # Same requests, another time: a different digest for the other half.
-                    other = PrePrepare.make(msg.view, msg.seq, msg.timestamp + 1, msg.requests, msg.replica)
-                    for j in range(1, self.n):
-                        self._send(src, ("replica", j), msg if j % 2 else other)
+                case Broadcast(msg) if kind != "client" and i in self.equivocators and isinstance(msg, PrePrepare):
+                    other = equivocation(msg)
+                    for j in range(self.n):
+                        if j != i:
+                            self._send(src, ("replica", j), msg if j % 2 else other)
                 case Broadcast(msg):
                     self._check_sent(src, msg)
                     for j in range(self.n):
-                        if src != ("replica", j):
+                        if identity(src) != ("replica", j):
                             self._send(src, ("replica", j), msg)
                 case _:
                     raise AssertionError(f"{kind} {i} asked for an unknown effect: {effect!r}")
+
+    # -- checks -----------------------------------------------------------------------------
 
     def _check_replica(self, i: int, replica: Replica) -> None:
         # The replica's own invariants (a failed assertion is a bug and stops the run with its
         # seed), then agreement within a view: no two replicas commit different batches in one
         # slot of one view.
         replica.check_invariants()
-        if i in (self.equivocator, self.liar):
+        if i in self.equivocators or i in self.byzantine:
             return
         for seq, slot in replica.normal.log.items():
             if slot.committed:
                 self.checker.committed(i, replica.view, seq, slot.pre_prepare.digest)
 
-    def _check_sent(self, src: tuple[str, int], msg: Message) -> None:
+    def _check_sent(self, src: Node, msg: Message) -> None:
         kind, i = src
-        if kind != "replica" or i == self.liar:
+        if i in self.twins and kind != "client" and self.promises.twin_said(i, msg):
+            self.acts["slots and views in which twins equivocated"] += 1
+        if kind != "replica" or i in self.byzantine:
             return
         if isinstance(msg, Checkpoint) and i != self.equivocator:
             self.checker.checkpoint(i, msg.seq, msg.digest)
-        if i in self.amnesiacs:
-            return
-        # A replica never contradicts itself, across restarts from its data directory too.
-        match msg:
-            case PrePrepare() | Prepare() | Commit():
-                self._said(i, (type(msg).__name__, msg.view, msg.seq), msg.digest)
-            case ViewChange():
-                self._said(i, ("ViewChange", msg.view), encode_payload(msg))
-            case NewView():
-                self._said(i, ("NewView", msg.view), encode_payload(msg))
+        if i not in self.amnesiacs:
+            self.promises.said(i, msg, i in self.restarted)
 
-    def _said(self, i: int, what: tuple, content: bytes) -> None:
-        said = self.spoken.setdefault((i, *what), content)
-        if said != content:
-            restarted = " (it restarted from its data directory)" if i in self.restarted else ""
-            raise Violation(f"promise: replica {i} sent a second, different {what}{restarted}")
+    # -- clients ----------------------------------------------------------------------------
 
     def _submit(self, c: int) -> None:
         client = self.clients[c]
@@ -337,6 +219,7 @@ class Simulation:
                 op = KVService.put(key, b"c%d-%d" % (c, self.ops_left[c]) + pad)
             req = client.submit(op, self.now, read_only)
             self.outstanding[(c, req.timestamp)] = op
+            self.progress.submit(c, req.timestamp, self.now)
             if read_only:
                 self.read_only.add((c, req.timestamp))
         self._route(("client", c), client.take_outbox())
@@ -348,10 +231,16 @@ class Simulation:
             else:
                 self.checker.completed(c, ts, result)
             del self.outstanding[(c, ts)]
+            self.progress.complete(c, ts, self.now)
             self.completed += 1
         self._submit(c)
 
-    def _deliver(self, dst: tuple[str, int], msg: Message) -> None:
+    # -- events -----------------------------------------------------------------------------
+
+    def _instance(self, node: Node) -> Replica:
+        return self.twins[node[1]] if node[0] == "twin" else self.replicas[node[1]]
+
+    def _deliver(self, dst: Node, msg: Message) -> None:
         self.messages += 1
         msg = roundtrip(msg)
         kind, i = dst
@@ -359,42 +248,66 @@ class Simulation:
             self.clients[i].on_reply(msg, self.now)
             self._collect(i)
         elif i not in self.crashed:
-            replica = self.replicas[i]
-            self._route(("replica", i), replica.step(msg, self.now))
+            if i in self.recorders:
+                self.recorders[i].record(dst, msg)
+            replica = self._instance(dst)
+            self._route(dst, replica.step(msg, self.now))
             self._check_replica(i, replica)
 
+    def _crash(self, i: int) -> None:
+        self.crashed.add(i)
+        if i in self.disks:
+            self.disks[i].crash()
+
+    def _restart(self, i: int, wiped: bool) -> None:
+        self.crashed.discard(i)
+        self.replicas[i] = self._new_replica(i)
+        if wiped:
+            self.disks.pop(i, None)
+            self.amnesiacs.add(i)
+        elif i in self.disks:
+            self.replicas[i].recover(self.disks[i].saved, list(self.disks[i].records))
+        self.restarted.add(i)
+
     def _tick(self) -> None:
+        for i, disk in self.disks.items():
+            if i not in self.crashed:
+                disk.advance(self.now)
         while self.crash_at and self.crash_at[0][0] <= self.now:
-            self.crashed.add(self.crash_at.pop(0)[1])
+            self._crash(self.crash_at.pop(0)[1])
         while self.restart_at and self.restart_at[0][0] <= self.now:
             i = self.restart_at.pop(0)[1]
-            self.crashed.discard(i)
-            self.replicas[i] = self._new_replica(i)
             # Half the restarts find their data directory, half come back wiped.
-            if i in self.disks and self.rng.random() < 0.5:
-                disk = self.disks[i]
-                self.replicas[i].recover(disk.saved, list(disk.records))
-            else:
-                self.disks.pop(i, None)
-                self.amnesiacs.add(i)
-            self.restarted.add(i)
+            self._restart(i, wiped=i not in self.disks or self.rng.random() >= 0.5)
         for down, up, i in self.bounces:
             if self.now - self.TICK_MS < down <= self.now:
-                self.crashed.add(i)
+                self._crash(i)
             if self.now - self.TICK_MS < up <= self.now:
-                self.crashed.discard(i)
-                self.replicas[i] = self._new_replica(i)
-                disk = self.disks.get(i)
-                if disk is not None:
-                    self.replicas[i].recover(disk.saved, list(disk.records))
-                self.restarted.add(i)
+                self._restart(i, wiped=False)
         for i, r in enumerate(self.replicas):
             if i not in self.crashed:
                 self._route(("replica", i), r.tick(self.now))
                 self._check_replica(i, r)
+        for i, twin in self.twins.items():
+            self._route(("twin", i), twin.tick(self.now))
+            self._check_replica(i, twin)
         for c, client in enumerate(self.clients):
             self._route(("client", c), client.tick(self.now))
-        self._schedule(self.now + self.TICK_MS, 1, None)
+        self._replay()
+        if self.progress.heal_ms is None and not self.net.faulty(self.now):
+            correct = [r for i, r in enumerate(self.replicas) if i not in self.crashed and i not in self.byzantine]
+            self.progress.heal_ms = heal_bound_ms(self.params, self.f, max(r.timer.attempt for r in correct))
+        self.progress.check(self.now)
+        self.net.schedule(self.now + self.TICK_MS, TICK, None)
+
+    def _replay(self) -> None:
+        self.net.replay(self.now)
+        for i, recorder in self.recorders.items():
+            picked = recorder.pick(REPLAY_CHANCE_PER_TICK)
+            if picked is not None:
+                self.acts["frames replayed by a replayer"] += 1
+                msg = picked[1]
+                self.net.send(self.now, ("replica", i), replay_destination(recorder.rng, i, self.n, msg), msg)
 
     def _done(self) -> bool:
         """Every request completed, and every live replica (restarted ones too) holds the state
@@ -402,7 +315,7 @@ class Simulation:
         started a view change alone stays out of the view until the others change view too,
         and follows by state transfer meanwhile."""
         unverified = self.checker.unverified or self.checker.unverified_reads
-        if self.outstanding or any(self.ops_left) or self._faulty_phase() or unverified:
+        if self.outstanding or any(self.ops_left) or self.net.faulty(self.now) or unverified:
             return False
         live = [r for i, r in enumerate(self.replicas) if i not in self.crashed]
         stable = max(r.stable for r in live)
@@ -415,49 +328,24 @@ class Simulation:
         try:
             for c in range(len(self.clients)):
                 self._submit(c)
-            self._schedule(0, 1, None)
+            self.net.schedule(0, TICK, None)
             while not self._done():
-                at, _, kind, payload = heapq.heappop(self.queue)
-                self.now = at
+                self.now, kind, payload = self.net.pop()
                 if self.now > deadline:
                     state = [(r.view, r.executed) for r in self.replicas]
                     raise Violation(
                         f"liveness: {len(self.outstanding)} requests outstanding, replicas at "
                         f"(view, executed) {state}, {self.heal_budget_ms} ms after faults healed"
                     )
-                if kind == 0:
+                if kind == DELIVER:
                     self._deliver(*payload)
-                else:
+                elif kind == TICK:
                     self._tick()
+                else:
+                    self._dispatch(*payload)
         except Violation as v:
-            return self._result(False, str(v))
-        return self._result(True)
-
-    def _result(self, ok: bool, error: str = "") -> Result:
-        dropped: Counter[str] = Counter()
-        for r in self.replicas:
-            dropped.update(r.dropped)
-        return Result(
-            self.seed,
-            ok,
-            error,
-            self.now,
-            self.messages,
-            self.completed,
-            tuple(sorted(self.crashed)),
-            dropped,
-            self.transcript.hexdigest(),
-            self.injected(),
-        )
-
-    def injected(self) -> tuple[str, ...]:
-        kinds = [f"crash {v}" for _, v in self.crash_at] + [f"wiped or disk restart {v}" for _, v in self.restart_at]
-        kinds += [f"partition {r}" for _, _, r in self.partitions] + [f"disk restart {i}" for _, _, i in self.bounces]
-        if self.equivocator is not None:
-            kinds.append(f"equivocating primary {self.equivocator}")
-        if self.liar is not None:
-            kinds.append(f"{self.behaviour} {self.liar}")
-        return tuple(kinds)
+            return report(self, False, str(v))
+        return report(self, True)
 
 
 def run_seed(seed: int, f: int = 1, faults: str = "all", **kw: object) -> Result:
