@@ -38,7 +38,7 @@ from pathlib import Path
 from bench.micro import RESULTS, latency, machine, throughput, write_results
 from bench.recovery import fill
 from bft import config as cfg
-from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES
+from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES, Params
 from bft.launch import start_replicas, stop_replicas
 from bft.local import LocalCluster, free_base_port, replica_status, wait_for_port
 from bft.runtime.process import run_async
@@ -66,7 +66,11 @@ def cpu_seconds(pids: list[int]) -> float:
 
 def measure_mode(directory: Path, mode: str, args: argparse.Namespace) -> dict:
     """Latency and throughput on a fresh null-service cluster with ``durability = mode``."""
-    params = replace(DEFAULT_PARAMS, durability=mode)
+    return measure(directory, replace(DEFAULT_PARAMS, durability=mode), mode, args)
+
+
+def measure(directory: Path, params: Params, mode: str, args: argparse.Namespace) -> dict:
+    """Latency and throughput on a fresh null-service cluster with ``params``, called ``mode``."""
     cfg.keygen(directory, 1, args.clients + 1, base_port=free_base_port(4), params=params)
     cluster = cfg.load(directory / "cluster.toml")
     procs = start_replicas(cluster, "null", directory / "logs", "warning")
@@ -75,7 +79,7 @@ def measure_mode(directory: Path, mode: str, args: argparse.Namespace) -> dict:
             wait_for_port(r.host, r.port)
             wait_for_port(r.host, r.admin_port)
         status = replica_status(cluster, 0)
-        assert status.get("durability") == mode, f"replica runs with {status.get('durability')}, not {mode}"
+        assert status.get("durability") == params.durability, f"replica runs with {status.get('durability')}"
 
         def make_client(i: int) -> Client:
             return Client(cluster, i)

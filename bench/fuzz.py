@@ -73,7 +73,6 @@ from bft.core.params import Params
 from bft.crypto import CLIENT, REPLICA, Keyring
 from bft.local import LocalCluster
 from bft.messages import (
-    CLIENT_TYPES,
     HEADER,
     MAC_BYTES,
     SIGNATURE_BYTES,
@@ -180,7 +179,7 @@ class Frames:
         self.timestamp += 1
         d = digest(b"fuzz %d" % rng.randrange(1 << 30))
         request = Request.make(cl, self.timestamp, KVService.put(b"fuzz-%d" % rng.randrange(8), os.urandom(8)))
-        request = request.with_auth(self.client_kr.authenticator(Request.TYPE, request.raw))
+        request = request.with_auth(self.client_kr.request_auth(Request.TYPE, request.raw))
         seq = self._int()
         pp = PrePrepare.make(view, seq, int(time.time() * 1000), (request, d), me)
         vc = ViewChange(
@@ -209,14 +208,12 @@ class Frames:
     def _seal(self, msg: Message) -> bytes:
         if isinstance(msg, Request):
             return self.client_wire.seal(msg)
-        if msg.TYPE in CLIENT_TYPES:
-            return self.client_wire.seal(msg)
         return self.replica_wire.seal(msg)
 
     def _auth(self, type_: int, payload: bytes) -> tuple[int, bytes]:
         """(sender, authenticator) of a payload under the fuzzer's real keys."""
-        if type_ in CLIENT_TYPES:
-            return FUZZ_CLIENT, self.client_kr.authenticator(type_, payload)
+        if type_ == Request.TYPE:
+            return FUZZ_CLIENT, self.client_kr.request_auth(type_, payload)
         if type_ in SIGNED_TYPES:
             return LIAR, self.replica_kr.sign(type_, payload)
         if type_ == Reply.TYPE:
@@ -306,7 +303,7 @@ class Frames:
                 sender = rng.choice([0, 1, 2, rng.randrange(1 << 32)])  # the payload's sender disagrees
             return self._header(msg.TYPE, sender, auth) + payload
         # A forged authenticator: right shape, wrong key or random bytes.
-        sender = FUZZ_CLIENT if msg.TYPE in CLIENT_TYPES else msg.sender
+        sender = FUZZ_CLIENT if msg.TYPE == Request.TYPE else msg.sender
         how = rng.random()
         if msg.TYPE in SIGNED_TYPES:
             auth = os.urandom(SIGNATURE_BYTES) if how < 0.5 else self.foreign_kr.authenticator(msg.TYPE, payload)
@@ -347,6 +344,8 @@ def handshake(sock: socket.socket, keyring: Keyring, replica: int) -> tuple[Sess
     finish = session.receive_handshake(_exactly(sock, size))
     assert finish is not None and session.established
     sock.sendall(framed(finish))
+    if keyring.me[0] == CLIENT:  # as the client library does: its request tags for this replica
+        keyring.use_session_key(session.peer, session.request_key)
     return session, init, finish
 
 

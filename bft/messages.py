@@ -298,24 +298,20 @@ class Partition(_FromReplica):
 
 
 @dataclass(frozen=True, slots=True)
-class Hello:
-    """A client's first frame on a connection, so replicas know where to send its replies before
-    its first request reaches them."""
+class Suspect(_FromReplica):
+    """A request of ``client`` in a pre-prepare failed its tag and its signature at ``replica``:
+    from now on the client's requests are taken only signed (bft.runtime.node)."""
 
     client: int
+    replica: int
 
-    TYPE = 12
-
-    @property
-    def sender(self) -> int:
-        return self.client
+    TYPE = 17
 
 
 Message = (
     Request | PrePrepare | Prepare | Commit | Reply | Checkpoint | Status | ViewChange | NewView
-    | FetchState | State | Hello | Batch | FetchBatch | FetchPartition | Partition
+    | FetchState | State | Batch | FetchBatch | FetchPartition | Partition | Suspect
 )
-CLIENT_TYPES = frozenset({Request.TYPE, Hello.TYPE})
 SIGNED_TYPES = frozenset({ViewChange.TYPE, NewView.TYPE})
 
 
@@ -357,8 +353,8 @@ def _fields(msg: Message) -> tuple:
             return (msg.seq, msg.index, msg.offset, msg.replica)
         case Partition():
             return (msg.seq, msg.index, msg.offset, msg.total, msg.data, msg.replica)
-        case Hello():
-            return (msg.client,)
+        case Suspect():
+            return (msg.client, msg.replica)
     raise TypeError(f"not a message: {msg!r}")
 
 
@@ -425,7 +421,7 @@ _PAYLOAD_BYTES_MAX = {
     NewView.TYPE: new_view_bytes_max,
     FetchState.TYPE: lambda lim: array_bytes_max(_I, _I),
     State.TYPE: lambda lim: array_bytes_max(_I, bin_bytes_max(lim.snapshot_bytes_max), _I),
-    Hello.TYPE: lambda lim: array_bytes_max(_I),
+    Suspect.TYPE: lambda lim: array_bytes_max(_I, _I),
     Batch.TYPE: lambda lim: batch_bytes_max(lim, 2),
     FetchBatch.TYPE: lambda lim: array_bytes_max(_I, _D, _I),
     FetchPartition.TYPE: lambda lim: array_bytes_max(_I, _I, _I, _I),
@@ -506,7 +502,7 @@ _FLAT = {
     Status.TYPE: (5, lambda f, lim: Status(as_int(f[0]), as_int(f[1]), as_int(f[2]), as_bool(f[3]), as_int(f[4]))),
     FetchState.TYPE: (2, lambda f, lim: FetchState(as_int(f[0]), as_int(f[1]))),
     State.TYPE: (3, lambda f, lim: State(as_int(f[0]), as_bytes(f[1], lim.snapshot_bytes_max), as_int(f[2]))),
-    Hello.TYPE: (1, lambda f, lim: Hello(as_int(f[0]))),
+    Suspect.TYPE: (2, lambda f, lim: Suspect(as_int(f[0]), as_int(f[1]))),
     FetchBatch.TYPE: (3, lambda f, lim: FetchBatch(as_int(f[0]), as_digest(f[1]), as_int(f[2]))),
     FetchPartition.TYPE: (4, lambda f, lim: FetchPartition(as_int(f[0]), as_int(f[1]), as_int(f[2]), as_int(f[3]))),
     Partition.TYPE: (6, lambda f, lim: Partition(

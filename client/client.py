@@ -82,7 +82,10 @@ class Client:
         for j, (host, port) in enumerate(self._addrs):
             # A session per connection: replies come only on it, from the replica it proved to be.
             session = None if kr is None else (lambda j=j: Session(kr, expect=j, encrypt=encrypt))
-            peer = Peer(host, port, self._on_frame, self.core.params.frame_bytes_max, self.dropped, session)
+            peer = Peer(
+                host, port, self._on_frame, self.core.params.frame_bytes_max, self.dropped, session,
+                None if kr is None else (lambda conn: kr.use_session_key(conn.peer, conn.session.request_key)),
+            )
             self._peers.append(peer)
             peer.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())

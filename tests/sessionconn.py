@@ -35,6 +35,8 @@ class StreamSession:
         assert finish is not None and session.established
         writer.write(framed(finish))
         await writer.drain()
+        if keyring.me[0] == "client":  # as the client library does: tags for this replica
+            keyring.use_session_key(session.peer, session.request_key)
         return self
 
     def send(self, frame: bytes) -> None:

@@ -39,3 +39,25 @@ def test_commits_alone_or_a_pre_prepare_from_a_non_primary_teach_nothing() -> No
     assert out.executed == 0 and out.stats["learned-batches"] == 0
     out.step(Status(0, 0, 0, False, 0), NOW)  # and nothing in its answers speaks for view 0
     assert out.executed == 0
+
+
+def test_a_replica_that_left_the_view_alone_waits_there_and_rejoins_at_the_next_view_change() -> None:
+    """It does not run ahead (its view-change timer starts only once 2f+1 replicas change view,
+    as in PBFT), so when the others next change view it is in that view with them, taking part
+    in the normal case again, not learning from the outside."""
+    link = Link()
+    link.request(put(1, 1, b"k", b"a"))
+    out = link.replicas[3]
+    out.view_change.start(1)
+    link.run()
+    for t in range(1, 20):  # many view timeouts pass
+        link.tick(NOW + t * 2_000)
+    assert out.view == 1 and out.view_changing
+    assert [r.view for r in link.replicas[:3]] == [0, 0, 0]
+    for r in link.replicas[:3]:  # the next view change, for reasons of their own
+        link.post(r.id, r.view_change.start(1) or r.take_outbox())
+    link.run(NOW + 40_000)
+    assert [(r.view, r.view_changing) for r in link.replicas] == [(1, False)] * 4
+    link.request(put(1, 2, b"k", b"b"), to=1, now=NOW + 40_000)
+    assert all(r.executed == 2 for r in link.replicas)
+    assert out.stats["learned-batches"] == 0 and 3 in results(link, 1, 2)

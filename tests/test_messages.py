@@ -31,7 +31,6 @@ from bft.messages import (
     FetchBatch,
     FetchPartition,
     FetchState,
-    Hello,
     Limits,
     Message,
     NewView,
@@ -42,6 +41,7 @@ from bft.messages import (
     Request,
     State,
     Status,
+    Suspect,
     ViewChange,
     batch_digest,
     decode_payload,
@@ -112,7 +112,7 @@ STRATEGIES: dict[type, st.SearchStrategy] = {
     ),
     FetchState: st.builds(FetchState, u63, sender_ids),
     State: st.builds(State, u63, st.binary(max_size=256), sender_ids),
-    Hello: st.builds(Hello, sender_ids),
+    Suspect: st.builds(Suspect, u63, sender_ids),
     FetchPartition: st.builds(FetchPartition, u63, u63, u63, sender_ids),
     Partition: st.builds(Partition, u63, u63, u63, u63, st.binary(max_size=256), sender_ids),
 }
@@ -474,25 +474,25 @@ def test_batch_longer_than_limit_is_rejected():
         roundtrip(Batch.of(PrePrepare.make(0, 1, 0, (req,) * 4, 0), 2), limits)
 
 
-@pytest.mark.parametrize("type_", [0, 18, 19, 100, 255])
+@pytest.mark.parametrize("type_", [0, 12, 18, 100, 255])
 def test_unknown_type_byte(type_):
     assert _reason(_raw_frame(type_, 0, msgpack.packb([0]))) == "unknown-type"
 
 
 @pytest.mark.parametrize("version", [0, VERSION + 1, 255])
 def test_bad_version(version):
-    good = _frame(Hello(3))
-    assert _decode(good) == Hello(3)
+    good = _frame(Suspect(7, 3))
+    assert _decode(good) == Suspect(7, 3)
     assert _reason(bytes([version]) + good[1:]) == "bad-version"
 
 
 @pytest.mark.parametrize("cut", range(HEADER.size))
 def test_short_header(cut):
-    assert _reason(_frame(Hello(3))[:cut]) == "short-frame"
+    assert _reason(_frame(Suspect(7, 3))[:cut]) == "short-frame"
 
 
 def test_auth_length_beyond_frame_is_short():
-    data = _raw_frame(Hello.TYPE, 3, b"", auth=b"a" * 10)[: HEADER.size + 9]
+    data = _raw_frame(Suspect.TYPE, 3, b"", auth=b"a" * 10)[: HEADER.size + 9]
     assert _reason(data) == "short-frame"
 
 
@@ -511,7 +511,7 @@ SAMPLES = [
     FetchBatch(1, bytes(32), 1),
     FetchState(128, 1),
     State(128, b"manifest", 1),
-    Hello(1),
+    Suspect(7, 1),
     FetchPartition(128, 3, 0, 1),
     Partition(128, 3, 0, 9, b"partition", 1),
 ]
@@ -570,7 +570,7 @@ BAD_PAYLOADS = {
     "nil-view": (Prepare.TYPE, 2, msgpack.packb(_replace(PREPARE, 0, None))),
     "negative-view": (Prepare.TYPE, 2, msgpack.packb(_replace(PREPARE, 0, -1))),
     "view-2**63": (Prepare.TYPE, 2, msgpack.packb(_replace(PREPARE, 0, 2**63))),
-    "bool-sender": (Hello.TYPE, 1, msgpack.packb([True])),
+    "bool-sender": (Suspect.TYPE, 1, msgpack.packb([7, True])),
     "bytes-client": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 0, b"\x01"))),
     "int-read-only": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 3, 0))),
     "int-tentative": (Reply.TYPE, 1, msgpack.packb(_replace(REPLY, 5, 1))),
@@ -578,10 +578,10 @@ BAD_PAYLOADS = {
     "short-digest": (Prepare.TYPE, 2, msgpack.packb(_replace(PREPARE, 2, bytes(31)))),
     "long-digest": (Prepare.TYPE, 2, msgpack.packb(_replace(PREPARE, 2, bytes(33)))),
     "list-digest": (Prepare.TYPE, 2, msgpack.packb(_replace(PREPARE, 2, [0] * 32))),
-    "scalar-payload": (Hello.TYPE, 1, msgpack.packb(1)),
-    "bytes-payload": (Hello.TYPE, 1, msgpack.packb(b"\x01")),
-    "empty-payload": (Hello.TYPE, 1, b""),
-    "ext-type": (Hello.TYPE, 1, msgpack.packb([msgpack.ExtType(1, b"\x01")])),
+    "scalar-payload": (Suspect.TYPE, 1, msgpack.packb(1)),
+    "bytes-payload": (Suspect.TYPE, 1, msgpack.packb(b"\x01")),
+    "empty-payload": (Suspect.TYPE, 1, b""),
+    "ext-type": (Suspect.TYPE, 1, msgpack.packb([7, msgpack.ExtType(1, b"\x01")])),
     "truncated-msgpack": (Prepare.TYPE, 2, msgpack.packb(PREPARE)[:-1]),
     "int-view-changing": (Status.TYPE, 1, msgpack.packb([0, 0, 3, 1, 1])),
     "null-checkpoint-digest": (NewView.TYPE, 1, msgpack.packb([1, [], [0, b""], [], 1])),
@@ -637,8 +637,8 @@ def test_int_fields_accept_full_63_bit_range():
 
 
 def test_header_sender_is_32_bit():
-    assert _frame(Hello(2**32 - 1))[2:6] == b"\xff\xff\xff\xff"
-    assert _reason(_raw_frame(Hello.TYPE, 2**32 - 1, msgpack.packb([2**32]))) == "sender-mismatch"
+    assert _frame(Suspect(7, 2**32 - 1))[2:6] == b"\xff\xff\xff\xff"
+    assert _reason(_raw_frame(Suspect.TYPE, 2**32 - 1, msgpack.packb([7, 2**32]))) == "sender-mismatch"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,7 +696,7 @@ AT_EVERY_BOUND = {
     NewView: (1, [1, [[_widest(_full_vc(i)), bytes(SIGNATURE_BYTES)] for i in range(4)], [0, D32], _DECISIONS, 1]),
     FetchState: (2, [128, 2]),
     State: (2, [128, b"m" * TIGHT.snapshot_bytes_max, 2]),
-    Hello: (7, [7]),
+    Suspect: (2, [7, 2]),
     FetchBatch: (2, [1, D32, 2]),
     FetchPartition: (2, [128, 3, 0, 2]),
     Partition: (2, [128, 3, 0, 30, b"p" * TIGHT.chunk_bytes_max, 2]),

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from bft.core.params import Params
 from bft.crypto import CLIENT, REPLICA, Keyring, PrivateKeys
 from bft.local import LocalCluster
-from bft.messages import DEFAULT_LIMITS, Prepare, Reply, Request, frame
+from bft.messages import DEFAULT_LIMITS, SIGNATURE_BYTES, Prepare, Reply, Request, frame
 from bft.runtime.session import HANDSHAKE_BYTES_MAX, Session, SessionError
 from bft.runtime.wire import Wire
 from bft.service import KVService
@@ -28,6 +28,7 @@ from client import Client
 
 from .sessionconn import StreamSession, framed
 from .test_integration import Recorder, value_of
+from .test_integration import workload as shared_workload
 
 KEYS = {i: PrivateKeys.generate() for i in range(4)}
 CLIENT_KEYS = PrivateKeys.generate()
@@ -187,14 +188,14 @@ async def test_inside_a_session_frames_must_come_from_its_peer(local_cluster) ->
         payload = msgpack.packb((0, 1, bytes(32), 2))  # a prepare claiming replica 2, a client's tag
         conn.send(frame(Prepare(0, 1, bytes(32), 2), payload, own.authenticator(Prepare.TYPE, payload)))
         other = Request.make(1, 1, KVService.put(b"k", b"x"))  # client 1's genuine request
-        other = other.with_auth(cluster.keyring(CLIENT, 1).authenticator(Request.TYPE, other.raw))
+        other = other.with_auth(cluster.keyring(CLIENT, 1).request_auth(Request.TYPE, other.raw))
         conn.send(frame(other, other.raw, other.auth))
         await conn.writer.drain()
         await _dropped(lc, 1, "bad-authentication", before.get("bad-authentication", 0) + 1)
         await _dropped(lc, 1, "not-from-session-peer", before.get("not-from-session-peer", 0) + 1)
         # Its own request on its own session is served, and the reply comes back on it.
         mine = Request.make(0, 1, KVService.put(b"own", b"y"))
-        mine = mine.with_auth(own.authenticator(Request.TYPE, mine.raw))
+        mine = mine.with_auth(own.request_auth(Request.TYPE, mine.raw))
         conn.send(frame(mine, mine.raw, mine.auth))
         opener = Wire(own, DEFAULT_LIMITS, Counter())
         reply = None
@@ -259,7 +260,7 @@ async def test_a_request_sent_again_by_its_client_is_not_executed_again(local_cl
 
     def request(ts: int, value: bytes) -> bytes:
         req = Request.make(0, ts, KVService.put(b"k", value))
-        req = req.with_auth(own.authenticator(Request.TYPE, req.raw))
+        req = req.with_auth(own.request_auth(Request.TYPE, req.raw))
         return frame(req, req.raw, req.auth)
 
     async def reply_to(conn: StreamSession, ts: int) -> Reply:
@@ -294,20 +295,35 @@ async def test_a_request_sent_again_by_its_client_is_not_executed_again(local_cl
         conn.close()
 
 
-async def test_unauthenticated_connections_are_bounded_in_number_and_time(tmp_path) -> None:
+async def test_unauthenticated_connections_are_bounded_per_address_in_all_and_in_time(tmp_path) -> None:
     lc = LocalCluster(tmp_path / "cluster", 1, "kv", Params(checkpoint_interval=8, log_window=16))
     try:
         target = lc.cluster.replicas[1]
-        idle = [socket.create_connection((target.host, target.port)) for _ in range(80)]
+
+        def idle(source: str, count: int) -> list[socket.socket]:
+            address = (target.host, target.port)
+            return [socket.create_connection(address, source_address=(source, 0)) for _ in range(count)]
+
+        # One address holding idle connections gets 16 of them, and locks nobody else out.
+        held = idle("127.0.0.2", 20)
         try:
-            await _dropped(lc, 1, "unauthenticated-connections-refused", 16)
-            # After the handshake deadline the idle ones are closed, and a real client gets in.
-            await _dropped(lc, 1, "handshake-timeout", 64)
+            await _dropped(lc, 1, "unauthenticated-connections-refused", 4)
             async with Client(lc.cluster, 0) as c:
                 await c.wait_connected()
-                assert value_of(await c.invoke(KVService.put(b"k", b"v"), read_only=False)) is None
+                assert value_of(await c.invoke(KVService.put(b"k", b"v"))) is None
+            # Four addresses fill all 64 places; a fifth is refused too.
+            for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
+                held += idle(source, 16)
+            await asyncio.sleep(0.2)
+            held += idle("127.0.0.6", 10)
+            await _dropped(lc, 1, "unauthenticated-connections-refused", 14)
+            # After the handshake deadline the idle ones are closed, and clients get in again.
+            await _dropped(lc, 1, "handshake-timeout", 64)
+            async with Client(lc.cluster, 1) as c:
+                await c.wait_connected()
+                assert value_of(await c.invoke(KVService.put(b"k", b"w"))) == b"v"
         finally:
-            for s in idle:
+            for s in held:
                 s.close()
     finally:
         lc.stop()
@@ -330,5 +346,75 @@ async def test_an_encrypting_cluster_serves_and_its_frames_are_opaque(tmp_path) 
             assert not any(b"plain-value" in f for f in recorder.frames)
         finally:
             await recorder.close()
+    finally:
+        lc.stop()
+
+
+# -- request keys and proactive recovery ---------------------------------------------------------
+
+
+def test_request_tags_follow_the_session_keys_and_a_refresh_forgets_them(tmp_path) -> None:
+    """A client's tags for replica 0 use the key its latest session exported; replica 0 takes that
+    one and the one before it, and after a proactive recovery none: a tag it made with a key an
+    intruder could have read then fails, and only the client's signature still convinces."""
+    from bft import config
+
+    cluster = config.load(config.keygen(tmp_path, f=1, clients=1, base_port=17100))
+    client, replica = cluster.keyring(CLIENT, 0), cluster.keyring(REPLICA, 0)
+    wire = Wire(replica, DEFAULT_LIMITS, Counter())
+
+    def tagged(ts: int) -> bytes:
+        req = Request.make(0, ts, b"op")
+        return frame(req, req.raw, client.request_auth(Request.TYPE, req.raw))
+
+    def fresh_session() -> None:
+        a, b = Session(client, expect=0), Session(replica)
+        b.receive_handshake(a.receive_handshake(b.receive_handshake(a.initiate())))
+        client.use_session_key((REPLICA, 0), a.request_key)
+        replica.use_session_key(b.peer, b.request_key)
+
+    static = tagged(1)
+    fresh_session()
+    first = tagged(2)
+    fresh_session()
+    second = tagged(3)
+    for data in (static, first, second):  # static: the "previous" of the first session
+        assert wire.open(data) is not None
+    assert wire.stats["requests-checked-by-signature"] == 1  # the static one, two sessions on
+    replica.forget_session_keys()
+    for data in (first, second):
+        assert wire.open(data) is not None  # by signature only
+    assert wire.stats["requests-checked-by-signature"] == 3
+    req = Request.make(0, 9, b"op")
+    unsigned = frame(req, req.raw, client.authenticator(Request.TYPE, req.raw) + bytes(SIGNATURE_BYTES))
+    assert wire.open(unsigned) is None and wire.dropped["bad-authentication"] == 1
+
+
+async def test_proactive_recovery_refreshes_every_replica_in_turn_and_clients_go_on(tmp_path) -> None:
+    """A period of 2 s: every 0.5 s a replica closes all its sessions, forgets its request keys
+    and audits its state, while two clients write and read; each replica recovers, every result
+    is right, and a session opened before a replica's recovery is closed by it."""
+    params = Params(checkpoint_interval=8, log_window=16, recovery_period_s=2)
+    lc = LocalCluster(tmp_path / "cluster", 1, "kv", params)
+    try:
+        cluster = lc.cluster
+        backup = cluster.replicas[1]
+        old = await StreamSession.open(backup.host, backup.port, cluster.keyring(CLIENT, 3), 1)
+        async with Client(cluster, 0) as a, Client(cluster, 1) as b:
+            await asyncio.gather(a.wait_connected(), b.wait_connected())
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 3.0
+            rounds = 0
+            while loop.time() < end:
+                await asyncio.gather(
+                    shared_workload(a, b"a%d" % rounds, 40), shared_workload(b, b"b%d" % rounds, 40)
+                )
+                rounds += 1
+        assert await old.read_raw(5) is None  # replica 1 closed it when it recovered
+        statuses = [lc.status(i) for i in range(cluster.n)]
+        assert all(s["proactive_recoveries"] >= 1 for s in statuses), [s["proactive_recoveries"] for s in statuses]
+        assert all(s["stats"].get("state-audits", 0) >= 1 for s in statuses)
+        assert all(s["stats"].get("divergences", 0) == 0 for s in statuses)
+        assert rounds >= 1 and all(p.poll() is None for p in lc.procs)
     finally:
         lc.stop()

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from bft.core.effects import Broadcast, Persist
 from bft.core.promises import Stable
-from bft.core.state import Snapshot, capture
-from bft.messages import Checkpoint
+from bft.core.state import Snapshot, capture, root_of
+from bft.messages import Checkpoint, digest
 
 if TYPE_CHECKING:
     from bft.core.replica import Replica
@@ -23,7 +23,7 @@ log = logging.getLogger("bft.replica")
 
 
 class Checkpoints:
-    __slots__ = ("far", "last_capture", "own", "r", "votes")
+    __slots__ = ("far", "full_capture", "last_capture", "own", "r", "votes")
 
     def __init__(self, replica: Replica) -> None:
         self.r = replica
@@ -32,11 +32,33 @@ class Checkpoints:
         self.last_capture = self.own[0]  # what the next capture re-encodes only the changes of
         self.votes: dict[int, dict[int, bytes]] = {}  # seq -> replica -> digest
         self.far: dict[int, tuple[int, bytes]] = {}  # replica -> its latest claim beyond H
+        self.full_capture = False  # the next capture hashes every partition (after an audit)
 
     def capture(self) -> Snapshot:
         e = self.r.execution
-        self.last_capture = capture(e.service, e.clients, e.batch_time_ms, self.last_capture)
+        previous = None if self.full_capture else self.last_capture
+        self.full_capture = False
+        self.last_capture = capture(e.service, e.clients, e.batch_time_ms, previous)
         return self.last_capture
+
+    def audit(self) -> None:
+        """Proactive recovery (TOCS 2002, section 4): check our state against what 2f+1 replicas
+        certified, from the bytes, not from digests we kept (a compromised replica could have
+        changed both). The stable checkpoint's partitions are hashed again; if they no longer
+        match its certified root, the differing ones are fetched (a repair, then the batches
+        after it run again). The state since then is checked at the next checkpoint, which is
+        hashed in full rather than from the digests of partitions that look unchanged."""
+        r = self.r
+        snap = self.own[r.stable]
+        r.stats["state-audits"] += 1
+        self.full_capture = True
+        digests = tuple(digest(p) for p in snap.parts)
+        if root_of(digests) == snap.root:
+            return
+        log.error("replica %d: its stable checkpoint %d no longer matches its certificate: repairing", r.id, r.stable)
+        r.stats["divergences"] += 1
+        self.own[r.stable] = Snapshot(root_of(digests), snap.parts, digests)  # what we really hold
+        r.transfer.repair(r.stable, snap.root)
 
     def take(self) -> None:
         r = self.r

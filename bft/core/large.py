@@ -1,6 +1,7 @@
 """Separate request transmission (TOCS 2002, section 5.1.4): a client sends a large request to
 every replica itself, and the primary's pre-prepare carries only its digest. Backups resolve the
-digests from the bodies clients sent them, or fetch the whole batch from the primary.
+digests from the bodies clients sent them, or fetch the whole batch from the primary. A request
+whose copy in a pre-prepare this replica could not authenticate is held the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ class LargeRequests:
         if body is not None:
             self.bodies_bytes -= request_bytes(body)
 
+    def awaited(self, d: bytes) -> bool:
+        """Whether a held pre-prepare refers to request digest ``d``. The runtime holds a request
+        by reference when it could not authenticate the copy in the pre-prepare; its client's own
+        copy resolves it like a large request's body."""
+        return any(d in pp.requests for pp in self.unresolved.values())
 
     def store(self, req: Request) -> None:
         self.forget(req.digest)

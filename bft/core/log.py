@@ -100,7 +100,8 @@ class NormalCase:
             return r.drop("old-timestamp", req)
         key = (req.client, req.timestamp)
         large = r.large.is_large(req)
-        if large:
+        if large or r.large.awaited(req.digest):
+            # A held pre-prepare may wait for it: one whose copy we could not authenticate.
             r.large.store(req)
         if not r.is_primary() or r.view_changing:
             # A client that timed out sends to everyone. Relay so the primary hears of it, and
@@ -129,6 +130,14 @@ class NormalCase:
         self.pending.append(req)
         self.pending_bytes += cost
         return True
+
+    def forget_client(self, client: int) -> None:
+        """Drop ``client``'s requests still waiting for a batch (``Replica.distrust``)."""
+        for q in self.pending:
+            if q.client == client:
+                self.pending_ids.discard((q.client, q.timestamp))
+                self.pending_bytes -= request_bytes(q)
+        self.pending = deque(q for q in self.pending if q.client != client)
 
     def propose(self, now_ms: int) -> None:
         """Primary: order pending requests. While ``inflight_max`` batches are unexecuted the

@@ -47,8 +47,10 @@ class Params:
     primary_window_ms: int = 1_000
     # Sessions (bft.runtime.session) authenticate every frame; this also encrypts them.
     encrypt: bool = False
-    # Sessions (bft.runtime.session) authenticate every frame; this also encrypts them.
-    encrypt: bool = False
+    # Proactive recovery (README): each replica in turn, once per period, refreshes its session
+    # and request keys and checks its state against the certified checkpoint. It bounds how long
+    # keys read from a compromised replica stay useful; README gives its measured cost.
+    recovery_period_s: int = 600
 
     def __post_init__(self) -> None:
         for f in fields(self):

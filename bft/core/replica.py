@@ -178,6 +178,24 @@ class Replica:
         checkpoint (``CheckpointDamaged`` if it cannot be used) and its promise log."""
         recover(self, saved, records)
 
+    def distrust(self, client: int) -> list[Effect]:
+        """Some replica could not authenticate a request of ``client`` that a pre-prepare
+        carried: the client may be faulty (its tags good for some replicas only, the "big MAC"
+        attack). From now on the runtime takes its requests only signed; those we hold on the
+        strength of a tag alone are dropped, so that no primary proposes them again (a correct
+        client resends them, signed, when it times out)."""
+        self.normal.forget_client(client)
+        self.timer.forget_client(client)
+        self.stats["clients-distrusted"] += 1
+        return self.take_outbox()
+
+    def audit(self, now_ms: int) -> list[Effect]:
+        """Proactive recovery's state check (``Checkpoints.audit``); the runtime refreshes the
+        keys around it."""
+        self.now_ms = now_ms
+        self.checkpoints.audit()
+        return self.take_outbox()
+
     # -- invariants -------------------------------------------------------------------------
 
     def check_invariants(self) -> None:

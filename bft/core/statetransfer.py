@@ -58,8 +58,8 @@ class StateTransfer:
             return
         seq, d = self.target
         if seq <= r.executed and not self.repairing:
-            self.target = None  # we got there by executing
-            if r.checkpoints.certified(seq):
+            self.target = None  # we got there by executing (or repaired the stable one)
+            if seq > r.stable and r.checkpoints.certified(seq):
                 r.checkpoints.make_stable(seq)
             return
         voters = sorted(v for v, vd in r.checkpoints.votes.get(seq, {}).items() if vd == d and v != r.id)

@@ -69,6 +69,15 @@ class ViewTimer:
             if not self.per_client[key[0]]:
                 del self.per_client[key[0]]
 
+    def forget_client(self, client: int) -> None:
+        """Stop waiting for ``client``'s requests (``Replica.distrust``): not completions, so
+        the primary's throughput monitor does not count them."""
+        for key in [k for k in self.waiting if k[0] == client]:
+            del self.waiting[key], self.arrived_ms[key]
+        self.per_client.pop(client, None)
+        self.head = None
+        self.arm()
+
     def clear(self) -> None:
         self.waiting.clear()
         self.arrived_ms.clear()

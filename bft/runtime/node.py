@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from bft.byzantine import held_ms, lie
 from bft.config import Cluster
@@ -25,7 +23,8 @@ from bft.core.replica import Replica
 from bft.core.statetransfer import CheckpointDamaged
 from bft.core.unreplicated import Unreplicated
 from bft.crypto import CLIENT, REPLICA
-from bft.messages import Message, Request
+from bft.messages import Message, Request, Suspect
+from bft.runtime.admin import start_admin
 from bft.runtime.datadir import DataDir
 from bft.runtime.session import Session
 from bft.runtime.transport import Admission, FrameProtocol, Peer
@@ -88,6 +87,8 @@ class Node:
         self._admin: web.AppRunner | None = None
         self.started_s = time.monotonic()
         self.failure: asyncio.Future[None] | None = None  # set when our own code raised
+        self.recoveries = 0  # proactive recoveries so far, and how long the last one took
+        self.recovery_s = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -103,12 +104,15 @@ class Node:
         )
         for p in self.peers.values():
             p.start()
-        for job in (self._ticker(), self._summaries()):
+        jobs = [self._ticker(), self._summaries()]
+        if isinstance(self.core, Replica) and self.wire.keyring is not None:
+            jobs.append(self._recoveries())
+        for job in jobs:
             task = loop.create_task(job)
             task.add_done_callback(self._task_done)
             self._tasks.append(task)
         if self.admin_port:
-            await self._start_admin()
+            self._admin = await start_admin(self.status, self.started_s, self.host, self.admin_port)
         log.info("%s listening on %s:%d", self.name, self.host, self.port)
 
     async def stop(self) -> None:
@@ -165,6 +169,41 @@ class Node:
             await asyncio.sleep(TICK_S)
             self._dispatch(self.core.tick(wall_ms()))
 
+    async def _recoveries(self) -> None:
+        """Proactive recovery, each replica in its turn: replica i at i/n of every period, by the
+        wall clock, so that no two recover at once (at most one is ever "recovering")."""
+        core = self.core
+        assert isinstance(core, Replica)
+        period = core.params.recovery_period_s
+        offset = period * core.id / core.n
+        while True:
+            now = time.time()
+            await asyncio.sleep(((now - offset) // period + 1) * period + offset - now)
+            self.recover_proactively()
+
+    def recover_proactively(self) -> None:
+        """Castro and Liskov's proactive recovery (TOCS 2002), without the reboot: every session
+        is closed (the peers reconnect with fresh ephemeral keys), the request keys the clients'
+        sessions exported are forgotten (a tag made with one no longer verifies here: clients'
+        requests in flight fall back to their signatures), and the state is checked against the
+        certified checkpoint, the differing partitions fetched. Keys an intruder read from this
+        replica's memory are useless from here on; its signing key is the one secret that must
+        stay out of reach (kept offline or in an HSM, as the paper's secure co-processor)."""
+        started = time.perf_counter()
+        kr = self.wire.keyring
+        assert kr is not None
+        kr.forget_session_keys()
+        conns = [*self.client_conns.values(), *self.replica_conns.values()]
+        conns += [p.protocol for p in self.peers.values() if p.protocol is not None]
+        for conn in conns:
+            if conn.transport is not None:
+                conn.transport.close()
+        self._dispatch(self.core.audit(wall_ms()))
+        self.recoveries += 1
+        self.recovery_s = time.perf_counter() - started
+        log.info("%s: proactive recovery %d: %d sessions closed, state checked in %.3f s",
+                 self.name, self.recoveries, len(conns), self.recovery_s)
+
     async def _summaries(self) -> None:
         last = None
         while True:
@@ -189,6 +228,8 @@ class Node:
         that opens a new one has given up on the old), so each principal holds at most one."""
         kind, who = conn.peer
         conns = self.client_conns if kind == CLIENT else self.replica_conns
+        if kind == CLIENT:
+            self.wire.keyring.use_session_key(conn.peer, conn.session.request_key)
         old = conns.get(who)
         conns[who] = conn
         if old is not None and old.transport is not None:
@@ -198,6 +239,11 @@ class Node:
 
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data)
+        if self.wire.unverifiable and conn.peer is not None and conn.peer[0] == REPLICA:
+            for client in self.wire.unverifiable:
+                if self._distrust(client):
+                    self._dispatch([Broadcast(Suspect(client, self.core.id))])
+        self.wire.unverifiable.clear()
         if msg is None:
             return
         peer = conn.peer
@@ -210,7 +256,39 @@ class Node:
         elif not _from_peer(msg, peer):
             self.transport_drops["not-from-session-peer"] += 1
             return
+        if isinstance(msg, Suspect):
+            self._distrust(msg.client)
+            return
+        if peer is not None and peer[0] == CLIENT and not self._may_hold(msg):
+            self.transport_drops["unsigned-request-at-backup"] += 1
+            return
         self._dispatch(self.core.step(msg, wall_ms()))
+
+    def _may_hold(self, req: Request) -> bool:
+        """A backup holds a read-write request a client sent it directly (a resend to all, or a
+        large one) for its view timer, and relays it: only if its signature is good, so that the
+        primary, and anyone, can check it too. A tag good for this backup alone would otherwise
+        make it suspect a correct primary that cannot check the request and never proposes it.
+        Read-only requests are answered at once and held by nobody."""
+        core = self.core
+        if req.read_only or not isinstance(core, Replica) or core.is_primary() or req.client in self.wire.suspects:
+            return True  # (a suspect's requests had their signature checked by the wire already)
+        return self.wire.signed(req)
+
+    def _distrust(self, client: int) -> bool:
+        """A request of ``client`` in a pre-prepare failed its tag and its signature here (or at
+        the replica whose SUSPECT this is): from now on only its signed requests are taken, by
+        every replica, so no primary proposes one of its requests that a backup cannot check.
+        At most once per client of the configuration; False if nothing changed. A lying replica
+        can make every client suspect: that costs each primary one signature check per request,
+        not correctness (README, "faulty clients")."""
+        kr = self.wire.keyring
+        if client in self.wire.suspects or kr is None or not kr.has_verifier((CLIENT, client)):
+            return False
+        self.wire.suspects.add(client)
+        log.warning("%s: client %d sent requests some replica cannot authenticate: signed ones only", self.name, client)
+        self._dispatch(self.core.distrust(client))
+        return True
 
     def _dispatch(self, effects: list[Effect]) -> None:
         """The router: the core's effects become frames, disk writes and nothing else.
@@ -296,29 +374,14 @@ class Node:
                 out["data_problems"] = self.data.problems
             if self.data.promises is not None:
                 out["promise_log"] = {k: round(v, 6) for k, v in sorted(self.data.promises.stats.items())}
+        if isinstance(core, Replica) and self.wire.keyring is not None:
+            out["proactive_recoveries"] = self.recoveries
+            out["last_recovery_s"] = round(self.recovery_s, 4)
         if self.rewrite is not None:
             out["rewritten"] = self.rewritten
         out["dropped"] = dict(sorted((core.dropped + self.transport_drops).items()))
-        out["stats"] = dict(sorted(core.stats.items()))
+        out["stats"] = dict(sorted((core.stats + self.wire.stats).items()))
         return out
-
-    async def _start_admin(self) -> None:
-        registry = CollectorRegistry()
-        registry.register(_Collector(self))
-
-        async def status(_: web.Request) -> web.Response:
-            return web.json_response(self.status() | {"uptime_s": round(time.monotonic() - self.started_s, 1)})
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(registry), content_type="text/plain")
-
-        app = web.Application()
-        app.router.add_get("/status", status)
-        app.router.add_get("/metrics", metrics)
-        self._admin = web.AppRunner(app, access_log=None)
-        await self._admin.setup()
-        await web.TCPSite(self._admin, self.host, self.admin_port).start()
-
 
 def _from_peer(msg: Message, peer: tuple[str, int]) -> bool:
     """A client's session carries its own requests only; a replica's, its own messages and the
@@ -327,25 +390,6 @@ def _from_peer(msg: Message, peer: tuple[str, int]) -> bool:
     if isinstance(msg, Request):
         return kind == REPLICA or msg.client == who
     return kind == REPLICA and msg.sender == who
-
-
-class _Collector:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    def collect(self):
-        s = self.node.status()
-        for key in ("view", "executed", "stable_checkpoint", "log_slots", "pending_requests"):
-            if key in s:
-                yield GaugeMetricFamily(f"bft_{key}", f"replica {key.replace('_', ' ')}", value=s[key])
-        dropped = CounterMetricFamily("bft_dropped_messages", "messages dropped, by reason", labels=["reason"])
-        for reason, count in s["dropped"].items():
-            dropped.add_metric([reason], count)
-        yield dropped
-        stats = CounterMetricFamily("bft_events", "protocol events, by kind", labels=["kind"])
-        for kind, count in s["stats"].items():
-            stats.add_metric([kind], count)
-        yield stats
 
 
 def replica_node(

@@ -14,26 +14,28 @@ The handshake is a signed Diffie-Hellman exchange (station-to-station, as in SIG
 
 Both ephemeral keys are fresh per connection, so the transcript (and with it every key derived
 from it) never repeats: a recorded FINISH does not complete a new handshake. Afterwards each frame
-carries a 16-byte tag over (frame counter, frame) under the direction's key, or with ``encrypt``
-is sealed with ChaCha20-Poly1305 under it, the counter as nonce. TCP delivers in order, so the
-counter is implicit; a dropped, replayed or reordered frame fails its tag and closes the session.
+carries a 16-byte AES-GCM tag under the direction's key with the frame as associated data (GMAC),
+or with ``encrypt`` is sealed with AES-GCM; the frame counter is the nonce. TCP delivers in order,
+so the counter is implicit; a dropped, replayed or reordered frame fails its tag and closes the
+session. GMAC, not keyed BLAKE2b: with AES instructions it costs about 1 µs for a 200-byte frame
+and for a 4 KiB one, against 4 and 11 µs (bench.security prints both).
 
 Only replicas accept connections; initiators (clients, and replicas sending to a peer) name the
 replica they expect, and the signature proves they reached it. Static keys sign; nothing else
 outlives a connection, so closing every connection refreshes every session key (proactive
-recovery does that, `bft.runtime.node`).
+recovery does that, `bft.runtime.node`). A client's session also exports the key its request
+tags for that replica use (`request_key`), so those are refreshed with it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import struct
 
 import msgpack
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from bft.crypto import CLIENT, REPLICA, Keyring, Principal
@@ -42,7 +44,7 @@ from bft.messages import MAC_BYTES
 VERSION = 1
 # Each handshake frame is a few dozen bytes; this is all an unauthenticated peer may send at once.
 HANDSHAKE_BYTES_MAX = 256
-_COUNTER = struct.Struct("!Q")
+_NONCE = struct.Struct("!IQ")  # 96 bits: zero, then the frame's position on the connection
 _KINDS = (REPLICA, CLIENT)
 
 
@@ -54,8 +56,8 @@ class Session:
     """One end of one connection: the handshake state and, once done, the frame keys."""
 
     __slots__ = (
-        "_aead_in", "_aead_out", "_claimed", "_key_in", "_key_out", "_secret", "_transcript", "encrypt",
-        "expect", "keyring", "peer", "received", "sent",
+        "_aead_in", "_aead_out", "_claimed", "_secret", "_transcript", "encrypt",
+        "expect", "keyring", "peer", "received", "request_key", "sent",
     )
 
     def __init__(self, keyring: Keyring, expect: int | None = None, encrypt: bool = False) -> None:
@@ -67,10 +69,12 @@ class Session:
         self._claimed: Principal | None = None  # who an INIT says it is, until its FINISH proves it
         self._secret = X25519PrivateKey.generate()
         self._transcript = b""
-        self._key_in = self._key_out = b""
-        self._aead_in: ChaCha20Poly1305 | None = None
-        self._aead_out: ChaCha20Poly1305 | None = None
+        self._aead_in: AESGCM | None = None
+        self._aead_out: AESGCM | None = None
         self.sent = self.received = 0
+        # The key the initiator (a client) tags its requests for this replica with, while this
+        # session is its latest (bft.crypto.Keyring.use_session_key).
+        self.request_key = b""
 
     @property
     def established(self) -> bool:
@@ -132,40 +136,34 @@ class Session:
         self.peer = claimed
 
     def _derive(self, shared: bytes, initiator: bool) -> None:
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=64, salt=self._transcript, info=b"bft-session keys")
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=96, salt=self._transcript, info=b"bft-session keys")
         keys = hkdf.derive(shared)
-        forward, backward = keys[:32], keys[32:]
-        self._key_out, self._key_in = (forward, backward) if initiator else (backward, forward)
-        if self.encrypt:
-            self._aead_out, self._aead_in = ChaCha20Poly1305(self._key_out), ChaCha20Poly1305(self._key_in)
+        forward, backward, self.request_key = keys[:32], keys[32:64], keys[64:]
+        out, into = (forward, backward) if initiator else (backward, forward)
+        self._aead_out, self._aead_in = AESGCM(out), AESGCM(into)
 
     # -- frames -----------------------------------------------------------------------------
 
     def seal(self, frame: bytes) -> bytes:
-        counter = _COUNTER.pack(self.sent)
+        assert self._aead_out is not None, "no frames before the handshake"
+        nonce = _NONCE.pack(0, self.sent)
         self.sent += 1
-        if self._aead_out is not None:
-            return self._aead_out.encrypt(bytes(4) + counter, frame, None)
-        return frame + _tag(self._key_out, counter, frame)
+        if self.encrypt:
+            return self._aead_out.encrypt(nonce, frame, None)
+        return frame + self._aead_out.encrypt(nonce, b"", frame)
 
     def open(self, data: bytes) -> bytes:
-        counter = _COUNTER.pack(self.received)
+        assert self._aead_in is not None, "no frames before the handshake"
+        nonce = _NONCE.pack(0, self.received)
         self.received += 1
-        if self._aead_in is not None:
-            try:
-                return self._aead_in.decrypt(bytes(4) + counter, data, None)
-            except Exception as exc:  # cryptography raises InvalidTag; any failure means the same
-                raise SessionError("a frame failed its session tag") from exc
-        body, tag = data[:-MAC_BYTES], data[-MAC_BYTES:]
-        if len(data) < MAC_BYTES or not hmac.compare_digest(tag, _tag(self._key_in, counter, body)):
-            raise SessionError("a frame failed its session tag")
-        return body
-
-
-def _tag(key: bytes, counter: bytes, frame: bytes) -> bytes:
-    h = hashlib.blake2b(counter, key=key, digest_size=MAC_BYTES)
-    h.update(frame)
-    return h.digest()
+        try:
+            if self.encrypt:
+                return self._aead_in.decrypt(nonce, data, None)
+            body = data[:-MAC_BYTES]
+            self._aead_in.decrypt(nonce, data[-MAC_BYTES:], body)
+            return body
+        except Exception as exc:  # InvalidTag, or a frame too short to hold a tag: the same to us
+            raise SessionError("a frame failed its session tag") from exc
 
 
 def _fields(data: bytes) -> list:

@@ -32,29 +32,42 @@ FrameHandler = Callable[[bytes, "FrameProtocol"], None]
 
 class Admission:
     """What a server grants connections whose peer has not yet proved who it is: at most
-    ``pending_max`` of them at a time, each for ``deadline_s``. Each costs the server one
-    ephemeral key exchange and one signature, so their number and lifetime are what bound it."""
+    ``pending_max`` of them at a time, at most ``per_source_max`` from one address, each for
+    ``deadline_s``. Each costs the server one ephemeral key exchange and one signature, so their
+    number and lifetime are what bound it; the per-address share keeps one host that holds idle
+    connections open from locking out every other (bench.fuzz showed it could)."""
 
     DEADLINE_S = 5.0  # an honest handshake takes three messages and well under a millisecond
 
-    def __init__(self, counters: Counter[str], pending_max: int = 64, deadline_s: float = DEADLINE_S) -> None:
+    def __init__(
+        self, counters: Counter[str], pending_max: int = 64, per_source_max: int = 16, deadline_s: float = DEADLINE_S
+    ) -> None:
         self.counters = counters
         self.pending_max = pending_max
+        self.per_source_max = per_source_max
         self.deadline_s = deadline_s
         self.pending = 0
+        self.per_source: Counter[str] = Counter()
 
     def admit(self, conn: FrameProtocol) -> bool:
-        if self.pending >= self.pending_max:
+        assert conn.transport is not None
+        peer = conn.transport.get_extra_info("peername")
+        source = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if self.pending >= self.pending_max or self.per_source[source] >= self.per_source_max:
             self.counters["unauthenticated-connections-refused"] += 1
             return False
         self.pending += 1
+        self.per_source[source] += 1
         timer = asyncio.get_running_loop().call_later(self.deadline_s, conn.expire)
-        conn.ready.add_done_callback(lambda _: self._release(timer))
+        conn.ready.add_done_callback(lambda _: self._release(timer, source))
         return True
 
-    def _release(self, timer: asyncio.TimerHandle) -> None:
+    def _release(self, timer: asyncio.TimerHandle, source: str) -> None:
         timer.cancel()
         self.pending -= 1
+        self.per_source[source] -= 1
+        if not self.per_source[source]:
+            del self.per_source[source]
 
 
 class FrameProtocol(asyncio.Protocol):
@@ -224,8 +237,10 @@ class Peer:
         frame_bytes_max: int,
         counters: Counter[str],
         session: Callable[[], Session] | None = None,
+        on_session: Callable[[FrameProtocol], None] | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.on_session = on_session
         self.on_frame = on_frame
         self.frame_bytes_max = frame_bytes_max
         self.counters = counters
@@ -254,7 +269,7 @@ class Peer:
                 session = None if self.session is None else self.session()
                 _, proto = await loop.create_connection(
                     lambda session=session: FrameProtocol(
-                        self.on_frame, self.frame_bytes_max, self.counters, session
+                        self.on_frame, self.frame_bytes_max, self.counters, session, on_session=self.on_session
                     ),
                     self.host,
                     self.port,

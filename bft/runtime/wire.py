@@ -17,7 +17,6 @@ from bft.core.params import Params
 from bft.core.state import PARTITION_CHUNK_BYTES
 from bft.crypto import CLIENT, REPLICA, Keyring
 from bft.messages import (
-    CLIENT_TYPES,
     MAC_BYTES,
     SIGNED_TYPES,
     Batch,
@@ -66,6 +65,12 @@ class Wire:
         # Our slot in an authenticator: our replica id; a client reads the one tag of a reply.
         self.index = keyring.me[1] if keyring is not None and keyring.me[0] == REPLICA else 0
         self.is_replica = keyring.me[0] == REPLICA if replica is None else replica
+        # Clients some replica could not authenticate (bft.runtime.node tells the others): their
+        # requests are taken only with a valid signature, which every replica can check, so a
+        # primary does not propose what backups cannot accept. At most one entry per client.
+        self.suspects: set[int] = set()
+        self.unverifiable: list[int] = []  # clients of requests held by reference by ``open``
+        self.stats: Counter[str] = Counter()
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -75,7 +80,7 @@ class Wire:
         kr = self.keyring
         if isinstance(msg, Request):
             if not msg.auth and kr is not None and kr.me[0] == CLIENT:
-                msg = msg.with_auth(kr.authenticator(Request.TYPE, msg.raw))
+                msg = msg.with_auth(kr.request_auth(Request.TYPE, msg.raw))
             return frame(msg, msg.raw, msg.auth)
         if isinstance(msg, NewView) and kr is not None:
             msg = replace(msg, view_changes=tuple(self._signed(vc) for vc in msg.view_changes))
@@ -105,6 +110,20 @@ class Wire:
 
     # -- receiving --------------------------------------------------------------------------
 
+    def signed(self, req: Request) -> bool:
+        """Whether ``req`` carries its client's valid signature (one Ed25519 check)."""
+        self.stats["requests-checked-by-signature"] += 1
+        return self.keyring.check_request_signature(req.client, Request.TYPE, req.raw, req.auth)
+
+    def _authentic(self, client: int, raw: bytes, auth: bytes, signed_only: bool = False) -> bool:
+        """A request's tag for us or, failing that (or if we must), its client's signature: one
+        Ed25519 check, only when the cheap one failed."""
+        kr = self.keyring
+        if not signed_only and kr.check_tag((CLIENT, client), Request.TYPE, raw, auth, self.index):
+            return True
+        self.stats["requests-checked-by-signature"] += 1
+        return kr.check_request_signature(client, Request.TYPE, raw, auth)
+
     def open(self, data: bytes) -> Message | None:
         try:
             env = split_frame(data, self.limits)
@@ -116,8 +135,8 @@ class Wire:
             self.dropped["unexpected-type"] += 1
             return None
         if kr is not None:
-            if env.type in CLIENT_TYPES:
-                ok = kr.check_tag((CLIENT, env.sender), env.type, env.payload, env.auth, self.index)
+            if env.type == Request.TYPE:
+                ok = self._authentic(env.sender, env.payload, env.auth, env.sender in self.suspects)
             elif env.type in SIGNED_TYPES:
                 ok = kr.check_signature(env.sender, env.type, env.payload, env.auth)
             else:
@@ -131,12 +150,22 @@ class Wire:
             self.dropped[str(exc)] += 1
             return None
         if kr is not None and isinstance(msg, PrePrepare | Batch):
+            requests: list[Request | bytes] = []
             for r in msg.requests:
-                if isinstance(r, bytes):
-                    continue  # by reference: its body comes (and is checked) on its own
-                if not kr.check_tag((CLIENT, r.client), Request.TYPE, r.raw, r.auth, self.index):
-                    self.dropped["bad-request-authentication"] += 1
-                    return None
+                if isinstance(r, Request) and not self._authentic(r.client, r.raw, r.auth):
+                    if isinstance(msg, Batch):
+                        self.dropped["bad-request-authentication"] += 1
+                        return None
+                    # The client is faulty, or the primary forged it. Not the whole pre-prepare
+                    # is dropped (that let one faulty client force view changes, the "big MAC"
+                    # attack): the request stays by reference, as a large one does, until its
+                    # body comes authentic (from its client) or the slot is decided without us.
+                    self.stats["unauthentic-requests-held"] += 1
+                    self.unverifiable.append(r.client)
+                    r = r.digest
+                requests.append(r)
+            if any(a is not b for a, b in zip(requests, msg.requests, strict=True)):
+                msg = replace(msg, requests=tuple(requests))
         if kr is not None and isinstance(msg, NewView):
             # Its shape first, the signatures after: at most n view changes, one per replica,
             # all for its view. A NEW-VIEW of a thousand copies of one view change is rejected
