@@ -156,7 +156,8 @@ def table(results: dict) -> str:
     head = "| frame | bytes | time to open | peak allocated | outcome |"
     if before:
         head = "| frame | bytes | time before | time after | peak before | peak after | outcome before | after |"
-    lines = [head, "|---|" + "---:|" * (head.count("|") - 3) + "---|"]
+    numbers = 5 if before else 3  # bytes, times and peaks are right-aligned
+    lines = [head, "|---|" + "---:|" * numbers + "---|" * (head.count("|") - 2 - numbers)]
     for name, f in results["cases"].items():
         b = before.get(name)
         if b:
