@@ -134,3 +134,18 @@ def test_reads_waiting_for_a_tentative_batch_to_commit_are_bounded_in_bytes() ->
         link.tick(NOW + t * PARAMS.status_interval_ms)
     assert backup.execution.tentative_seq == 0 and backup.execution.deferred_bytes == 0
     assert {r.client for r in link.replies if r.replica == 1} >= set(range(2, 2 + BUDGET // SIZE))
+
+
+def test_the_requests_a_backup_waits_on_are_bounded_in_bytes() -> None:
+    """Clients (faulty or many) sending large requests a backup holds for its view timer: past
+    the byte budget it refuses to hold more, and counts each refusal."""
+    link = Link(params=SMALL_FRAMES)
+    backup = link.replicas[1]
+    bodies = [sized(c, 1, SIZE) for c in range(1, 3 + BUDGET // SIZE)]
+    for body in bodies:
+        backup.step(body, NOW)
+    assert backup.timer.waiting_bytes == BUDGET and len(backup.timer.waiting) == BUDGET // SIZE
+    assert backup.stats["waiting-requests-refused"] == 2
+    backup.check_invariants()
+    backup.timer.clear()
+    assert backup.timer.waiting_bytes == 0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from bft.core.effects import Broadcast, Persist
 from bft.core.promises import Stable
+from bft.core.recovery import restore_deferred
 from bft.core.state import Snapshot, capture, root_of
 from bft.messages import Checkpoint, digest
 
@@ -130,6 +131,7 @@ class Checkpoints:
         for v in [v for v, (s, _) in self.far.items() if s <= seq]:
             del self.far[v]
         r.normal.collect(seq)
+        restore_deferred(r)
         r.view_change.collect(seq)
         r.execution.collect(seq)
         r.large.collect()

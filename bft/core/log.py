@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from bft.core.budgets import queue_bytes_max, request_bytes
 from bft.core.effects import Broadcast, Send
-from bft.core.promises import Prepared, Proposed
+from bft.core.promises import Prepared, Proposed, Record
 from bft.messages import Commit, Prepare, PrePrepare, Request
 
 if TYPE_CHECKING:
@@ -49,8 +49,8 @@ class Slot:
 
 class NormalCase:
     __slots__ = (
-        "log", "next_seq", "pending", "pending_bytes", "pending_bytes_max", "pending_ids", "proposed_time_ms", "r",
-        "view_floor",
+        "deferred", "log", "next_seq", "pending", "pending_bytes", "pending_bytes_max", "pending_ids",
+        "proposed_time_ms", "r", "view_floor",
     )
 
     def __init__(self, replica: Replica) -> None:
@@ -62,6 +62,9 @@ class NormalCase:
         self.pending_bytes = 0  # what they hold (``request_bytes``)
         self.pending_bytes_max = queue_bytes_max(replica.params)
         self.pending_ids: set[tuple[int, int]] = set()  # primary: pending or proposed, not executed
+        # Promises of this view's slots above the window, kept after a restart until it gets there
+        # (bft.core.recovery.restore_deferred).
+        self.deferred: list[Record] = []
         # Nothing at or below the NEW-VIEW's checkpoint is ordered in this view, even while our
         # own low watermark lags behind it (we fetch that state instead).
         self.view_floor = 0
@@ -87,6 +90,7 @@ class NormalCase:
         self.pending_ids.clear()
         self.r.learner.remember(self.log)  # what it knew of this view, our own commits included
         self.log = {}
+        self.deferred = []  # the view's P and Q sets keep what they promised
 
     # -- requests ---------------------------------------------------------------------------
 

@@ -99,13 +99,30 @@ def _restore_view(r: Replica, rec: ViewChangeSent | ViewEntered) -> None:
             r.normal.slot(seq).expected = d
 
 
+def restore_deferred(r: Replica) -> None:
+    """The window moved (``Checkpoints.make_stable``): the slots we had to set aside come back
+    as far as they now fit, before any pre-prepare for them can be in the window."""
+    deferred, r.normal.deferred = r.normal.deferred, []
+    if deferred:
+        _restore_slots(r, deferred)
+
+
 def _restore_slots(r: Replica, records: list[Record]) -> None:
     """The slots of our view that we spoke in: what we pre-prepared or prepared, and what we
-    committed to. A conflicting pre-prepare for one of them is then refused as usual."""
+    committed to. A conflicting pre-prepare for one of them is then refused as usual.
+
+    A slot above the window is set aside (``NormalCase.deferred``) until the window gets there:
+    a replica whose checkpoint file lagged behind what it executed (written off the loop, or
+    lost in a crash) comes back with an older low watermark than the slots it spoke in, and gets
+    the later checkpoint by state transfer (found by simulator seeds with slow disks)."""
     normal = r.normal
+    top = max(r.stable, normal.view_floor) + r.params.log_window
     for rec in records:
         if rec.seq is not None and rec.seq <= r.stable:
             continue  # below the window the replay and the Stable records moved to
+        if isinstance(rec, Proposed | Prepared) and rec.seq > top:
+            normal.deferred.append(rec)
+            continue
         match rec:
             case Proposed(pp) if pp.view == r.view:
                 slot = normal.slot(pp.seq)
@@ -119,5 +136,5 @@ def _restore_slots(r: Replica, records: list[Record]) -> None:
                 assert slot.pre_prepare is not None and slot.pre_prepare.digest == d
                 slot.prepared = True
                 slot.commits[r.id] = d
-    if r.is_primary():
-        normal.next_seq = max([r.executed, normal.view_floor, *normal.log]) + 1
+    if r.is_primary():  # never a second batch for a sequence number we proposed, deferred or not
+        normal.next_seq = max([r.executed, normal.view_floor, *normal.log, *(d.seq for d in normal.deferred)]) + 1

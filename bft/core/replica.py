@@ -17,6 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
+from bft.core.budgets import request_bytes
 from bft.core.checkpoints import Checkpoints
 from bft.core.effects import Effect, Persist, Promise
 from bft.core.execution import Execution
@@ -226,5 +227,6 @@ class Replica:
         assert not self.timer.deadline_ms or self.timer.waiting or self.view_changing, "timer runs for a request"
         assert self.timer.waiting.keys() == self.timer.arrived_ms.keys()
         assert sum(self.timer.per_client.values()) == len(self.timer.waiting)
+        assert self.timer.waiting_bytes == sum(request_bytes(q) for q in self.timer.waiting.values())
         watched = self.monitor.view
         assert watched is None or (watched == self.view and not self.view_changing), "the monitor counts this view"

@@ -17,6 +17,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from bft.core.budgets import queue_bytes_max, request_bytes
 from bft.messages import Request
 
 if TYPE_CHECKING:
@@ -31,13 +32,18 @@ VIEW_BACKOFF_MAX = 6
 
 
 class ViewTimer:
-    __slots__ = ("arrived_ms", "attempt", "deadline_ms", "head", "per_client", "r", "waiting")
+    __slots__ = (
+        "arrived_ms", "attempt", "deadline_ms", "head", "per_client", "r", "waiting", "waiting_bytes",
+        "waiting_bytes_max",
+    )
 
     def __init__(self, replica: Replica) -> None:
         self.r = replica
         self.waiting: dict[tuple[int, int], Request] = {}  # requests we saw and wait to see executed
         self.arrived_ms: dict[tuple[int, int], int] = {}  # when each came (or its view began)
         self.per_client: Counter[int] = Counter()
+        self.waiting_bytes = 0  # what they hold (bft.core.budgets)
+        self.waiting_bytes_max = queue_bytes_max(replica.params)
         self.deadline_ms: int | None = None
         self.head: tuple[int, int] | None = None  # the request the timer runs for
         self.attempt = 0  # successive view changes without progress: the back-off exponent
@@ -46,13 +52,19 @@ class ViewTimer:
         return self.r.params.view_timeout_ms << min(self.attempt, VIEW_BACKOFF_MAX)
 
     def hold(self, key: tuple[int, int], req: Request) -> bool:
-        """Remember a request we expect to see executed; bounded in all and per client (a
-        correct client has at most ``client_window`` requests in flight)."""
+        """Remember a request we expect to see executed; bounded in all, in bytes and per client
+        (a correct client has at most ``client_window`` requests in flight)."""
         if key in self.waiting:
             return True
-        if len(self.waiting) >= WAITING_REQUESTS_MAX or self.per_client[key[0]] >= self.r.params.client_window:
+        cost = request_bytes(req)
+        if (
+            len(self.waiting) >= WAITING_REQUESTS_MAX
+            or self.per_client[key[0]] >= self.r.params.client_window
+            or self.waiting_bytes + cost > self.waiting_bytes_max
+        ):
             self.r.stats["waiting-requests-refused"] += 1
             return False
+        self.waiting_bytes += cost
         self.waiting[key] = req
         self.arrived_ms[key] = self.r.now_ms
         self.per_client[key[0]] += 1
@@ -63,7 +75,9 @@ class ViewTimer:
             self.arm()
 
     def done(self, key: tuple[int, int]) -> None:
-        if self.waiting.pop(key, None) is not None:
+        req = self.waiting.pop(key, None)
+        if req is not None:
+            self.waiting_bytes -= request_bytes(req)
             self.r.monitor.completed(self.r.now_ms - self.arrived_ms.pop(key))
             self.per_client[key[0]] -= 1
             if not self.per_client[key[0]]:
@@ -73,12 +87,14 @@ class ViewTimer:
         """Stop waiting for ``client``'s requests (``Replica.distrust``): not completions, so
         the primary's throughput monitor does not count them."""
         for key in [k for k in self.waiting if k[0] == client]:
-            del self.waiting[key], self.arrived_ms[key]
+            self.waiting_bytes -= request_bytes(self.waiting.pop(key))
+            del self.arrived_ms[key]
         self.per_client.pop(client, None)
         self.head = None
         self.arm()
 
     def clear(self) -> None:
+        self.waiting_bytes = 0
         self.waiting.clear()
         self.arrived_ms.clear()
         self.per_client.clear()
