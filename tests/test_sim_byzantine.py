@@ -12,6 +12,7 @@ from bft.core.effects import Persist
 from bft.core.promises import Committed, Record, Stable
 from bft.core.quorum import Quorum
 from bft.core.viewtimer import ViewTimer
+from bft.sim import attackers
 from bft.sim.disk import Disk
 from bft.sim.faults import Faults, Schedule, draw
 from bft.sim.liars import CATALOGUE, LEGACY_LIES, TWINS
@@ -227,3 +228,27 @@ def test_bft_sim_byzantine_prints_seeds_faults_and_violations(capsys: pytest.Cap
     injected = out.split("faults injected: ")[1].splitlines()[0]
     assert "slow disk" in injected
     assert "longest a request took after the faults healed: " in out
+
+
+def _big_mac_run(seed: int, defence: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[Simulation, Result]:
+    if not defence:  # no replica ever tells the others: each primary proposes its requests anew
+        admit = attackers.BigMacClient.admit
+        monkeypatch.setattr(attackers.BigMacClient, "admit", lambda self, r, m: (admit(self, r, m)[0], False))
+    sim = Simulation(seed, 1, Faults.named("liars"), ops_per_client=OPS, schedule=Schedule(big_mac=True))
+    result = sim.run()
+    assert "big-mac client" in result.injected
+    return sim, result
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_big_mac_client_costs_at_most_a_view_change_or_two(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its requests, good for the replica they are sent to only, stall the one slot a primary
+    proposed them in; the view change that follows finds the client suspect everywhere. With the
+    defence off, every primary proposes them again: a view change each time, until a request
+    outlasts its bound after the heal (the test's teeth)."""
+    defended, result = _big_mac_run(seed, True, monkeypatch)
+    assert result.ok, result.error
+    assert max(r.view for r in defended.replicas) <= 2
+    assert defended.acts["clients made suspect"] == 1 and defended.attacker.ts > 20
+    undefended, result = _big_mac_run(seed, False, monkeypatch)
+    assert not result.ok or max(r.view for r in undefended.replicas) >= 4

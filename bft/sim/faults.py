@@ -39,6 +39,7 @@ class Faults:
     catalogue: tuple[str, ...] = ()
     disk_lag: bool = False  # stable-checkpoint writes land late, and are lost by a restart before
     replay: bool = False  # the network re-delivers frames it carried earlier in the run
+    big_mac: bool = False  # a faulty client whose tags are good for one replica each (bft.sim.attackers)
 
     @staticmethod
     def named(name: str) -> Faults:
@@ -54,7 +55,7 @@ class Faults:
         if name == "byzantine":  # the whole budget for Byzantine replicas, beside partitions and bounces
             return Faults(crashes=False, restarts=False, liar_chance=1.0, **newer)
         if name == "liars":  # Byzantine replicas alone: no partition, crash or restart; clients must progress
-            alone = {"partitions": False, "bounces": False, "disk_lag": False}
+            alone = {"partitions": False, "bounces": False, "disk_lag": False, "big_mac": True}
             liars = tuple(b for b in CATALOGUE if b != TWINS)
             return Faults(crashes=False, restarts=False, liar_chance=1.0, **(newer | alone | {"catalogue": liars}))
         if name == "mixed":  # "all", with the budget shared between crashes and the whole catalogue
@@ -79,6 +80,7 @@ class Schedule:
     # instance are on one side, everything else on the other.
     twin_splits: list[tuple[int, int, frozenset[tuple[str, int]]]] = field(default_factory=list)
     slow_disks: dict[int, int] = field(default_factory=dict)  # replica -> longest lag of a checkpoint write
+    big_mac: bool = False  # a "big MAC" client sends while the faults last
 
     @property
     def twins(self) -> list[int]:
@@ -138,6 +140,8 @@ def draw(seed: int, f: int, faults: Faults, fault_phase_ms: int, clients: int, r
                 s.byzantine[liar] = lrng.choice(LEGACY_LIES)
     if s.twins:
         _draw_twin_splits(s, random.Random(f"{seed}-twins"), n, clients, fault_phase_ms)
+    if faults.big_mac:
+        s.big_mac = random.Random(f"{seed}-big-mac").random() < 0.5
     if faults.disk_lag:
         drng = random.Random(f"{seed}-disk")
         restarting = bounced | {i for _, i in s.restart_at}

@@ -15,13 +15,14 @@ from bft.core.viewtimer import VIEW_BACKOFF_MAX
 from bft.sim.checker import Violation
 
 
-def gap_bound_ms(params: Params, f: int) -> int:
+def gap_bound_ms(params: Params, f: int, faulty_client: bool = False) -> int:
     """f faulty primaries in a row cost f view changes, and one more is allowed for a view
     change that lost its messages; each waits twice as long as the one before (the view
     timer's back-off), and the first starts once the request reached the backups: by the
     client's first resend (after request_timeout_ms) or, that one lost, its second (twice that
-    later)."""
-    return params.view_timeout_ms * (2 ** (f + 1) - 1) + 3 * params.request_timeout_ms
+    later). A "big MAC" client costs one view change more, once (bft.sim.attackers)."""
+    views = f + 1 + faulty_client
+    return params.view_timeout_ms * (2**views - 1) + 3 * params.request_timeout_ms
 
 
 def heal_bound_ms(params: Params, f: int, attempt: int) -> int:

@@ -39,6 +39,7 @@ def injected(sim: Simulation) -> tuple[str, ...]:
     kinds += [f"{b} {i}" for i, b in sorted(s.byzantine.items())]
     kinds += [f"twin split {k}" for k in range(len(s.twin_splits))]
     kinds += [f"slow disk {i}" for i in sorted(s.slow_disks)]
+    kinds += ["big-mac client"] if s.big_mac else []
     return tuple(kinds)
 
 

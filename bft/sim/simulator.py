@@ -32,6 +32,7 @@ from bft.core.params import Params
 from bft.core.replica import Replica
 from bft.messages import Checkpoint, Message, PrePrepare, roundtrip
 from bft.service import KVService
+from bft.sim.attackers import BigMacClient
 from bft.sim.checker import Checker, Promises, Violation
 from bft.sim.disk import Disk
 from bft.sim.faults import Faults, Schedule, draw
@@ -116,7 +117,10 @@ class Simulation:
         self.disk_rng = random.Random(f"{seed}-disk-writes")
         self.disks: dict[int, Disk] = {}  # each replica's data directory
         self.net = Network(seed, self.rng, self.faults, s, fault_phase_ms)
-        self.progress = Progress(clients, fault_phase_ms, gap_bound_ms(params, f) if s.byzantine_alone() else None)
+        gap_ms = gap_bound_ms(params, f, s.big_mac) if s.byzantine_alone() else None
+        self.progress = Progress(clients, fault_phase_ms, gap_ms)
+        # A faulty client, one id past the correct ones: its replies go nowhere, nothing waits on it.
+        self.attacker = BigMacClient(clients, self.n, random.Random(f"{seed}-big-mac-sends")) if s.big_mac else None
         self.acts = Counter[str]()  # Byzantine acts, by kind, for the report
 
     def _new_replica(self, i: int) -> Replica:
@@ -245,14 +249,33 @@ class Simulation:
         msg = roundtrip(msg)
         kind, i = dst
         if kind == "client":
-            self.clients[i].on_reply(msg, self.now)
-            self._collect(i)
+            if i < len(self.clients):
+                self.clients[i].on_reply(msg, self.now)
+                self._collect(i)
         elif i not in self.crashed:
             if i in self.recorders:
                 self.recorders[i].record(dst, msg)
             replica = self._instance(dst)
+            if self.attacker is not None:
+                msg = self._admit(replica, msg)
+                if msg is None:
+                    return
             self._route(dst, replica.step(msg, self.now))
             self._check_replica(i, replica)
+
+    def _admit(self, replica: Replica, msg: Message) -> Message | None:
+        """The big-MAC client's requests, as the replica's runtime would take them (attackers)."""
+        assert self.attacker is not None
+        admitted, suspect = self.attacker.admit(replica, msg)
+        if admitted is None:
+            self.acts["big-mac requests refused"] += 1
+        if suspect and not self.attacker.suspect:
+            self.attacker.suspect = True
+            self.acts["clients made suspect"] += 1
+            live = [(("replica", i), r) for i, r in enumerate(self.replicas) if i not in self.crashed]
+            for node, r in live + [(("twin", i), t) for i, t in self.twins.items()]:
+                self._route(node, r.distrust(self.attacker.id))
+        return admitted
 
     def _crash(self, i: int) -> None:
         self.crashed.add(i)
@@ -293,6 +316,9 @@ class Simulation:
             self._check_replica(i, twin)
         for c, client in enumerate(self.clients):
             self._route(("client", c), client.tick(self.now))
+        if self.attacker is not None and self.net.faulty(self.now):
+            for j, req in self.attacker.requests():
+                self.net.send(self.now, ("client", self.attacker.id), ("replica", j), req)
         self._replay()
         if self.progress.heal_ms is None and not self.net.faulty(self.now):
             correct = [r for i, r in enumerate(self.replicas) if i not in self.crashed and i not in self.byzantine]
