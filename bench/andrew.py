@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.micro import RESULTS, machine
+from bench.micro import RESULTS, machine, pyplot, save
 from bft import config as cfg
 from bft.launch import start_replicas, stop_replicas
 from bft.local import free_base_port, wait_for_port
@@ -139,12 +139,8 @@ def table(results: dict[str, dict[str, float]], baseline: str) -> str:
 
 
 def plot(results: dict[str, dict[str, float]], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.5))
     targets = list(results)
@@ -156,9 +152,7 @@ def plot(results: dict[str, dict[str, float]], path: Path, title: str) -> bool:
     ax.set_ylabel("seconds")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return save(fig, path)
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ from pathlib import Path
 
 import msgpack
 
-from bench.micro import RESULTS, machine, write_results
+from bench.micro import RESULTS, machine, pyplot, save, write_results
 from bench.recovery import rss_mb
 from bft import config as cfg
 from bft.byzantine import CATALOGUE
@@ -1037,12 +1037,8 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     runs = results["scenarios"]
     names = [r["scenario"] for r in runs]
@@ -1069,10 +1065,7 @@ def plot(results: dict, path: Path) -> bool:
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2)
     ax.set_title(f"Attacks on 4 replicas (f = 1), kv, {results['clients']} closed loops ({results['machine']})",
                  fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import msgpack
 
-from bench.micro import RESULTS, machine, write_results
+from bench.micro import RESULTS, machine, pyplot, save, write_results
 from bft.core.effects import Broadcast, Send
 from bft.core.params import DEFAULT_PARAMS
 from bft.core.replica import Replica
@@ -149,22 +149,15 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rs = results["scenarios"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.bar([r["kind"] for r in rs], [r["wall_s"] for r in rs], color=["tab:red", "tab:blue"])
     ax.set_ylabel("wall time from damage to repair (s)")
     ax.set_title(f"divergence repair, {rs[0]['state_mb']} MB kv state", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def main() -> None:

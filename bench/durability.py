@@ -35,7 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.micro import RESULTS, latency, machine, throughput, write_results
+from bench.micro import RESULTS, latency, machine, pyplot, save, throughput, write_results
 from bench.recovery import fill
 from bft import config as cfg
 from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES, Params
@@ -166,6 +166,21 @@ def ratio(value: float, base: float) -> str:
     return f"{value / base:.2f}x" if base else "n/a"
 
 
+def cells_against(m: dict, base: dict, is_base: bool) -> list[str]:
+    """One configuration's median and p99 latency, throughput and CPU per 1,000 operations
+    (``measure``'s figures, after ``combine``), each with its ratio to ``base``'s."""
+    cells = []
+    for part, key, fmt in (
+        ("latency", "median_ms", "{:.3f}"),
+        ("latency", "p99_ms", "{:.3f}"),
+        ("throughput", "ops_per_s", "{:.0f}"),
+        ("throughput", "cpu_s_per_1000_ops", "{:.3f}"),
+    ):
+        cell = fmt.format(m[part][key])
+        cells.append(cell if is_base else f"{cell} ({ratio(m[part][key], base[part][key])})")
+    return cells
+
+
 def table(results: dict) -> str:
     modes = results["modes"]
     base = modes["memory"]
@@ -178,15 +193,7 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|" + ("---|" if restart else ""),
     ]
     for mode, m in modes.items():
-        cells = []
-        for value, of_base, fmt in (
-            (m["latency"]["median_ms"], base["latency"]["median_ms"], "{:.3f}"),
-            (m["latency"]["p99_ms"], base["latency"]["p99_ms"], "{:.3f}"),
-            (m["throughput"]["ops_per_s"], base["throughput"]["ops_per_s"], "{:.0f}"),
-            (m["throughput"]["cpu_s_per_1000_ops"], base["throughput"]["cpu_s_per_1000_ops"], "{:.3f}"),
-        ):
-            cell = fmt.format(value)
-            cells.append(cell if mode == "memory" else f"{cell} ({ratio(value, of_base)})")
+        cells = cells_against(m, base, mode == "memory")
         if restart:
             if mode == restart["mode"]:
                 cells.append(
@@ -216,12 +223,8 @@ def fsync_note(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     modes = list(results["modes"])
     ms = [results["modes"][m] for m in modes]
@@ -254,9 +257,7 @@ def plot(results: dict, path: Path) -> bool:
         ax.set_ylim(0, restart["seconds"] * 1.4)
         ax.legend(fontsize=8, loc="upper center")
     fig.suptitle("PBFT durability modes, 4 replicas (" + results["machine"] + ")", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return save(fig, path)
 
 
 def main() -> None:

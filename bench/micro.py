@@ -50,6 +50,29 @@ def write_results(out: Path, name: str, results: dict, md: str, plot_to: Callabl
         print(f"\nwrote {out / name}.md and {name}.json (install matplotlib for the chart)")
 
 
+def pyplot():
+    """matplotlib's pyplot on its file-only backend, or None without matplotlib (the ``bench``
+    extra): the benchmarks print and write their figures either way."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save(fig, path: Path) -> bool:
+    """Write a benchmark's chart and let its memory go; True, for ``write_results``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -159,12 +182,8 @@ def table(results: dict, clients: int) -> str:
 
 
 def plot(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     keys = [f"{a // 1024}/{r // 1024}" for a, r in SIZES]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -185,9 +204,7 @@ def plot(results: dict, path: Path) -> bool:
     ax2.bar(["replicated", "unreplicated"], tp, color=["tab:blue", "tab:gray"])
     ax2.set_ylabel("null ops/s, closed loop")
     fig.suptitle("PBFT null operations (" + results["machine"] + ")", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return True
+    return save(fig, path)
 
 
 # Each optimisation's switch, with the operation whose latency it is meant to cut.

@@ -32,8 +32,8 @@ import timeit
 from dataclasses import replace
 from pathlib import Path
 
-from bench.durability import combine, measure, ratio
-from bench.micro import RESULTS, machine, write_results
+from bench.durability import cells_against, combine, measure
+from bench.micro import RESULTS, machine, pyplot, save, write_results
 from bft import config as cfg
 from bft.core.params import DEFAULT_PARAMS
 from bft.crypto import CLIENT, REPLICA
@@ -79,15 +79,7 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for name, m in configs.items():
-        cells = []
-        for value, of_base, fmt in (
-            (m["latency"]["median_ms"], base["latency"]["median_ms"], "{:.3f}"),
-            (m["latency"]["p99_ms"], base["latency"]["p99_ms"], "{:.3f}"),
-            (m["throughput"]["ops_per_s"], base["throughput"]["ops_per_s"], "{:.0f}"),
-            (m["throughput"]["cpu_s_per_1000_ops"], base["throughput"]["cpu_s_per_1000_ops"], "{:.3f}"),
-        ):
-            cell = fmt.format(value)
-            cells.append(cell if name == "sessions" else f"{cell} ({ratio(value, of_base)})")
+        cells = cells_against(m, base, name == "sessions")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     c = results["session_costs"]
     lines.append("")
@@ -100,12 +92,8 @@ def table(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     names = list(results["configs"])
     ms = [results["configs"][n] for n in names]
@@ -119,10 +107,7 @@ def plot(results: dict, path: Path) -> bool:
         ax.set_ylabel(label)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"sessions, encryption, proactive recovery ({results['machine']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def main() -> None:

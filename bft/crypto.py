@@ -88,11 +88,11 @@ class Keyring:
         self.me = me
         self.n = len(replicas)
         self._signer = Ed25519PrivateKey.from_private_bytes(private.sign)
-        self._verifiers = {
-            rid: Ed25519PublicKey.from_public_bytes(pk.sign) for rid, pk in replicas.items()
+        # Who signs what: replicas their view changes (and everyone their session handshakes,
+        # bft.runtime.session), clients their requests.
+        self._identities: dict[Principal, Ed25519PublicKey] = {
+            (REPLICA, r): Ed25519PublicKey.from_public_bytes(pk.sign) for r, pk in replicas.items()
         }
-        # Session handshakes (bft.runtime.session) prove who is at the other end of a connection.
-        self._identities: dict[Principal, Ed25519PublicKey] = {(REPLICA, r): v for r, v in self._verifiers.items()}
         if me[0] == REPLICA:
             self._identities |= {(CLIENT, c): Ed25519PublicKey.from_public_bytes(pk.sign) for c, pk in clients.items()}
         kex = X25519PrivateKey.from_private_bytes(private.kex)
@@ -158,12 +158,7 @@ class Keyring:
         return self.authenticator(type_, payload) + self.sign(type_, payload)
 
     def check_request_signature(self, client: int, type_: int, payload: bytes, auth: bytes) -> bool:
-        # A client of the configuration first: an id a frame header cannot even hold (a request
-        # inside a pre-prepare names its client in its own body) is nobody's (found by bench.fuzz).
-        if (CLIENT, client) not in self._identities:
-            return False
-        signature = auth[self.n * MAC_BYTES:]
-        return self.verify_raw((CLIENT, client), signed_bytes(type_, client, payload), signature)
+        return self._check_signed((CLIENT, client), type_, payload, auth[self.n * MAC_BYTES:])
 
     def has_verifier(self, peer: Principal) -> bool:
         return peer in self._identities
@@ -185,11 +180,11 @@ class Keyring:
         return self._signer.sign(signed_bytes(type_, self.me[1], payload))
 
     def check_signature(self, replica: int, type_: int, payload: bytes, signature: bytes) -> bool:
-        verifier = self._verifiers.get(replica)
-        if verifier is None or len(signature) != SIGNATURE_BYTES:
+        return self._check_signed((REPLICA, replica), type_, payload, signature)
+
+    def _check_signed(self, signer: Principal, type_: int, payload: bytes, signature: bytes) -> bool:
+        # A signer of the configuration first: an id a frame header cannot even hold (a request
+        # inside a pre-prepare names its client in its own body) is nobody's (found by bench.fuzz).
+        if signer not in self._identities:
             return False
-        try:
-            verifier.verify(signature, signed_bytes(type_, replica, payload))
-        except InvalidSignature:
-            return False
-        return True
+        return self.verify_raw(signer, signed_bytes(type_, signer[1], payload), signature)

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bft.config import Cluster
 from bft.core.params import Params
 from bft.crypto import CLIENT, REPLICA, Keyring, PrivateKeys
 from bft.local import LocalCluster
@@ -139,6 +140,14 @@ def test_hostile_handshake_bytes_only_ever_raise_session_error(data) -> None:
 # -- real replica processes ---------------------------------------------------------------------
 
 
+async def _tap_primary(cluster: Cluster) -> tuple[Cluster, Recorder]:
+    """The cluster as a client sees it with a recorder on its link to the primary."""
+    primary = cluster.replicas[0]
+    recorder = Recorder(primary.host, primary.port)
+    tapped = replace(cluster, replicas=(replace(primary, port=await recorder.start()), *cluster.replicas[1:]))
+    return tapped, recorder
+
+
 async def _dropped(lc: LocalCluster, replica: int, reason: str, at_least: int) -> int:
     for _ in range(100):
         count = lc.status(replica)["dropped"].get(reason, 0)
@@ -218,9 +227,7 @@ async def test_a_recorded_client_stream_replayed_elsewhere_gets_nothing(local_cl
     the replayer receives nothing but one ACCEPT, and the client carries on."""
     lc = local_cluster
     cluster = lc.cluster
-    primary = cluster.replicas[0]
-    recorder = Recorder(primary.host, primary.port)
-    tapped = replace(cluster, replicas=(replace(primary, port=await recorder.start()), *cluster.replicas[1:]))
+    tapped, recorder = await _tap_primary(cluster)
     try:
         async with Client(tapped, 0) as c:
             await c.wait_connected()
@@ -334,10 +341,7 @@ async def test_unauthenticated_connections_are_bounded_per_address_in_all_and_in
 async def test_an_encrypting_cluster_serves_and_its_frames_are_opaque(tmp_path) -> None:
     lc = LocalCluster(tmp_path / "cluster", 1, "kv", Params(checkpoint_interval=8, log_window=16, encrypt=True))
     try:
-        cluster = lc.cluster
-        primary = cluster.replicas[0]
-        recorder = Recorder(primary.host, primary.port)
-        tapped = replace(cluster, replicas=(replace(primary, port=await recorder.start()), *cluster.replicas[1:]))
+        tapped, recorder = await _tap_primary(lc.cluster)
         try:
             async with Client(tapped, 0) as c:
                 await c.wait_connected()

@@ -239,11 +239,12 @@ class Node:
 
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data)
-        if self.wire.unverifiable and conn.peer is not None and conn.peer[0] == REPLICA:
-            for client in self.wire.unverifiable:
-                if self._distrust(client):
-                    self._dispatch([Broadcast(Suspect(client, self.core.id))])
-        self.wire.unverifiable.clear()
+        if self.wire.unverifiable:  # filled by a pre-prepare: rare, hence the check first
+            if conn.peer is not None and conn.peer[0] == REPLICA:
+                for client in self.wire.unverifiable:
+                    if self._distrust(client):
+                        self._dispatch([Broadcast(Suspect(client, self.core.id))])
+            self.wire.unverifiable.clear()
         if msg is None:
             return
         peer = conn.peer

@@ -150,22 +150,22 @@ class Wire:
             self.dropped[str(exc)] += 1
             return None
         if kr is not None and isinstance(msg, PrePrepare | Batch):
-            requests: list[Request | bytes] = []
-            for r in msg.requests:
-                if isinstance(r, Request) and not self._authentic(r.client, r.raw, r.auth):
-                    if isinstance(msg, Batch):
-                        self.dropped["bad-request-authentication"] += 1
-                        return None
-                    # The client is faulty, or the primary forged it. Not the whole pre-prepare
-                    # is dropped (that let one faulty client force view changes, the "big MAC"
-                    # attack): the request stays by reference, as a large one does, until its
-                    # body comes authentic (from its client) or the slot is decided without us.
-                    self.stats["unauthentic-requests-held"] += 1
-                    self.unverifiable.append(r.client)
-                    r = r.digest
-                requests.append(r)
-            if any(a is not b for a, b in zip(requests, msg.requests, strict=True)):
-                msg = replace(msg, requests=tuple(requests))
+            held = {
+                i for i, r in enumerate(msg.requests)
+                if isinstance(r, Request) and not self._authentic(r.client, r.raw, r.auth)
+            }
+            if held and isinstance(msg, Batch):
+                self.dropped["bad-request-authentication"] += 1
+                return None
+            if held:
+                # The client is faulty, or the primary forged it. Not the whole pre-prepare is
+                # dropped (that let one faulty client force view changes, the "big MAC" attack):
+                # the request stays by reference, as a large one does, until its body comes
+                # authentic (from its client) or the slot is decided without us.
+                self.stats["unauthentic-requests-held"] += len(held)
+                self.unverifiable += [msg.requests[i].client for i in sorted(held)]
+                refs = tuple(r.digest if i in held else r for i, r in enumerate(msg.requests))
+                msg = replace(msg, requests=refs)
         if kr is not None and isinstance(msg, NewView):
             # Its shape first, the signatures after: at most n view changes, one per replica,
             # all for its view. A NEW-VIEW of a thousand copies of one view change is rejected
