@@ -110,6 +110,9 @@ class Keyring:
             self._in[peer] = _pair_key(shared, peer, me)
         self._replica_out = [self._out.get((REPLICA, r), b"") for r in range(self.n)]
         self._in_previous: dict[Principal, bytes] = {}  # a client's key of its session before
+        # Client keys a proactive recovery retired: they authenticate nothing any more, but a
+        # request tagged with one just before is stale, not a faulty client's (``is_stale``).
+        self._retired: dict[Principal, bytes] = {}
 
     def knows(self, peer: Principal) -> bool:
         return peer in self._in
@@ -126,9 +129,9 @@ class Keyring:
 
     def forget_session_keys(self) -> None:
         """Proactive recovery: no request tag made with a key we held so far verifies here again."""
-        for peer in list(self._in):
-            if peer[0] == CLIENT:
-                del self._in[peer]
+        self._retired = {peer: key for peer, key in self._in.items() if peer[0] == CLIENT}
+        for peer in self._retired:
+            del self._in[peer]
         self._in_previous.clear()
 
     def authenticator(self, type_: int, payload: bytes) -> bytes:
@@ -153,9 +156,19 @@ class Keyring:
         previous = self._in_previous.get(peer)
         return bool(previous) and hmac.compare_digest(tag, mac(previous, data))
 
-    def request_auth(self, type_: int, payload: bytes) -> bytes:
-        """A client's request authenticator: a tag per replica, then the client's signature."""
-        return self.authenticator(type_, payload) + self.sign(type_, payload)
+    def is_stale(self, peer: Principal, type_: int, payload: bytes, auth: bytes, index: int) -> bool:
+        """Whether a tag that failed was made with a key our last proactive recovery retired."""
+        key = self._retired.get(peer)
+        tag = auth[index * MAC_BYTES:(index + 1) * MAC_BYTES]
+        return key is not None and len(tag) == MAC_BYTES and hmac.compare_digest(
+            tag, mac(key, signed_bytes(type_, peer[1], payload))
+        )
+
+    def request_auth(self, type_: int, payload: bytes, sign: bool = True) -> bytes:
+        """A client's request authenticator: a tag per replica, then (if ``sign``) the client's
+        signature, which a replica checks only where a tag cannot vouch for the request."""
+        tags = self.authenticator(type_, payload)
+        return tags + self.sign(type_, payload) if sign else tags
 
     def check_request_signature(self, client: int, type_: int, payload: bytes, auth: bytes) -> bool:
         return self._check_signed((CLIENT, client), type_, payload, auth[self.n * MAC_BYTES:])

@@ -39,7 +39,7 @@ class Client:
     def __init__(self, cluster: Cluster, client_id: int) -> None:
         keyring = cluster.keyring(CLIENT, client_id)
         self._setup(
-            client_id, cluster.f, cluster.params, Wire(keyring, limits_of(cluster.params), Counter()),
+            client_id, cluster.f, cluster.params, Wire(keyring, limits_of(cluster.params), Counter(), sessions=True),
             [(r.host, r.port) for r in cluster.replicas],
         )
 
@@ -58,6 +58,7 @@ class Client:
         self._addrs = addrs
         self._peers: list[Peer] = []
         self._futures: dict[int, asyncio.Future[bytes]] = {}
+        self._deadlines: dict[int, tuple[float, float, bool]] = {}  # origin -> (when, timeout, read-only)
         self._window_open: asyncio.Event | None = None
         self._ticker: asyncio.Task | None = None
 
@@ -122,29 +123,42 @@ class Client:
         req = self.core.submit(op, self._now_ms(), read_only)
         fut: asyncio.Future[bytes] = loop.create_future()
         self._futures[req.timestamp] = fut
+        if deadline is not None:
+            # Failed by the ticker when due: one timer handle and wrapper future per call
+            # (asyncio.wait_for) cost more than the rest of an operation's bookkeeping here.
+            self._deadlines[req.timestamp] = (deadline, timeout, read_only)
         self._send(self.core.take_outbox())
         try:
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            return await asyncio.wait_for(fut, remaining)
-        except TimeoutError:
+            return await fut
+        finally:
+            self._futures.pop(req.timestamp, None)
+            self._deadlines.pop(req.timestamp, None)
+            if self.core.abandon(req.timestamp):
+                self._window_open.set()
+
+    def _expire(self, now: float) -> None:
+        for origin, (deadline, timeout, read_only) in list(self._deadlines.items()):
+            if now < deadline:
+                continue
+            del self._deadlines[origin]
+            fut = self._futures.get(origin)
+            if fut is None or fut.done():
+                continue
             # With the read-only optimisation on (the default) every result needs 2f+1 matching
             # replies, as a read-only one always does; without it f+1 committed ones suffice.
             need = 2 * self.f + 1 if read_only or self.core.params.read_only else self.f + 1
-            answered = next((len(p.replies) for p in self.core.inflight.values() if p.origin == req.timestamp), 0)
-            raise QuorumTimeout(
+            answered = next((len(p.replies) for p in self.core.inflight.values() if p.origin == origin), 0)
+            fut.set_exception(QuorumTimeout(
                 f"no {need} matching replies within {timeout:g} s "
                 f"({answered} of {len(self._peers)} replicas answered; is the cluster up?)"
-            ) from None
-        finally:
-            self._futures.pop(req.timestamp, None)
-            if self.core.abandon(req.timestamp):
-                self._window_open.set()
+            ))
 
     # -- plumbing ---------------------------------------------------------------------------
 
     def _send(self, effects: list[Send | Broadcast]) -> None:
+        now_ms = self._now_ms()
         for effect in effects:
-            data = self.wire.seal(effect.msg)
+            data = self.wire.seal(effect.msg, sign=self.core.must_sign(effect, now_ms))
             if isinstance(effect, Broadcast):
                 for p in self._peers:
                     p.send(data)
@@ -152,14 +166,16 @@ class Client:
                 self._peers[effect.to].send(data)
 
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
-        msg = self.wire.open(data)
+        msg = self.wire.open(data, conn.peer)
         if not isinstance(msg, Reply):
             return
         if conn.peer is not None and conn.peer[1] != msg.replica:
             self.dropped["not-from-session-peer"] += 1
             return
-        self.core.on_reply(msg, self._now_ms())
-        self._send(self.core.take_outbox())  # a fallback or a resend goes at once, not at the next tick
+        core = self.core
+        core.on_reply(msg, self._now_ms())
+        if core.outbox:  # a fallback or a resend goes at once, not at the next tick
+            self._send(core.take_outbox())
         for ts, result in self.core.take_completed():
             fut = self._futures.get(ts)
             if fut is not None and not fut.done():
@@ -167,9 +183,11 @@ class Client:
             self._window_open.set()
 
     async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(TICK_S)
             self._send(self.core.tick(self._now_ms()))
+            self._expire(loop.time())
 
 
 class BlockingClient:

@@ -58,3 +58,28 @@ def test_a_dead_designated_replica_costs_one_resend_not_a_timeout() -> None:
     assert client.take_outbox() == [Broadcast(req)] and client.stats["resent-for-full-result"] == 1
     client.on_reply(Reply(0, req.timestamp, 5, others[0], result), 2)
     assert client.take_completed() == [(100, result)]
+
+
+def test_a_client_signs_only_where_a_tag_may_not_do_and_for_a_while_after_each_resend() -> None:
+    """Signing costs the client more than the rest of a request: ordinary first sends go with
+    tags alone; broadcasts of writes (large ones, resends), which backups hold and relay, are
+    signed; after a resend everything is, for a period that doubles while resends go on."""
+    c = ClientCore(0, 1, PARAMS)
+    c.submit(KVService.put(b"k", b"v"), 0)
+    (first,) = c.take_outbox()
+    assert not c.must_sign(first, 0)
+    c.submit(KVService.get(b"k"), 0, read_only=True)
+    (read,) = c.take_outbox()
+    assert isinstance(read, Broadcast) and not c.must_sign(read, 0)
+    late = PARAMS.request_timeout_ms + 1
+    sent = c.tick(late)  # the write resent to all, the read again as an ordered request
+    assert len(sent) == 2 and all(c.must_sign(e, late) for e in sent)
+    hold = c.sign_until_ms - late
+    assert hold > 0 and c.must_sign(first, late + hold - 1) and not c.must_sign(first, late + hold)
+    # Resent again right after the period: still suspect, most likely; sign twice as long.
+    c.inflight.clear()
+    c.submit(KVService.put(b"k", b"w"), late + hold)
+    c.take_outbox()
+    again = late + hold + PARAMS.request_timeout_ms + 1
+    c.tick(again)
+    assert c.sign_until_ms - again == 2 * hold

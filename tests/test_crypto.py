@@ -99,12 +99,14 @@ def test_keyrings_know_their_peers(keyrings):
     assert not c0.knows((CLIENT, 1))  # clients only talk to replicas
 
 
+@pytest.mark.parametrize("sign", [False, True], ids=["tagged", "signed"])
 @pytest.mark.parametrize("client", range(CLIENTS))
-def test_client_request_is_accepted_by_every_replica(nodes, client):
+def test_client_request_is_accepted_by_every_replica(nodes, client, sign):
     req = Request.make(client, 17, b"put k v")
-    data = nodes.clients[client].seal(req)
+    data = nodes.clients[client].seal(req, sign=sign)
     start, end = _auth_range(data)
-    assert end - start == N * MAC_BYTES + SIGNATURE_BYTES  # one tag per replica, then its signature
+    # One tag per replica, then, if the client signs it, its signature.
+    assert end - start == N * MAC_BYTES + (SIGNATURE_BYTES if sign else 0)
     for wire in nodes.replicas:
         got = wire.open(data)
         assert got == req
@@ -178,6 +180,31 @@ def test_reply_is_accepted_by_its_client_only(nodes, replica):
     for wire in nodes.replicas:
         assert wire.open(data) is None
         assert wire.dropped == Counter({"unexpected-type": 1})
+
+
+def test_over_sessions_a_replica_message_needs_no_tag_but_must_come_on_its_senders_session(cluster, keyrings):
+    """The session's frame tag and its bound principal stand in for per-message tags; what
+    travels further (a client's request, relayed or in a pre-prepare) keeps its authenticator."""
+    replicas = [Wire(keyrings[(REPLICA, i)], Limits(), Counter(), sessions=True) for i in range(N)]
+    client = Wire(keyrings[(CLIENT, 1)], Limits(), Counter(), sessions=True)
+    data = replicas[0].seal(Prepare(0, 1, D, 0))
+    assert _auth_range(data)[0] == _auth_range(data)[1]  # no tags at all
+    assert replicas[2].open(data, (REPLICA, 0)) == Prepare(0, 1, D, 0)
+    for peer in (None, (REPLICA, 3), (CLIENT, 0)):  # no session, or another's
+        assert replicas[2].open(data, peer) is None
+    assert replicas[2].dropped == Counter({"bad-authentication": 3})
+    reply = replicas[3].seal(Reply(0, 7, 1, 3, b"r"))
+    assert client.open(reply, (REPLICA, 3)) == Reply(0, 7, 1, 3, b"r")
+    assert client.open(reply, (REPLICA, 2)) is None
+    # A request: on its client's session as it is; relayed by a replica, by its tags.
+    req = Request.make(1, 5, b"op")
+    sealed = client.seal(req)
+    assert replicas[0].open(sealed, (CLIENT, 1)) == req
+    assert replicas[0].open(sealed, (REPLICA, 2)) == req
+    assert replicas[0].open(_flip(sealed, HEADER.size), (REPLICA, 2)) is None  # its tag for 0 broken
+    replicas[0].suspects.add(1)  # a suspect's requests need its signature, on any session
+    assert replicas[0].open(sealed, (CLIENT, 1)) is None
+    assert replicas[0].open(client.seal(req, sign=True), (CLIENT, 1)) == req
 
 
 def test_client_drops_replica_to_replica_traffic(nodes):
@@ -333,11 +360,11 @@ def test_header_problems_are_counted_by_reason(nodes):
     assert wire.dropped == Counter({"short-frame": 1, "bad-version": 1, "unknown-type": 1, "frame-too-large": 1})
 
 
-def _client_request(nodes: Nodes, client: int, timestamp: int, op: bytes) -> Request:
-    """A request as the primary holds it: sealed by its client and opened by replica 0."""
-    req = nodes.replicas[0].open(nodes.clients[client].seal(Request.make(client, timestamp, op)))
+def _client_request(nodes: Nodes, client: int, timestamp: int, op: bytes, sign: bool = True) -> Request:
+    """A request as the primary holds it: sealed (and signed) by its client, opened by replica 0."""
+    req = nodes.replicas[0].open(nodes.clients[client].seal(Request.make(client, timestamp, op), sign=sign))
     assert isinstance(req, Request)
-    assert len(req.auth) == N * MAC_BYTES + SIGNATURE_BYTES
+    assert len(req.auth) == N * MAC_BYTES + (SIGNATURE_BYTES if sign else 0)
     return req
 
 
@@ -367,6 +394,26 @@ def test_a_request_nobody_can_check_is_held_by_reference_not_the_whole_pre_prepa
     assert nodes.replicas[2].unverifiable == [1]
     assert nodes.replicas[2].stats["unauthentic-requests-held"] == 1
     assert nodes.replicas[1].open(data) == pp  # its tag is fine
+
+
+def test_an_unsigned_request_tagged_with_a_key_retired_by_recovery_is_held_but_its_client_not_suspected(
+    nodes, cluster
+):
+    """Clients sign only where a tag may not do (``ClientCore.must_sign``). A request tagged just
+    before replica 2's proactive recovery retired its keys reaches it in a pre-prepare: it is
+    held like any request it cannot check, but its client is correct and stays trusted."""
+    req = _client_request(nodes, 1, 3, b"op", sign=False)
+    nodes.replicas[2].keyring = cluster.keyring(REPLICA, 2)  # its own: the fixture's are shared
+    nodes.replicas[2].keyring.forget_session_keys()
+    data = nodes.replicas[0].seal(PrePrepare.make(0, 1, 99, (req,), 0))
+    assert nodes.replicas[2].open(data).requests == (req.digest,)
+    assert nodes.replicas[2].stats["unauthentic-requests-held"] == 1
+    assert nodes.replicas[2].unverifiable == []
+    # A tag that never was good is a faulty client's, whether or not keys were retired.
+    bad = req.with_auth(_flip_bytes(req.auth, 2 * MAC_BYTES))
+    data = nodes.replicas[0].seal(PrePrepare.make(0, 1, 99, (bad,), 0))
+    assert nodes.replicas[2].open(data).requests == (req.digest,)
+    assert nodes.replicas[2].unverifiable == [1]
 
 
 def test_a_request_naming_a_client_id_no_header_can_hold_is_held_not_a_crash(nodes):

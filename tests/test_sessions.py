@@ -206,12 +206,12 @@ async def test_inside_a_session_frames_must_come_from_its_peer(local_cluster) ->
         mine = Request.make(0, 1, KVService.put(b"own", b"y"))
         mine = mine.with_auth(own.request_auth(Request.TYPE, mine.raw))
         conn.send(frame(mine, mine.raw, mine.auth))
-        opener = Wire(own, DEFAULT_LIMITS, Counter())
+        opener = Wire(own, DEFAULT_LIMITS, Counter(), sessions=True)
         reply = None
         for _ in range(20):  # the backup relays it, the primary orders it, the backup replies
             data = await conn.receive(5)
             assert data is not None, "no reply on the session its request came on"
-            reply = opener.open(data)
+            reply = opener.open(data, (REPLICA, 1))  # the session's tag vouches for it
             if isinstance(reply, Reply) and reply.timestamp == 1:
                 break
         assert isinstance(reply, Reply) and (reply.client, reply.replica) == (0, 1)
@@ -262,7 +262,7 @@ async def test_a_request_sent_again_by_its_client_is_not_executed_again(local_cl
     lc = local_cluster
     cluster = lc.cluster
     own = cluster.keyring(CLIENT, 0)
-    opener = Wire(own, DEFAULT_LIMITS, Counter())
+    opener = Wire(own, DEFAULT_LIMITS, Counter(), sessions=True)
     backup = cluster.replicas[1]
 
     def request(ts: int, value: bytes) -> bytes:
@@ -272,7 +272,7 @@ async def test_a_request_sent_again_by_its_client_is_not_executed_again(local_cl
 
     async def reply_to(conn: StreamSession, ts: int) -> Reply:
         while (data := await conn.receive(5)) is not None:
-            reply = opener.open(data)
+            reply = opener.open(data, (REPLICA, 1))
             if isinstance(reply, Reply) and reply.timestamp == ts:
                 return reply
         raise AssertionError(f"no reply for timestamp {ts}")

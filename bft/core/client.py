@@ -27,6 +27,11 @@ from bft.messages import Reply, Request, digest
 log = logging.getLogger("bft.client")
 
 TIMEOUT_BACKOFF_MAX = 16
+# After a resend a client signs everything for this long, doubling while resends keep coming:
+# a replica may have made it suspect (then only signed requests are taken), which costs it one
+# time-out per period instead of a signature per request in the common case.
+SIGN_HOLD_MS_MIN = 5_000
+SIGN_HOLD_MS_MAX = 600_000
 # A replica that missed this many results in a row is not waited for (until it answers again).
 SILENT_AFTER = 3
 
@@ -65,6 +70,8 @@ class ClientCore:
         self.dropped: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self.misses: Counter[int] = Counter()  # replica -> results in a row it did not answer
+        self.sign_until_ms = -1
+        self.sign_hold_ms = SIGN_HOLD_MS_MIN
 
     @property
     def primary(self) -> int:
@@ -90,6 +97,26 @@ class ClientCore:
         large = self.params.separate_large_requests and len(req.raw) > self.params.large_request_bytes
         self.outbox.append(Broadcast(req) if read_only or large else Send(self.primary, req))
         return req
+
+    def must_sign(self, effect: Send | Broadcast, now_ms: int) -> bool:
+        """Whether a request we send goes with our signature as well as the replicas' tags.
+
+        A tag convinces only its replica; a signature convinces anyone, at 50 µs or more per
+        request here, more than the rest of the client's work. So a request is signed where
+        somebody other than its addressee may have to check it: sent to every replica (large,
+        or a resend, which backups hold for their view timers and relay), or while we may be
+        suspect (``tick``). A read-only request is answered by each replica on its own tag."""
+        if now_ms < self.sign_until_ms:
+            return True
+        return isinstance(effect, Broadcast) and not effect.msg.read_only
+
+    def _resent(self, now_ms: int) -> None:
+        # Resends right after the last period: we are likely still suspect, sign for longer.
+        if now_ms < self.sign_until_ms + self.sign_hold_ms:
+            self.sign_hold_ms = min(2 * self.sign_hold_ms, SIGN_HOLD_MS_MAX)
+        else:
+            self.sign_hold_ms = SIGN_HOLD_MS_MIN
+        self.sign_until_ms = now_ms + self.sign_hold_ms
 
     def abandon(self, origin: int) -> bool:
         """Forget the operation the caller knows as ``origin`` (it gave up waiting)."""
@@ -175,9 +202,10 @@ class ClientCore:
         self.completed.append((pending.origin, full))
 
     def tick(self, now_ms: int) -> list[Send | Broadcast]:
-        for pending in list(self.inflight.values()):
-            if now_ms < pending.deadline_ms:
-                continue
+        late = [p for p in self.inflight.values() if now_ms >= p.deadline_ms]
+        if late:
+            self._resent(now_ms)
+        for pending in late:
             if pending.request.read_only:
                 self._fall_back(pending, now_ms)
             else:

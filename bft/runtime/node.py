@@ -238,7 +238,7 @@ class Node:
         conn.closed.add_done_callback(lambda _: conns.get(who) is conn and conns.pop(who))
 
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
-        msg = self.wire.open(data)
+        msg = self.wire.open(data, conn.peer)
         if self.wire.unverifiable:  # filled by a pre-prepare: rare, hence the check first
             if conn.peer is not None and conn.peer[0] == REPLICA:
                 for client in self.wire.unverifiable:
@@ -408,7 +408,7 @@ def replica_node(
     core = Replica(replica_id, cluster.f, params, service)
     me = cluster.replicas[replica_id]
     peers = {r.id: (r.host, r.port) for r in cluster.replicas if r.id != replica_id}
-    wire = Wire(keyring, limits_of(params), Counter())
+    wire = Wire(keyring, limits_of(params), Counter(), sessions=True)
     data = DataDir(data_dir or cluster.path.parent / "data" / f"replica-{replica_id}", params.durability, wire.limits)
     return Node(
         core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}", data,

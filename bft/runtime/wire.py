@@ -4,6 +4,12 @@
 decoding the payload, then checks the clients' tags on every request a pre-prepare carries. Any
 failure is counted by reason in ``dropped`` and yields None. With no keyring (the unreplicated
 baseline) frames carry no tags and nothing is checked.
+
+Over sessions (``sessions=True``, as replicas and clients run) a frame already carries its
+connection's GMAC tag, and the connection is bound to the principal that ran the handshake: a
+replica's message or reply sent on its own session needs no tag of its own, and a request its
+client sent on its own session none checked. What travels further keeps its own proof: a client's
+request (relayed, and carried in pre-prepares) its authenticator, view changes their signatures.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from bft.bounds import REPLICAS_MAX
 from bft.core.budgets import QSET_ENTRIES_MAX
 from bft.core.params import Params
 from bft.core.state import PARTITION_CHUNK_BYTES
-from bft.crypto import CLIENT, REPLICA, Keyring
+from bft.crypto import CLIENT, REPLICA, Keyring, Principal
 from bft.messages import (
     MAC_BYTES,
     SIGNED_TYPES,
@@ -55,9 +61,11 @@ def limits_of(params: Params, n: int = REPLICAS_MAX) -> Limits:
 
 class Wire:
     def __init__(
-        self, keyring: Keyring | None, limits: Limits, dropped: Counter[str], replica: bool | None = None
+        self, keyring: Keyring | None, limits: Limits, dropped: Counter[str], replica: bool | None = None,
+        sessions: bool = False,
     ) -> None:
         self.keyring = keyring
+        self.sessions = sessions and keyring is not None
         # The keyring knows n: what a NEW-VIEW or an authenticator may hold follows from it.
         self.limits = limits if keyring is None else replace(limits, replicas_max=min(limits.replicas_max, keyring.n))
         self.dropped = dropped
@@ -74,21 +82,22 @@ class Wire:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def seal(self, msg: Message, dest: int | None = None) -> bytes:
+    def seal(self, msg: Message, dest: int | None = None, sign: bool = False) -> bytes:
         """Frame ``msg`` for replica ``dest``, for every replica (None), or for the client of a
-        reply. A relayed request keeps its client's authenticator."""
+        reply. A relayed request keeps its client's authenticator; a client's own is signed too
+        if ``sign`` (``ClientCore.must_sign``)."""
         kr = self.keyring
         if isinstance(msg, Request):
             if not msg.auth and kr is not None and kr.me[0] == CLIENT:
-                msg = msg.with_auth(kr.request_auth(Request.TYPE, msg.raw))
+                msg = msg.with_auth(kr.request_auth(Request.TYPE, msg.raw, sign))
             return frame(msg, msg.raw, msg.auth)
         if isinstance(msg, NewView) and kr is not None:
             msg = replace(msg, view_changes=tuple(self._signed(vc) for vc in msg.view_changes))
         payload = encode_payload(msg)
-        if kr is None:
-            auth = b""
-        elif msg.TYPE in SIGNED_TYPES:
+        if kr is not None and msg.TYPE in SIGNED_TYPES:
             auth = kr.sign(msg.TYPE, payload)
+        elif kr is None or self.sessions:
+            auth = b""
         elif isinstance(msg, Reply):
             auth = kr.tag_for((CLIENT, msg.client), msg.TYPE, payload)
         elif dest is None:
@@ -124,7 +133,8 @@ class Wire:
         self.stats["requests-checked-by-signature"] += 1
         return kr.check_request_signature(client, Request.TYPE, raw, auth)
 
-    def open(self, data: bytes) -> Message | None:
+    def open(self, data: bytes, peer: Principal | None = None) -> Message | None:
+        """``peer``: who the session the frame came on belongs to (with ``sessions``)."""
         try:
             env = split_frame(data, self.limits)
         except DecodeError as exc:
@@ -135,7 +145,14 @@ class Wire:
             self.dropped["unexpected-type"] += 1
             return None
         if kr is not None:
-            if env.type == Request.TYPE:
+            if self.sessions and peer is not None and peer[1] == env.sender and env.type not in SIGNED_TYPES and (
+                peer[0] == (CLIENT if env.type == Request.TYPE else REPLICA)
+            ):
+                # Its own session vouches for it (a suspect's requests still need a signature).
+                ok = env.type != Request.TYPE or env.sender not in self.suspects or self._authentic(
+                    env.sender, env.payload, env.auth, True
+                )
+            elif env.type == Request.TYPE:
                 ok = self._authentic(env.sender, env.payload, env.auth, env.sender in self.suspects)
             elif env.type in SIGNED_TYPES:
                 ok = kr.check_signature(env.sender, env.type, env.payload, env.auth)
@@ -163,7 +180,12 @@ class Wire:
                 # the request stays by reference, as a large one does, until its body comes
                 # authentic (from its client) or the slot is decided without us.
                 self.stats["unauthentic-requests-held"] += len(held)
-                self.unverifiable += [msg.requests[i].client for i in sorted(held)]
+                # Tagged with a key our proactive recovery retired: a correct client's request
+                # that was on its way, held as any other but no reason to suspect its client.
+                self.unverifiable += [
+                    r.client for r in (msg.requests[i] for i in sorted(held))
+                    if not kr.is_stale((CLIENT, r.client), Request.TYPE, r.raw, r.auth, self.index)
+                ]
                 refs = tuple(r.digest if i in held else r for i, r in enumerate(msg.requests))
                 msg = replace(msg, requests=refs)
         if kr is not None and isinstance(msg, NewView):
