@@ -6,8 +6,11 @@ from dataclasses import replace
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bft.core.client import ClientCore
+from bft.core.clients import ClientTable
 from bft.core.effects import Broadcast, Executed, Persist, Promise, ReplyTo, Send
 from bft.core.params import Params
 from bft.core.promises import Proposed
@@ -133,6 +136,22 @@ def test_primary_batches_while_its_window_is_full() -> None:
     primary = link.replicas[0]
     assert primary.stats["batches"] == 2 and primary.stats["batched-requests"] == 5
     assert all(r.executed == 2 for r in link.replicas)
+
+
+def test_requests_that_arrive_together_go_in_one_batch() -> None:
+    """The runtime hands the core the requests of one event-loop iteration at once: with its
+    window free the primary orders them together, where one at a time the first went alone."""
+    one_by_one, together = Link(), Link()
+    burst = [put(c, 1, b"k%d" % c, b"v") for c in range(1, 5)]
+    for req in burst:
+        one_by_one.post(0, one_by_one.replicas[0].step(req, NOW))
+    together.post(0, together.replicas[0].step_requests(burst, NOW))
+    for link in (one_by_one, together):
+        link.run()
+        assert all(r.stats["executed-requests"] == 4 for r in link.replicas)
+        assert {(q.client, q.replica) for q in link.replies} == {(c, i) for c in range(1, 5) for i in range(4)}
+    assert one_by_one.replicas[0].stats["batches"] == 2  # the first alone, then the other three
+    assert together.replicas[0].stats["batches"] == 1 and together.replicas[0].stats["batched-requests"] == 4
 
 
 def test_retransmitted_request_gets_cached_reply_and_old_one_is_dropped() -> None:
@@ -466,3 +485,24 @@ def test_large_requests_travel_apart_from_their_batch() -> None:
     assert 1 in link.replicas[3].large.unresolved
     link.tick(NOW + 1_000)  # replica 3 fetches the batch from the primary and catches up
     assert link.replicas[3].executed == 1 and not link.replicas[3].large.unresolved
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40)), max_size=200))
+def test_the_exactly_once_table_keeps_exactly_the_window_whatever_the_order(records) -> None:
+    """Pruned through a heap per client; the same entries as the rule says: once a client has
+    more than ``window`` cached, every timestamp at or below newest - window goes."""
+    table, model, newest = ClientTable(4), {}, {}
+    for client, ts in records:
+        table.record(client, ts, b"%d" % ts)
+        row = model.setdefault(client, {})
+        row[ts] = b"%d" % ts
+        newest[client] = max(ts, newest.get(client, ts))
+        if len(row) > 4:
+            model[client] = {t: v for t, v in row.items() if t > newest[client] - 4}
+    assert table.encode() == msgpack.packb(sorted((c, newest[c], sorted(r.items())) for c, r in model.items()))
+    again = ClientTable(4)
+    again.restore(table.encode())
+    for client, ts in records[:20]:
+        again.record(client, ts + 7, b"x")
+        table.record(client, ts + 7, b"x")
+    assert again.encode() == table.encode()

@@ -94,7 +94,9 @@ class NormalCase:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def on_request(self, req: Request, now_ms: int) -> None:
+    def on_request(self, req: Request, now_ms: int, propose: bool = True) -> None:
+        """``propose``: order it at once if the window allows (``Replica.step_requests`` queues
+        a burst first)."""
         r = self.r
         if req.read_only:
             return r.execution.read_only(req)
@@ -116,7 +118,7 @@ class NormalCase:
             return
         if key in self.pending_ids:
             return
-        if self.enqueue(req):
+        if self.enqueue(req) and propose:
             self.propose(now_ms)
 
     def enqueue(self, req: Request) -> bool:

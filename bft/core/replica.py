@@ -166,6 +166,17 @@ class Replica:
         self.monitor.observe(now_ms)
         return self.take_outbox()
 
+    def step_requests(self, reqs: list[Request], now_ms: int) -> list[Effect]:
+        """Requests that arrived together (one event-loop iteration of the runtime): all queued,
+        then ordered, so that a burst becomes one batch rather than a batch of its first request
+        and then the rest (BFT-SMaRt batches what arrived, some 30 requests at 64 clients)."""
+        self.now_ms = now_ms
+        for req in reqs:
+            self.normal.on_request(req, now_ms, propose=False)
+        self.normal.propose(now_ms)
+        self.monitor.observe(now_ms)
+        return self.take_outbox()
+
     def tick(self, now_ms: int) -> list[Effect]:
         self.now_ms = now_ms
         self.status.tick(now_ms)

@@ -64,6 +64,7 @@ class Node:
         self.wire = wire
         self.data = data
         self._held: list[Effect] | None = None  # effects waiting for the group commit, if one is due
+        self._arrived: list[Request] = []  # requests of this event-loop iteration, for one batch
         self.host, self.port, self.admin_port = host, port, admin_port
         self.name = name
         self.transport_drops: Counter[str] = wire.dropped
@@ -263,7 +264,18 @@ class Node:
         if peer is not None and peer[0] == CLIENT and not self._may_hold(msg):
             self.transport_drops["unsigned-request-at-backup"] += 1
             return
+        if isinstance(msg, Request) and isinstance(self.core, Replica):
+            # The requests read in this iteration (from every ready connection) go to the core
+            # together at its end: one batch where the first would have gone alone.
+            if not self._arrived:
+                asyncio.get_running_loop().call_soon(self._step_arrived)
+            self._arrived.append(msg)
+            return
         self._dispatch(self.core.step(msg, wall_ms()))
+
+    def _step_arrived(self) -> None:
+        arrived, self._arrived = self._arrived, []
+        self._dispatch(self.core.step_requests(arrived, wall_ms()))
 
     def _may_hold(self, req: Request) -> bool:
         """A backup holds a read-write request a client sent it directly (a resend to all, or a
