@@ -65,11 +65,13 @@ class DecodeError(ValueError):
     """A peer sent something that is not a well-formed message; the reason is a short label."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Limits:
     """Bounds enforced while decoding, before anything is allocated for the data. The defaults
     are the codec's own; replicas and clients decode with their cluster's protocol bounds
-    (``bft.runtime.wire.limits_of``)."""
+    (``bft.runtime.wire.limits_of``). Compared and hashed by identity: the bounds worked out
+    from them are cached per object (``bft.messages``), and a field-by-field hash for every
+    frame cost more than the lookup saved."""
 
     frame_bytes_max: int = 16 * 1024 * 1024
     op_bytes_max: int = 8 * 1024 * 1024

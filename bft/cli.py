@@ -20,6 +20,7 @@ import msgpack
 
 from bft import config as cfg
 from bft.byzantine import CATALOGUE, describe
+from bft.crypto import REPLICA
 from bft.launch import start_replicas, stop_replicas
 from bft.runtime.process import run_async, setup_logging
 from bft.runtime.storage import StorageError
@@ -88,8 +89,21 @@ def cmd_replica(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     from bft.runtime.node import unreplicated_node
 
-    node = unreplicated_node(a.host, a.port, _service(a.service, {}))
-    print(f"serving {a.service} unreplicated on {a.host}:{a.port}; Ctrl-C stops", flush=True)
+    if a.config:
+        cluster = cfg.load(a.config)
+        if cluster.f != 0:
+            raise CliError(f"{a.config} has f = {cluster.f}; an authenticated server needs f = 0")
+        me = cluster.replicas[0]
+        node = unreplicated_node(
+            me.host, me.port, _service(a.service, {}), cluster.params, cluster.keyring(REPLICA, 0)
+        )
+        where = f"{me.host}:{me.port} with sessions and tags (clients of {a.config})"
+    else:
+        if a.port is None:
+            raise CliError("serve needs --port (or --config)")
+        node = unreplicated_node(a.host, a.port, _service(a.service, {}))
+        where = f"{a.host}:{a.port}"
+    print(f"serving {a.service} unreplicated on {where}; Ctrl-C stops", flush=True)
     run_async(_serve_until_signal(node))
 
 
@@ -381,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run a service unreplicated (the benchmarks' baseline)")
     s.add_argument("--service", default="null", choices=service_names())
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_positive, required=True)
+    s.add_argument("--port", type=_positive)
+    s.add_argument(
+        "--config", help="a cluster of f = 0 (bft keygen --f 0): serve as its replica 0, authenticated as replicas are"
+    )
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("status", help="print each replica's view, primary, executed and stable checkpoint")

@@ -19,6 +19,7 @@ tag (Castro & Liskov, TOCS 2002, section 3.2: authenticators).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass, field, replace
@@ -395,14 +396,15 @@ def split_frame(data: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> En
     version, type_, sender, auth_len = HEADER.unpack_from(data)
     if version != VERSION:
         raise DecodeError("bad-version")
-    if type_ not in _PAYLOAD_BYTES_MAX:
+    payload_max, auth_max = _bounds(limits)
+    if type_ not in payload_max:
         raise DecodeError("unknown-type")
     end = HEADER.size + auth_len
     if end > len(data):
         raise DecodeError("short-frame")
-    if auth_len > auth_bytes_max(limits):
+    if auth_len > auth_max:
         raise DecodeError("auth-too-large")
-    if len(data) - end > _PAYLOAD_BYTES_MAX[type_](limits):
+    if len(data) - end > payload_max[type_]:
         raise DecodeError("payload-too-large")
     return Envelope(type_, sender, bytes(data[HEADER.size:end]), bytes(data[end:]))
 
@@ -427,6 +429,13 @@ _PAYLOAD_BYTES_MAX = {
     FetchPartition.TYPE: lambda lim: array_bytes_max(_I, _I, _I, _I),
     Partition.TYPE: lambda lim: array_bytes_max(_I, _I, _I, _I, bin_bytes_max(lim.chunk_bytes_max), _I),
 }
+
+
+@functools.lru_cache(maxsize=32)
+def _bounds(limits: Limits) -> tuple[dict[int, int], int]:
+    """Each type's largest payload and the largest authenticator within ``limits``: worked out
+    once per set of limits, not for every frame."""
+    return {t: f(limits) for t, f in _PAYLOAD_BYTES_MAX.items()}, auth_bytes_max(limits)
 
 
 def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:

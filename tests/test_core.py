@@ -154,6 +154,20 @@ def test_requests_that_arrive_together_go_in_one_batch() -> None:
     assert together.replicas[0].stats["batches"] == 1 and together.replicas[0].stats["batched-requests"] == 4
 
 
+def test_a_large_request_kept_by_body_resolves_its_pre_prepare_without_holding_the_view_timer() -> None:
+    """Its client's first copies, unsigned: the primary orders it, each backup keeps the body it
+    was sent (``Replica.keep_body``) to resolve the pre-prepare's digest, and no backup holds it
+    for a view change the primary could not have avoided."""
+    link = Link()
+    big = put(1, 1, b"big", bytes(link.params.large_request_bytes + 1))
+    for i in (1, 2, 3):
+        link.post(i, link.replicas[i].keep_body(big, NOW))
+        assert link.replicas[i].timer.deadline_ms is None and not link.replicas[i].timer.waiting
+    link.request(big)
+    assert all(r.stats["executed-requests"] == 1 for r in link.replicas)
+    assert {q.replica for q in link.replies if q.client == 1} == {0, 1, 2, 3}
+
+
 def test_retransmitted_request_gets_cached_reply_and_old_one_is_dropped() -> None:
     link = Link()
     link.request(put(1, 10, b"k", b"first"))

@@ -113,6 +113,33 @@ async def test_unreplicated_server_speaks_the_same_protocol(unreplicated_server)
         assert value_of(await c.invoke(KVService.get(b"x"))) == b"1"
 
 
+async def test_the_authenticated_unreplicated_server_takes_only_its_clients(tmp_path) -> None:
+    """``bft serve --config`` (a cluster of f = 0): the baseline with sessions and request tags,
+    as replicas have them, so a benchmark can tell replication's cost from authentication's."""
+    from bft import config
+    from bft.local import free_base_port, wait_for_port
+
+    cluster = config.load(config.keygen(tmp_path, f=0, clients=1, base_port=free_base_port(1)))
+    cmd = [sys.executable, "-m", "bft", "serve", "--service", "kv", "--config", str(cluster.path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port(cluster.replicas[0].host, cluster.replicas[0].port)
+        async with Client(cluster, 0) as c:
+            await c.wait_connected()
+            assert value_of(await c.invoke(KVService.put(b"x", b"1"))) is None
+            assert value_of(await c.invoke(KVService.get(b"x"), read_only=True)) == b"1"
+        stranger = config.load(config.keygen(tmp_path / "other", f=0, clients=1, base_port=cluster.replicas[0].port))
+        async with Client(stranger, 0) as c:  # same address, other keys: no session
+            with pytest.raises(QuorumTimeout):
+                await c.invoke(KVService.get(b"x"), timeout=0.5)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    replicated = config.load(config.keygen(tmp_path / "f1", f=1, clients=1, base_port=free_base_port(4)))
+    out = subprocess.run([*cmd[:-1], str(replicated.path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stderr.strip().endswith("an authenticated server needs f = 0")
+
+
 def test_blocking_client_and_cli(local_cluster) -> None:
     cluster = local_cluster.cluster
     with BlockingClient(cluster, 3) as c:

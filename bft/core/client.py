@@ -53,6 +53,7 @@ class Pending:
     timeout_ms: int
     origin: int  # the timestamp the caller knows the operation by
     resent_for_full: bool = False
+    resent: bool = False  # sent again to every replica (which hold it for their view timers)
     replies: dict[int, Reply] = field(default_factory=dict)
 
 
@@ -103,12 +104,15 @@ class ClientCore:
 
         A tag convinces only its replica; a signature convinces anyone, at 50 µs or more per
         request here, more than the rest of the client's work. So a request is signed where
-        somebody other than its addressee may have to check it: sent to every replica (large,
-        or a resend, which backups hold for their view timers and relay), or while we may be
-        suspect (``tick``). A read-only request is answered by each replica on its own tag."""
+        somebody other than its addressee may have to check it: a write sent again to every
+        replica (backups hold it for their view timers and relay it), or anything while we may
+        be suspect (``tick``). A large request's first copies need none: each replica keeps the
+        body its client sent it to resolve the pre-prepare, and a read-only request is answered
+        by each replica on the strength of its own session."""
         if now_ms < self.sign_until_ms:
             return True
-        return isinstance(effect, Broadcast) and not effect.msg.read_only
+        pending = self.inflight.get(effect.msg.timestamp)
+        return isinstance(effect, Broadcast) and pending is not None and pending.resent
 
     def _resent(self, now_ms: int) -> None:
         # Resends right after the last period: we are likely still suspect, sign for longer.
@@ -172,7 +176,7 @@ class ClientCore:
             designated = (self.id + pending.request.timestamp) % self.n
             others_done = designated not in pending.replies and not self._awaited(pending) - {designated}
             if others_done and not pending.request.read_only and not pending.resent_for_full:
-                pending.resent_for_full = True
+                pending.resent_for_full = pending.resent = True
                 self.stats["resent-for-full-result"] += 1
                 self.outbox.append(Broadcast(pending.request))
                 return
@@ -213,6 +217,7 @@ class ClientCore:
                     pending.timeout_ms * 2, self.params.request_timeout_ms * TIMEOUT_BACKOFF_MAX
                 )
                 pending.deadline_ms = now_ms + pending.timeout_ms
+                pending.resent = True
                 self.stats["retransmissions"] += 1
                 log.debug("client %d resends %d to all", self.id, pending.request.timestamp)
                 self.outbox.append(Broadcast(pending.request))

@@ -138,6 +138,7 @@ class Execution:
         if mode is Mode.COMMITTED:
             r.promise(Committed(pp.seq, pp.digest))
             r.outbox.append(Executed(pp))
+            r.monitor.executed += len(pp.requests)
         self.batch_time_ms = max(pp.timestamp, self.batch_time_ms + 1)
         tentative = mode is Mode.TENTATIVE
         for req in pp.requests:
@@ -173,6 +174,7 @@ class Execution:
         pp = self.executed_batches[seq]
         r.promise(Committed(seq, pp.digest))
         r.outbox.append(Executed(pp))
+        r.monitor.executed += len(pp.requests)
         for req in self.executed_batches[seq].requests:
             r.timer.done((req.client, req.timestamp))
         r.timer.arm()

@@ -30,8 +30,6 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
-from bft.core.effects import Executed
-
 if TYPE_CHECKING:
     from bft.core.replica import Replica
 
@@ -55,6 +53,7 @@ class PrimaryMonitor:
         "best",
         "busy_since_ms",
         "count",
+        "executed",
         "history",
         "idle_since_ms",
         "last_ms",
@@ -83,6 +82,7 @@ class PrimaryMonitor:
         self.busy_since_ms: int | None = None  # since when requests we hold kept us waiting
         self.idle_since_ms: int | None = None  # since when we hold none, within that stretch
         self.last_ms = 0
+        self.executed = 0  # requests executed since the last input, counted by Execution
 
     def completed(self, waited_ms: int) -> None:
         """A request we held (``bft.core.viewtimer``) executed after waiting that long."""
@@ -97,7 +97,7 @@ class PrimaryMonitor:
         if not r.params.primary_throughput_fraction:
             return
         now = self.last_ms = max(now_ms, self.last_ms)  # a clock stepping back stops time instead
-        executed = sum(len(e.batch.requests) for e in r.outbox if isinstance(e, Executed))
+        executed, self.executed = self.executed, 0
         waited, waited_ms = self.waited, self.waited_ms
         self.waited = self.waited_ms = 0
         if r.view_changing:

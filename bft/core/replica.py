@@ -152,6 +152,7 @@ class Replica:
 
     def take_outbox(self) -> list[Effect]:
         out, self.outbox = self.outbox, []
+        self.monitor.executed = 0  # what it executed is counted by ``observe`` or not at all
         return out
 
     # -- inputs -----------------------------------------------------------------------------
@@ -175,6 +176,16 @@ class Replica:
             self.normal.on_request(req, now_ms, propose=False)
         self.normal.propose(now_ms)
         self.monitor.observe(now_ms)
+        return self.take_outbox()
+
+    def keep_body(self, req: Request, now_ms: int) -> list[Effect]:
+        """A large request its client sent us directly, proven to us alone (its session; no
+        signature): its body resolves the pre-prepare that names it, but we do not hold it for
+        the view timer, since the primary may not be able to check it (its client's resend,
+        signed, is held)."""
+        self.now_ms = now_ms
+        if self.large.is_large(req) and self.execution.clients.is_new(req.client, req.timestamp):
+            self.large.store(req)
         return self.take_outbox()
 
     def tick(self, now_ms: int) -> list[Effect]:

@@ -22,7 +22,7 @@ from bft.core.params import DEFAULT_PARAMS, Params
 from bft.core.replica import Replica
 from bft.core.statetransfer import CheckpointDamaged
 from bft.core.unreplicated import Unreplicated
-from bft.crypto import CLIENT, REPLICA
+from bft.crypto import CLIENT, REPLICA, Keyring
 from bft.messages import Message, Request, Suspect
 from bft.runtime.admin import start_admin
 from bft.runtime.datadir import DataDir
@@ -262,7 +262,10 @@ class Node:
             self._distrust(msg.client)
             return
         if peer is not None and peer[0] == CLIENT and not self._may_hold(msg):
-            self.transport_drops["unsigned-request-at-backup"] += 1
+            if self.core.large.is_large(msg):  # its first copy: kept, not held (Replica.keep_body)
+                self._dispatch(self.core.keep_body(msg, wall_ms()))
+            else:
+                self.transport_drops["unsigned-request-at-backup"] += 1
             return
         if isinstance(msg, Request) and isinstance(self.core, Replica):
             # The requests read in this iteration (from every ready connection) go to the core
@@ -428,6 +431,11 @@ def replica_node(
     )
 
 
-def unreplicated_node(host: str, port: int, service: Service, params: Params = DEFAULT_PARAMS) -> Node:
-    wire = Wire(None, limits_of(params), Counter(), replica=True)
+def unreplicated_node(
+    host: str, port: int, service: Service, params: Params = DEFAULT_PARAMS, keyring: Keyring | None = None
+) -> Node:
+    """The benchmarks' baseline: one server, no agreement. With ``keyring`` (replica 0's of a
+    cluster of f = 0) its clients reach it over sessions and tag their requests, as a replica's
+    do, so that the cost of replication can be read apart from the cost of authentication."""
+    wire = Wire(keyring, limits_of(params), Counter(), replica=True, sessions=True)
     return Node(Unreplicated(params, service), wire, host, port, {}, params.frame_bytes_max, name="unreplicated")
