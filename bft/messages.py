@@ -431,7 +431,7 @@ _PAYLOAD_BYTES_MAX = {
 }
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=1024)  # a process may hold a Wire per client it runs
 def _bounds(limits: Limits) -> tuple[dict[int, int], int]:
     """Each type's largest payload and the largest authenticator within ``limits``: worked out
     once per set of limits, not for every frame."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bft.core.client import ClientCore
-from bft.core.effects import Broadcast
-from bft.messages import Reply, digest
+from bft.core.effects import Broadcast, Send
+from bft.messages import Reply, Request, digest
 from bft.service import KVService
 
 from .test_core import PARAMS
@@ -64,7 +66,8 @@ def test_a_client_signs_only_where_a_tag_may_not_do_and_for_a_while_after_each_r
     """Signing costs the client more than the rest of a request: ordinary first sends go with
     tags alone; broadcasts of writes (large ones, resends), which backups hold and relay, are
     signed; after a resend everything is, for a period that doubles while resends go on."""
-    c = ClientCore(0, 1, PARAMS)
+    assert ClientCore(0, 1, PARAMS).must_sign(Send(0, Request.make(0, 1, b"op")), 0)  # the default: always
+    c = ClientCore(0, 1, replace(PARAMS, sign_every_request=False))
     c.submit(KVService.put(b"k", b"v"), 0)
     (first,) = c.take_outbox()
     assert not c.must_sign(first, 0)

@@ -108,8 +108,8 @@ class ClientCore:
         replica (backups hold it for their view timers and relay it), or anything while we may
         be suspect (``tick``). A large request's first copies need none: each replica keeps the
         body its client sent it to resolve the pre-prepare, and a read-only request is answered
-        by each replica on the strength of its own session."""
-        if now_ms < self.sign_until_ms:
+        by each replica on the strength of its own session. Unless ``sign_every_request``."""
+        if self.params.sign_every_request or now_ms < self.sign_until_ms:
             return True
         pending = self.inflight.get(effect.msg.timestamp)
         return isinstance(effect, Broadcast) and pending is not None and pending.resent

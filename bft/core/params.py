@@ -51,6 +51,11 @@ class Params:
     # and request keys and checks its state against the certified checkpoint. It bounds how long
     # keys read from a compromised replica stay useful; README gives its measured cost.
     recovery_period_s: int = 600
+    # Clients sign every request (Ed25519, 50 µs or more per request here). False: only where a
+    # tag may not do (ClientCore.must_sign), which is faster but lets a replica that restarted
+    # fall behind until the next stable checkpoint when it cannot check requests tagged under
+    # keys it lost (README, "Faulty clients").
+    sign_every_request: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):

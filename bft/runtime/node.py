@@ -34,6 +34,8 @@ from bft.service import Service
 log = logging.getLogger("bft.node")
 
 TICK_S = 0.01
+# Requests in flight outlive a restart by well under this (a client resends after 0.5 s).
+SUSPECT_AFTER_START_S = 10.0
 SUMMARY_S = 10.0
 
 
@@ -241,7 +243,10 @@ class Node:
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data, conn.peer)
         if self.wire.unverifiable:  # filled by a pre-prepare: rare, hence the check first
-            if conn.peer is not None and conn.peer[0] == REPLICA:
+            # Just started (or restarted), we lack the session keys that requests in flight were
+            # tagged with: what we cannot check then is held, as any, but proves nothing.
+            settled = time.monotonic() - self.started_s > SUSPECT_AFTER_START_S
+            if settled and conn.peer is not None and conn.peer[0] == REPLICA:
                 for client in self.wire.unverifiable:
                     if self._distrust(client):
                         self._dispatch([Broadcast(Suspect(client, self.core.id))])
