@@ -16,7 +16,19 @@ from bft.core.params import Params
 from bft.core.promises import Proposed
 from bft.core.replica import Replica
 from bft.core.unreplicated import Unreplicated
-from bft.messages import Checkpoint, Commit, FetchPartition, Prepare, PrePrepare, Reply, Request, State, Status, digest
+from bft.messages import (
+    Batch,
+    Checkpoint,
+    Commit,
+    FetchPartition,
+    Prepare,
+    PrePrepare,
+    Reply,
+    Request,
+    State,
+    Status,
+    digest,
+)
 from bft.service import KVService, NullService
 
 PARAMS = Params(checkpoint_interval=4, log_window=8, batch_size_max=8, inflight_max=1, client_window=4)
@@ -520,3 +532,15 @@ def test_the_exactly_once_table_keeps_exactly_the_window_whatever_the_order(reco
         again.record(client, ts + 7, b"x")
         table.record(client, ts + 7, b"x")
     assert again.encode() == table.encode()
+
+
+def test_a_batch_is_taken_only_for_the_seq_and_digest_asked_for() -> None:
+    """The wire no longer checks a batch's request tags: the core's rule is what stands between
+    a liar's batch and the log. Unasked, or asked for another digest: dropped."""
+    replica = Link().replicas[1]
+    forged = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"forged"),), 0)
+    replica.step(Batch.of(forged, 3), NOW)
+    assert replica.dropped["unrequested-batch"] == 1
+    replica.view_change.wanted_batches.add((1, digest(b"the certified batch")))
+    replica.step(Batch.of(forged, 3), NOW)
+    assert replica.dropped["unrequested-batch"] == 2 and not replica.view_change.batches
