@@ -535,8 +535,8 @@ def test_the_exactly_once_table_keeps_exactly_the_window_whatever_the_order(reco
 
 
 def test_a_batch_is_taken_only_for_the_seq_and_digest_asked_for() -> None:
-    """The wire no longer checks a batch's request tags: the core's rule is what stands between
-    a liar's batch and the log. Unasked, or asked for another digest: dropped."""
+    """Besides every request in it proving its client (the wire), a batch is taken only for the
+    (seq, digest) the replica asked for. Unasked, or asked for another digest: dropped."""
     replica = Link().replicas[1]
     forged = PrePrepare.make(0, 1, NOW, (put(1, 1, b"k", b"forged"),), 0)
     replica.step(Batch.of(forged, 3), NOW)

@@ -425,9 +425,7 @@ def test_a_request_naming_a_client_id_no_header_can_hold_is_held_not_a_crash(nod
         assert nodes.replicas[1].open(data).requests == (req.digest,)
 
 
-def test_unknown_or_unsigned_requests_are_held_in_a_pre_prepare_and_taken_in_a_batch(nodes):
-    """A pre-prepare's requests are checked one by one; a batch's are not: the core takes a batch
-    only for the (seq, digest) it asked for, and its digest is computed from what it holds."""
+def test_unknown_or_unsigned_requests_are_held_in_a_pre_prepare_and_refused_in_a_batch(nodes):
     stranger = nodes.stranger(CLIENT, 99)
     unknown = Request.make(99, 1, b"op")
     unknown = unknown.with_auth(stranger.keyring.request_auth(Request.TYPE, unknown.raw))
@@ -435,11 +433,10 @@ def test_unknown_or_unsigned_requests_are_held_in_a_pre_prepare_and_taken_in_a_b
     for req in (unknown, untagged):
         data = nodes.replicas[0].seal(PrePrepare.make(0, 1, 0, (req,), 0))
         assert nodes.replicas[1].open(data).requests == (req.digest,)
-        batch = Batch(1, 0, (req,), 0)
-        got = nodes.replicas[1].open(nodes.replicas[0].seal(batch))
-        assert got == batch and got.digest == Batch.of(PrePrepare.make(0, 1, 0, (req,), 0), 0).digest
+        data = nodes.replicas[0].seal(Batch(1, 0, (req,), 0))
+        assert nodes.replicas[1].open(data) is None
     assert nodes.replicas[1].unverifiable == [99, 0]
-    assert not nodes.replicas[1].dropped
+    assert nodes.replicas[1].dropped == Counter({"bad-request-authentication": 2})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,12 +559,11 @@ def test_batch_relays_client_requests(nodes):
     assert got.digest == batch.digest
     assert not nodes.replicas[2].dropped
 
-    # Its tag for replica 2 and its signature corrupted: the batch's digest, not the tags,
-    # vouches for it (Wire.open; the core takes only a batch it asked for by digest).
+    # Its tag for replica 2 and its signature corrupted: nothing vouches for it.
     corrupted = replace(reqs[1], auth=_flip_bytes(_flip_bytes(reqs[1].auth, 2 * MAC_BYTES), N * MAC_BYTES))
     bad = Batch.of(PrePrepare.make(2, 40, 5, (reqs[0], corrupted), 2), 3)
-    assert nodes.replicas[2].open(nodes.replicas[3].seal(bad, 2)) == bad
-    assert not nodes.replicas[2].dropped
+    assert nodes.replicas[2].open(nodes.replicas[3].seal(bad, 2)) is None
+    assert nodes.replicas[2].dropped == Counter({"bad-request-authentication": 1})
 
 
 def test_signature_checks_at_the_keyring(keyrings):

@@ -2,8 +2,8 @@
 request (aae3df1): a backup stopped with SIGTERM and started again inside the log window no
 longer caught up. The requests in the pre-prepares and batches it fetched carry tags under the
 clients' session keys of before its restart, which it no longer has: it dropped the batches
-("bad-request-authentication") and made the clients suspect. Now a fetched batch is taken by its
-certified digest, and a replica suspects nobody in its first seconds."""
+("bad-request-authentication") and made the clients suspect. Clients sign every request again by
+default (sign_every_request), and a replica suspects nobody in its first seconds."""
 
 from __future__ import annotations
 

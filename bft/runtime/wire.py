@@ -25,6 +25,7 @@ from bft.crypto import CLIENT, REPLICA, Keyring, Principal
 from bft.messages import (
     MAC_BYTES,
     SIGNED_TYPES,
+    Batch,
     DecodeError,
     Limits,
     Message,
@@ -165,15 +166,17 @@ class Wire:
         except DecodeError as exc:
             self.dropped[str(exc)] += 1
             return None
-        # A batch's requests are not checked: it is taken only for a (seq, digest) the replica
-        # asked for, a digest that a quorum with f+1 correct replicas accepted after checking
-        # each request, and its digest is computed from what it holds. Its requests' tags may be
-        # under keys the receiver never had (it restarted since): checking them stalled it.
-        if kr is not None and isinstance(msg, PrePrepare):
+        if kr is not None and isinstance(msg, PrePrepare | Batch):
             held = {
                 i for i, r in enumerate(msg.requests)
                 if isinstance(r, Request) and not self._authentic(r.client, r.raw, r.auth)
             }
+            if held and isinstance(msg, Batch):
+                # Its digest binds its requests to a pre-prepare, not to their clients: a batch
+                # fetched for a pre-prepare of the primary's alone (large or held requests) may
+                # be that primary's forgery. Every request in it must prove its client.
+                self.dropped["bad-request-authentication"] += 1
+                return None
             if held:
                 # The client is faulty, or the primary forged it. Not the whole pre-prepare is
                 # dropped (that let one faulty client force view changes, the "big MAC" attack):
