@@ -52,9 +52,9 @@ class Params:
     # keys read from a compromised replica stay useful; README gives its measured cost.
     recovery_period_s: int = 600
     # Clients sign every request (Ed25519, 50 µs or more per request here). False: only where a
-    # tag may not do (ClientCore.must_sign), which is faster but lets a replica that restarted
-    # fall behind until the next stable checkpoint when it cannot check requests tagged under
-    # keys it lost (README, "Faulty clients").
+    # tag may not do (ClientCore.must_sign), which is faster but lets a replica that restarted or
+    # recovered fall behind until the next stable checkpoint when it cannot check requests tagged
+    # under keys it lost (README, "Faulty clients").
     sign_every_request: bool = True
 
     def __post_init__(self) -> None:
