@@ -72,10 +72,14 @@ async def _serve(a: argparse.Namespace, mountpoint: Path) -> None:
             ops = BfsOperations(client, a.attr_timeout)
             me = [os.geteuid(), os.getegid(), []]
             await asyncio.wait_for(ops._call("getattr", me, pyfuse3.ROOT_INODE), a.timeout)
+            # Files this client id kept open past their unlink in a run that died: free them.
+            await asyncio.wait_for(ops._call("reclaim", me), a.timeout)
         except (QuorumTimeout, TimeoutError, pyfuse3.FUSEError):
             raise MountError("the cluster does not answer (are the replicas up, with the bfs service?)") from None
-        options = set(pyfuse3.default_options) | {"fsname=bfs", "subtype=bfs"}
-        options.discard("default_permissions")  # the replicas check permissions, as an NFS server does
+        # The replicas check every operation's permissions, as an NFS server does; the kernel
+        # checks too (default_permissions), from the attributes it caches, for what never reaches
+        # the mount: opening a FIFO or device, and search permission on cached path components.
+        options = set(pyfuse3.default_options) | {"fsname=bfs", "subtype=bfs", "default_permissions"}
         if os.geteuid() == 0:
             options.add("allow_other")
         try:

@@ -5,15 +5,18 @@ Every operation is a msgpack array ``[name, [uid, gid, [groups]], args...]`` and
 (times come from the agreed batch time), no randomness, no host file system. Inode numbers are
 handles, as in NFS; a generation number distinguishes reuses of a number.
 
-State: an inode table (regular files, directories, symlinks, FIFOs) with POSIX attributes,
-directory entries with stable readdir cookies, and file data in fixed-size blocks, so sparse files
+State: an inode table (regular files, directories, symlinks, FIFOs, sockets and device nodes,
+the last three stored as an NFS server stores them: type, mode and device number) with POSIX
+attributes, directory entries with stable readdir cookies, and file data in fixed-size blocks, so sparse files
 cost only the blocks written. For checkpoints the state is split into partitions: metadata by
-inode number, data blocks by (inode, block); only partitions written since the last checkpoint
-are encoded again.
+inode number, directory entries by (directory, name), data blocks by (inode, block); only
+partitions written since the last checkpoint are encoded again, so a create costs the same in a
+large directory as in a small one.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import hashlib
 import stat
@@ -27,10 +30,17 @@ BLOCK = 16 * 1024
 NAME_MAX = 255
 SYMLINK_MAX = 4095
 META_PARTITIONS = 256
+ENTRY_PARTITIONS = 256
 DATA_PARTITIONS = 768
+ENTRY_BASE = 1 + META_PARTITIONS
+DATA_BASE = ENTRY_BASE + ENTRY_PARTITIONS
 
-REG, DIR, LNK, FIFO = "f", "d", "l", "p"
-KIND_BITS = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, LNK: stat.S_IFLNK, FIFO: stat.S_IFIFO}
+REG, DIR, LNK, FIFO, SOCK, CHR, BLK = "f", "d", "l", "p", "s", "c", "b"
+KIND_BITS = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, LNK: stat.S_IFLNK, FIFO: stat.S_IFIFO,
+             SOCK: stat.S_IFSOCK, CHR: stat.S_IFCHR, BLK: stat.S_IFBLK}
+SPECIAL = frozenset({FIFO, SOCK, CHR, BLK})  # what mknod makes
+SUID_SGID = stat.S_ISUID | stat.S_ISGID
+KEEP_MAX = 1024  # open files a mount may name in one remove or rename
 READ_ONLY_OPS = frozenset({"getattr", "lookup", "access", "readlink", "read", "readdir", "fsstat", "fsinfo"})
 R_OK, W_OK, X_OK = 4, 2, 1
 
@@ -76,24 +86,62 @@ class Inode:
     entries: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # name -> (ino, cookie)
     next_cookie: int = 1
     parent: int = 0  # directories only, for rename loop checks and ".."
+    rdev: int = 0  # device nodes only
+    # Not state: an index of a directory's entries by cookie, rebuilt from ``entries`` on decode,
+    # so readdir resumes at a cookie by bisection. ``order`` is ascending (cookies only grow) and
+    # keeps removed cookies until they are half of it; ``by_cookie`` has the live ones.
+    order: list[int] = field(default_factory=list)
+    by_cookie: dict[int, bytes] = field(default_factory=dict)
 
     def attrs(self) -> list:
         return [self.ino, self.kind, self.mode, self.nlink, self.uid, self.gid, self.size,
-                self.atime, self.mtime, self.ctime, self.gen]
+                self.atime, self.mtime, self.ctime, self.gen, self.rdev]
 
     def encode(self) -> list:
+        """Without the entries, which have partitions of their own."""
         return [self.ino, self.kind, self.mode, self.uid, self.gid, self.nlink, self.size, self.atime,
-                self.mtime, self.ctime, self.gen, self.target,
-                sorted((n, i, c) for n, (i, c) in self.entries.items()), self.next_cookie, self.parent]
+                self.mtime, self.ctime, self.gen, self.target, self.next_cookie, self.parent, self.rdev]
 
     @staticmethod
     def decode(row: list) -> Inode:
-        (ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, gen, target, entries,
-         next_cookie, parent) = row
-        node = Inode(ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, gen, target)
-        node.entries = {bytes(n): (i, c) for n, i, c in entries}
-        node.next_cookie, node.parent = next_cookie, parent
+        (ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, gen, target, next_cookie, parent,
+         rdev) = row
+        node = Inode(ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, gen, bytes(target))
+        node.next_cookie, node.parent, node.rdev = next_cookie, parent, rdev
         return node
+
+    def set_entries(self, rows: list[tuple[int, bytes, int]]) -> None:
+        """From (cookie, name, ino) rows, as restored."""
+        rows.sort()
+        self.entries = {n: (i, c) for c, n, i in rows}
+        self.by_cookie = {c: n for c, n, _ in rows}
+        self.order = [c for c, _, _ in rows]
+
+    def add_entry(self, name: bytes, ino: int) -> None:
+        self.entries[name] = (ino, self.next_cookie)
+        self.by_cookie[self.next_cookie] = name
+        self.order.append(self.next_cookie)
+        self.next_cookie += 1
+
+    def drop_entry(self, name: bytes) -> None:
+        _, cookie = self.entries.pop(name)
+        del self.by_cookie[cookie]
+        if len(self.order) > 2 * len(self.by_cookie) + 16:
+            self.order = [c for c in self.order if c in self.by_cookie]
+
+    def entries_after(self, cookie: int, count: int) -> tuple[list[tuple[int, bytes]], bool]:
+        """Up to ``count`` live (cookie, name) after ``cookie``, and whether they are the last."""
+        out: list[tuple[int, bytes]] = []
+        order, live = self.order, self.by_cookie
+        i = bisect.bisect_right(order, cookie)
+        while i < len(order):
+            name = live.get(order[i])
+            if name is not None:
+                if len(out) == count:
+                    return out, False
+                out.append((order[i], name))
+            i += 1
+        return out, True
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +165,12 @@ class FileSystem:
         self.generation = 0
         self.bytes_used = 0
         self.now = 0
+        self.client = 0  # the client whose operation is executing
+        # Files unlinked while a mount has them open (nlink 0): inode -> that mount's client id.
+        # They keep their data until that mount says the last handle closed ("forget").
+        self.orphans: dict[int, int] = {}
         self.inodes[ROOT] = Inode(ROOT, DIR, 0o755, 0, 0, 2, parent=ROOT)
-        self._encoded: list[bytes] = [b""] * (1 + META_PARTITIONS + DATA_PARTITIONS)
+        self._encoded: list[bytes] = [b""] * (DATA_BASE + DATA_PARTITIONS)
         self._dirty: set[int] = set(range(len(self._encoded)))
         # Which inodes or blocks each partition holds, so encoding one costs its own size.
         self._members: list[set] = [set() for _ in self._encoded]
@@ -140,6 +192,7 @@ class FileSystem:
 
     def execute(self, op: bytes, client: int, timestamp_ms: int) -> bytes:
         self.now = timestamp_ms * 1_000_000
+        self.client = client
         parsed = _parse(op)
         if parsed is None:
             return msgpack.packb([errno.EINVAL, None])
@@ -152,14 +205,19 @@ class FileSystem:
             return msgpack.packb([exc.code, None])
 
     def partitions(self) -> tuple[bytes, ...]:
-        """Partition 0: counters; then metadata by inode number; then data blocks by (inode,
-        block). Only partitions touched since the last call are encoded again."""
+        """Partition 0: counters; then metadata by inode number; then directory entries by
+        (directory, name); then data blocks by (inode, block). Only partitions touched since the
+        last call are encoded again."""
         for p in self._dirty:
             if p == 0:
-                self._encoded[0] = msgpack.packb([self.next_ino, self.generation, self.bytes_used])
-            elif p <= META_PARTITIONS:
+                self._encoded[0] = msgpack.packb([self.next_ino, self.generation, self.bytes_used,
+                                                  sorted(self.orphans.items())])
+            elif p < ENTRY_BASE:
                 members = self._members[p]
                 self._encoded[p] = msgpack.packb(sorted(self.inodes[i].encode() for i in members))
+            elif p < DATA_BASE:
+                rows = sorted([d, n, *self.inodes[d].entries[n]] for d, n in self._members[p])
+                self._encoded[p] = msgpack.packb(rows)
             else:
                 rows = sorted([k[0], k[1], self.blocks[k]] for k in self._members[p])
                 self._encoded[p] = msgpack.packb(rows)
@@ -170,24 +228,33 @@ class FileSystem:
         if len(partitions) != len(self._encoded):
             raise ValueError(f"a bfs snapshot has {len(self._encoded)} partitions, not {len(partitions)}")
         try:
-            self.next_ino, self.generation, self.bytes_used = msgpack.unpackb(partitions[0])
+            self.next_ino, self.generation, self.bytes_used, orphans = msgpack.unpackb(partitions[0])
+            self.orphans = {ino: client for ino, client in orphans}
             inodes: dict[int, Inode] = {}
-            for part in partitions[1:1 + META_PARTITIONS]:
+            for part in partitions[1:ENTRY_BASE]:
                 for row in msgpack.unpackb(part, max_map_len=0, max_ext_len=0):
                     node = Inode.decode(row)
                     inodes[node.ino] = node
+            entries: dict[int, list[tuple[int, bytes, int]]] = {}
+            for part in partitions[ENTRY_BASE:DATA_BASE]:
+                for d, name, ino, cookie in msgpack.unpackb(part, max_map_len=0, max_ext_len=0):
+                    entries.setdefault(d, []).append((cookie, bytes(name), ino))
+            for d, rows in entries.items():
+                inodes[d].set_entries(rows)
             blocks: dict[tuple[int, int], bytes] = {}
-            for part in partitions[1 + META_PARTITIONS:]:
+            for part in partitions[DATA_BASE:]:
                 for ino, index, block in msgpack.unpackb(part, max_map_len=0, max_ext_len=0):
                     blocks[(ino, index)] = bytes(block)
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            raise ValueError(f"malformed bfs partition: {exc}") from None
+        except (ValueError, TypeError, KeyError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise ValueError(f"malformed bfs partition: {exc!r}") from None
         if ROOT not in inodes:
             raise ValueError("bfs snapshot without a root directory")
         self.inodes, self.blocks = inodes, blocks
         self._members = [set() for _ in self._encoded]
-        for ino in inodes:
+        for ino, node in inodes.items():
             self._members[_meta_partition(ino)].add(ino)
+            for name in node.entries:
+                self._members[_entry_partition(ino, name)].add((ino, name))
         for key in blocks:
             self._members[_block_partition(key)].add(key)
         self._encoded = list(partitions)
@@ -270,9 +337,21 @@ class FileSystem:
         self._touch_meta(node)
         return node
 
+    def _touch_entry(self, directory: Inode, name: bytes) -> None:
+        p = _entry_partition(directory.ino, name)
+        self._dirty.add(p)
+        if name in directory.entries:
+            self._members[p].add((directory.ino, name))
+        else:
+            self._members[p].discard((directory.ino, name))
+
+    def _unlink_entry(self, directory: Inode, name: bytes) -> None:
+        directory.drop_entry(name)
+        self._touch_entry(directory, name)
+
     def _link_entry(self, directory: Inode, name: bytes, ino: int) -> None:
-        directory.entries[name] = (ino, directory.next_cookie)
-        directory.next_cookie += 1
+        directory.add_entry(name, ino)
+        self._touch_entry(directory, name)
         directory.mtime = directory.ctime = self.now
         self._touch_meta(directory)
 
@@ -287,14 +366,34 @@ class FileSystem:
     def _sticky_denied(self, creds: Creds, directory: Inode, node: Inode) -> bool:
         return bool(directory.mode & stat.S_ISVTX) and creds.uid not in (0, directory.uid, node.uid)
 
-    def _drop_link(self, node: Inode) -> None:
+    def _drop_link(self, node: Inode, keep: frozenset[int] = frozenset()) -> int | None:
+        """One name fewer; at none the inode goes, unless it is a file in ``keep`` (the calling
+        mount has it open): then it stays, nameless, until that mount forgets it. Returns the
+        inode number kept so."""
         node.nlink -= 1
         node.ctime = self.now
         self._touch_meta(node)
+        if node.nlink <= 0 and node.kind != DIR and node.ino in keep:
+            self.orphans[node.ino] = self.client
+            self._dirty.add(0)
+            return node.ino
         if node.nlink <= 0 or (node.kind == DIR and node.nlink <= 1):
-            self._truncate(node, 0)
-            del self.inodes[node.ino]
-            self._members[_meta_partition(node.ino)].discard(node.ino)
+            self._free(node)
+        return None
+
+    def _free(self, node: Inode) -> None:
+        self._touch_meta(node)
+        self._truncate(node, 0)
+        del self.inodes[node.ino]
+        self._members[_meta_partition(node.ino)].discard(node.ino)
+        if self.orphans.pop(node.ino, None) is not None:
+            self._dirty.add(0)
+
+    @staticmethod
+    def _keep(keep: object) -> frozenset[int]:
+        if type(keep) is not list or len(keep) > KEEP_MAX or not all(_is_uint(i) for i in keep):
+            raise FsError(errno.EINVAL)
+        return frozenset(keep)
 
     def _truncate(self, node: Inode, size: int) -> None:
         if size < node.size:
@@ -320,27 +419,38 @@ class FileSystem:
         return self._node(ino).attrs()
 
     def op_setattr(self, creds: Creds, ino: object, changes: list) -> list:
-        """``changes`` is [mode, uid, gid, size, atime, mtime], nil where unchanged; a time of
-        -1 means "now" (the agreed time). Everything is checked before anything changes, so a
-        refused setattr changes nothing."""
+        """``changes`` is [mode, uid, gid, size, atime, mtime] and, optionally, a seventh: true
+        when a truncation comes through a handle open for writing (ftruncate), which gets the
+        owner override that writes get; nil where unchanged; a time of -1 means "now" (the
+        agreed time). Everything is checked before anything changes, so a refused setattr
+        changes nothing."""
         node = self._node(ino)
-        if type(changes) is not list or len(changes) != 6:
+        if type(changes) is not list or len(changes) not in (6, 7):
             raise FsError(errno.EINVAL)
-        mode, uid, gid, size, atime, mtime = changes
+        mode, uid, gid, size, atime, mtime = changes[:6]
+        through_handle = changes[6:] == [True]
         owner = creds.uid in (0, node.uid)
         if mode is not None:
             mode = _uint(mode) & 0o7777
             if not owner:
+                # Only the kernel's "clear setuid/setgid" before a write or truncation, which
+                # comes with the writer's credentials; the writer needs write permission.
+                if mode == node.mode or mode & ~node.mode or (mode ^ node.mode) & ~SUID_SGID:
+                    raise FsError(errno.EPERM)
+                self._check(creds, node, W_OK)
+        if uid is not None and creds.uid != 0 and (_uint(uid) != node.uid or creds.uid != node.uid):
+            raise FsError(errno.EPERM)  # only root gives a file away; a non-owner changes nothing
+        if gid is not None and creds.uid != 0:
+            gid = _uint(gid)
+            if creds.uid != node.uid or (gid != node.gid and not creds.in_group(gid)):
                 raise FsError(errno.EPERM)
-        if uid is not None and _uint(uid) != node.uid and creds.uid != 0:
-            raise FsError(errno.EPERM)
-        changes_gid = gid is not None and _uint(gid) != node.gid
-        if changes_gid and creds.uid != 0 and not (creds.uid == node.uid and creds.in_group(gid)):
-            raise FsError(errno.EPERM)
         if size is not None:
             size = _uint(size)
             self._regular(ino)
-            self._check_write(creds, node)
+            if through_handle:
+                self._check_write(creds, node)
+            else:
+                self._check(creds, node, W_OK)  # truncate(path) and O_TRUNC: the mode decides
             if size > self.limits.file_bytes_max:
                 raise FsError(errno.EFBIG)
             if size > node.size and self.bytes_used > self.limits.bytes_max:
@@ -480,9 +590,18 @@ class FileSystem:
         self._link_entry(directory, name, node.ino)
         return node.attrs()
 
-    def op_mknod(self, creds: Creds, dir_ino: object, name: object, mode: object) -> list:
+    def op_mknod(self, creds: Creds, dir_ino: object, name: object, kind: object, mode: object,
+                 rdev: object) -> list:
+        """A FIFO, a UNIX socket's name, or a device node: stored, never opened here (the
+        client's kernel does that)."""
+        if type(kind) is not str or kind not in SPECIAL:
+            raise FsError(errno.EINVAL)
+        rdev = _uint(rdev) if kind in (CHR, BLK) else 0
+        if kind in (CHR, BLK) and creds.uid != 0:
+            raise FsError(errno.EPERM)
         directory, name = self._prepare_create(creds, dir_ino, name)
-        node = self._new_inode(creds, directory, FIFO, _uint(mode))
+        node = self._new_inode(creds, directory, kind, _uint(mode))
+        node.rdev = rdev
         self._link_entry(directory, name, node.ino)
         return node.attrs()
 
@@ -498,14 +617,16 @@ class FileSystem:
             raise FsError(errno.EPERM)
         return directory, name, node
 
-    def op_remove(self, creds: Creds, dir_ino: object, name: object) -> None:
+    def op_remove(self, creds: Creds, dir_ino: object, name: object, keep: object) -> int | None:
+        """Unlink; ``keep`` lists the files the calling mount has open (see _drop_link)."""
+        keep = self._keep(keep)
         directory, name, node = self._unlink_checks(creds, dir_ino, name)
         if node.kind == DIR:
             raise FsError(errno.EISDIR)
-        del directory.entries[name]
+        self._unlink_entry(directory, name)
         directory.mtime = directory.ctime = self.now
         self._touch_meta(directory)
-        self._drop_link(node)
+        return self._drop_link(node, keep)
 
     def op_rmdir(self, creds: Creds, dir_ino: object, name: object) -> None:
         directory, name, node = self._unlink_checks(creds, dir_ino, name)
@@ -513,14 +634,17 @@ class FileSystem:
             raise FsError(errno.ENOTDIR)
         if node.entries:
             raise FsError(errno.ENOTEMPTY)
-        del directory.entries[name]
+        self._unlink_entry(directory, name)
         directory.nlink -= 1
         directory.mtime = directory.ctime = self.now
         self._touch_meta(directory)
         node.nlink = 0
         self._drop_link(node)
 
-    def op_rename(self, creds: Creds, src_dir: object, src_name: object, dst_dir: object, dst_name: object) -> None:
+    def op_rename(self, creds: Creds, src_dir: object, src_name: object, dst_dir: object, dst_name: object,
+                  keep: object) -> int | None:
+        """Rename; ``keep`` as for remove, for a file renamed over."""
+        keep = self._keep(keep)
         source, src_name, node = self._unlink_checks(creds, src_dir, src_name)
         target_dir = self._dir(dst_dir)
         dst_name = self._name(dst_name)
@@ -540,7 +664,7 @@ class FileSystem:
         if existing is not None:
             victim = self.inodes[existing[0]]
             if victim.ino == node.ino:
-                return
+                return None
             if self._sticky_denied(creds, target_dir, victim):
                 raise FsError(errno.EPERM)
             if node.kind == DIR and victim.kind != DIR:
@@ -549,12 +673,14 @@ class FileSystem:
                 raise FsError(errno.EISDIR)
             if victim.kind == DIR and victim.entries:
                 raise FsError(errno.ENOTEMPTY)
-            del target_dir.entries[dst_name]
+            self._unlink_entry(target_dir, dst_name)
             if victim.kind == DIR:
                 target_dir.nlink -= 1
                 victim.nlink = 0
-            self._drop_link(victim)
-        del source.entries[src_name]
+            kept = self._drop_link(victim, keep)
+        else:
+            kept = None
+        self._unlink_entry(source, src_name)
         source.mtime = source.ctime = self.now
         self._touch_meta(source)
         self._link_entry(target_dir, dst_name, node.ino)
@@ -564,6 +690,7 @@ class FileSystem:
             target_dir.nlink += 1
         node.ctime = self.now
         self._touch_meta(node)
+        return kept
 
     def op_link(self, creds: Creds, ino: object, dir_ino: object, name: object) -> list:
         node = self._node(ino)
@@ -581,9 +708,9 @@ class FileSystem:
         directory = self._dir(dir_ino)
         self._check(creds, directory, R_OK)
         cookie, count = _uint(cookie), max(1, min(_uint(count), 4096))
-        after = sorted((c, n, i) for n, (i, c) in directory.entries.items() if c > cookie)
-        page = after[:count]
-        return [[[n, self.inodes[i].attrs(), c] for c, n, i in page], len(page) == len(after)]
+        page, eof = directory.entries_after(cookie, count)
+        entries = directory.entries
+        return [[[n, self.inodes[entries[n][0]].attrs(), c] for c, n in page], eof]
 
     def op_fsstat(self, creds: Creds) -> list:
         lim = self.limits
@@ -592,6 +719,19 @@ class FileSystem:
 
     def op_fsinfo(self, creds: Creds) -> list:
         return [BLOCK, 1 << 20, 1 << 20, self.limits.file_bytes_max, self.limits.name_max]
+
+    def op_forget(self, creds: Creds, ino: object) -> int:
+        """The calling mount closed its last handle on a file it kept open past its unlink."""
+        if type(ino) is int and self.orphans.get(ino) == self.client:
+            self._free(self.inodes[ino])
+        return 0
+
+    def op_reclaim(self, creds: Creds) -> int:
+        """A mount starting: free what its previous run (same client id) kept and never forgot."""
+        mine = sorted(i for i, c in self.orphans.items() if c == self.client)
+        for ino in mine:
+            self._free(self.inodes[ino])
+        return len(mine)
 
     def op_commit(self, creds: Creds, ino: object) -> int:
         self._node(ino)
@@ -640,9 +780,14 @@ def _meta_partition(ino: int) -> int:
     return 1 + ino % META_PARTITIONS
 
 
+def _entry_partition(directory: int, name: bytes) -> int:
+    h = hashlib.blake2b(b"%d/%s" % (directory, name), digest_size=4).digest()
+    return ENTRY_BASE + int.from_bytes(h, "big") % ENTRY_PARTITIONS
+
+
 def _block_partition(key: tuple[int, int]) -> int:
     h = hashlib.blake2b(b"%d:%d" % key, digest_size=4).digest()
-    return 1 + META_PARTITIONS + int.from_bytes(h, "big") % DATA_PARTITIONS
+    return DATA_BASE + int.from_bytes(h, "big") % DATA_PARTITIONS
 
 
 _OPS = {name[3:]: fn for name, fn in vars(FileSystem).items() if name.startswith("op_")}

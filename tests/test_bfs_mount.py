@@ -49,11 +49,11 @@ def root() -> None:
     require(os.geteuid() == 0, "switching to an unprivileged user needs root")
 
 
-def mount(cluster_path: Path, mountpoint: Path, client: int) -> None:
+def mount(cluster_path: Path, mountpoint: Path, client: int, attr_timeout: float = 0.2) -> None:
     mountpoint.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(
         [sys.executable, "-m", "bfs", "mount", "--config", str(cluster_path), "--client", str(client),
-         "--attr-timeout", "0.2", str(mountpoint)],
+         "--attr-timeout", str(attr_timeout), str(mountpoint)],
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr

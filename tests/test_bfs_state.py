@@ -84,12 +84,12 @@ def populated() -> Fs:
     fs("write", sparse, 5 * BLOCK + 3, b"end")
     fs("link", sparse, d, b"hard")
     fs("symlink", ROOT, b"ln", b"d/sub/f0")
-    fs("mknod", ROOT, b"fifo", 0o600)
+    fs("mknod", ROOT, b"fifo", "p", 0o600, 0)
     fs("setattr", d, [0o777, None, None, None, None, None])
     mine = ino(fs("create", d, b"alice", 0o640, False, who=ALICE))
     fs("write", mine, 0, b"hers", who=ALICE)
-    fs("rename", d, b"f1", ROOT, b"moved")
-    fs("remove", d, b"f3")
+    fs("rename", d, b"f1", ROOT, b"moved", [])
+    fs("remove", d, b"f3", [])
     return fs
 
 
@@ -115,27 +115,27 @@ def test_directories_rename_link_symlink_and_errors() -> None:
     f = ino(fs("create", d, b"f", 0o644, False))
     assert fs("getattr", d)[3] == 3  # nlink: ".", its entry, and sub's ".."
     assert fs.err("rmdir", ROOT, b"d") == errno.ENOTEMPTY
-    assert fs.err("rename", ROOT, b"d", sub, b"x") == errno.EINVAL  # into its own subtree
-    fs("rename", d, b"f", ROOT, b"moved")
+    assert fs.err("rename", ROOT, b"d", sub, b"x", []) == errno.EINVAL  # into its own subtree
+    fs("rename", d, b"f", ROOT, b"moved", [])
     assert fs.err("lookup", d, b"f") == errno.ENOENT
     assert ino(fs("lookup", ROOT, b"moved")) == f
     fs("link", f, d, b"hard")
     assert fs("getattr", f)[3] == 2
-    fs("remove", ROOT, b"moved")
+    fs("remove", ROOT, b"moved", [])
     assert fs("getattr", f)[3] == 1
     link = ino(fs("symlink", ROOT, b"ln", b"d/hard"))
     assert fs("readlink", link) == b"d/hard"
-    assert fs.err("remove", ROOT, b"d") == errno.EISDIR
+    assert fs.err("remove", ROOT, b"d", []) == errno.EISDIR
     assert fs.err("rmdir", d, b"hard") == errno.ENOTDIR
     assert fs.err("lookup", ROOT, b"x" * 256) == errno.ENAMETOOLONG
     assert fs.err("create", ROOT, b"x" * 256, 0o644, False) == errno.ENAMETOOLONG
     assert fs.err("getattr", 999) == errno.ESTALE
-    fs("mknod", ROOT, b"fifo", 0o600)
+    fs("mknod", ROOT, b"fifo", "p", 0o600, 0)
     assert fs("lookup", ROOT, b"fifo")[1] == "p"
     # rename over an existing file replaces it
     a = ino(fs("create", ROOT, b"a", 0o644, False))
     fs("create", ROOT, b"b", 0o644, False)
-    fs("rename", ROOT, b"a", ROOT, b"b")
+    fs("rename", ROOT, b"a", ROOT, b"b", [])
     assert ino(fs("lookup", ROOT, b"b")) == a
 
 
@@ -153,8 +153,8 @@ def test_permissions_follow_the_callers_credentials() -> None:
     assert fs("read", f, 0, 10, who=BOB) == [b"mine", True]
     tmp = ino(fs("mkdir", ROOT, b"tmp", 0o1777))  # sticky: only owners remove
     fs("create", tmp, b"alice", 0o644, False, who=ALICE)
-    assert fs.err("remove", tmp, b"alice", who=BOB) == errno.EPERM
-    fs("remove", tmp, b"alice", who=ALICE)
+    assert fs.err("remove", tmp, b"alice", [], who=BOB) == errno.EPERM
+    fs("remove", tmp, b"alice", [], who=ALICE)
 
 
 def test_readdir_pages_through_a_large_directory_with_stable_cookies() -> None:
@@ -168,7 +168,7 @@ def test_readdir_pages_through_a_large_directory_with_stable_cookies() -> None:
         names += [n for n, _, _ in entries]
         cookie = entries[-1][2] if entries else cookie
         if cookie == 3000:
-            fs("remove", d, b"f00000")  # changes behind the cursor do not disturb it
+            fs("remove", d, b"f00000", [])  # changes behind the cursor do not disturb it
     assert len(names) == 10_000 and len(set(names)) == 10_000
 
 
@@ -214,7 +214,7 @@ def test_a_restored_snapshot_looks_the_same_to_clients_and_behaves_the_same() ->
     later = ino(fs("create", ROOT, b"later", 0o644, False))
     fs("write", later, 0, b"after the snapshot")
     fs("write", ino(fs("lookup", ROOT, b"moved")), 0, b"overwritten")
-    fs("remove", ROOT, b"fifo")
+    fs("remove", ROOT, b"fifo", [])
     # A fresh replica rebuilt from the older snapshot (the state-transfer path) sees the state as
     # it was then, not as it is now; one restored from the current partitions sees it as now.
     old, _, _ = rebuild(FileSystem, 4, snapshot.parts)
@@ -278,8 +278,96 @@ def test_owner_writes_a_file_it_created_read_only() -> None:
     home = ino(fs("mkdir", ROOT, b"home", 0o777))
     f = ino(fs("create", home, b"obj", 0o444, True, who=ALICE))  # git's loose objects
     fs("write", f, 0, b"data", who=ALICE)
-    fs("setattr", f, [None, None, None, 2, None, None], who=ALICE)
+    fs("setattr", f, [None, None, None, 2, None, None, True], who=ALICE)  # ftruncate on that handle
+    # truncate(path) and O_TRUNC are checked against the mode, for the owner too
+    assert fs.err("setattr", f, [None, None, None, 0, None, None], who=ALICE) == errno.EACCES
+    assert fs("getattr", f)[6] == 2
     assert fs.err("write", f, 0, b"x", who=BOB) == errno.EACCES
     assert fs("write", f, 100, b"", who=ALICE)[6] == 2  # an empty write does not extend
     link = ino(fs("symlink", ROOT, b"ln", b"target"))
     assert fs.err("read", link, 0, 10) == errno.EINVAL
+
+
+def test_special_files_are_stored_with_their_type_mode_and_device_number() -> None:
+    fs = Fs()
+    dev = fs("mknod", ROOT, b"null", "c", 0o666, (1 << 8) | 3)
+    assert (dev[1], dev[2], dev[11]) == ("c", 0o666, 259)
+    assert fs("mknod", ROOT, b"disk", "b", 0o600, 7)[11] == 7
+    sock = fs("mknod", ROOT, b"sock", "s", 0o755, 99)
+    assert (sock[1], sock[11]) == ("s", 0)  # only devices have a device number
+    home = ino(fs("mkdir", ROOT, b"home", 0o777))
+    assert fs.err("mknod", home, b"d", "c", 0o600, 5, who=ALICE) == errno.EPERM  # devices: root only
+    assert fs("mknod", home, b"fifo", "p", 0o600, 0, who=ALICE)[4] == 1000
+    assert fs.err("mknod", home, b"x", "f", 0o600, 0) == errno.EINVAL
+    assert fs.err("read", ino(dev), 0, 1) == errno.EINVAL
+    copy = FileSystem()
+    copy.restore(fs.fs.partitions())
+    assert observe(copy) == observe(fs.fs)
+
+
+def test_ownership_and_setuid_rules() -> None:
+    fs = Fs()
+    home = ino(fs("mkdir", ROOT, b"home", 0o777))
+    f = ino(fs("create", home, b"prog", 0o6777, True, who=ALICE))
+    # chown to the current owner and group by someone else is still refused
+    assert fs.err("setattr", f, [None, 1000, None, None, None, None], who=BOB) == errno.EPERM
+    assert fs.err("setattr", f, [None, None, 1000, None, None, None], who=BOB) == errno.EPERM
+    fs("setattr", f, [None, 1000, 1000, None, None, None], who=ALICE)  # the owner may
+    # a writer who is not the owner may only clear setuid/setgid (the kernel's kill before a write)
+    assert fs.err("setattr", f, [0o775, None, None, None, None, None], who=BOB) == errno.EPERM
+    assert fs("setattr", f, [0o777, None, None, None, None, None], who=BOB)[2] == 0o777
+    assert fs.err("setattr", f, [0o777, None, None, None, None, None], who=BOB) == errno.EPERM
+    fs("setattr", f, [0o6755, None, None, None, None, None], who=ALICE)
+    assert fs.err("setattr", f, [0o755, None, None, None, None, None], who=BOB) == errno.EACCES
+    # "now" is a writer's right, an explicit time the owner's
+    fs("setattr", f, [0o777, None, None, None, None, None], who=ALICE)
+    assert fs.err("setattr", f, [None, None, None, None, 5, 5], who=BOB) == errno.EPERM
+    attrs = fs("setattr", f, [None, None, None, None, -1, -1], who=BOB)
+    assert attrs[7] == attrs[8] == fs.time * 1_000_000
+
+
+def test_a_file_kept_open_outlives_its_last_name_until_forgotten() -> None:
+    fs = Fs()
+    f = ino(fs("create", ROOT, b"f", 0o644, True))
+    fs("write", f, 0, b"x" * 50_000)
+    used = fs("fsstat")[1]
+    assert fs("remove", ROOT, b"f", [f]) == f  # open in the calling mount: kept
+    assert fs("getattr", f)[3] == 0 and fs("read", f, 0, 10)[0] == b"x" * 10
+    assert fs("fsstat")[1] == used  # its space is still held
+    g = ino(fs("create", ROOT, b"g", 0o644, True))
+    h = ino(fs("create", ROOT, b"h", 0o644, True))
+    assert fs("rename", ROOT, b"g", ROOT, b"h", [h]) == h  # renamed over while open
+    assert fs("getattr", h)[3] == 0 and fs("lookup", ROOT, b"h")[0] == g
+    copy = FileSystem()
+    copy.restore(fs.fs.partitions())
+    assert observe(copy) == observe(fs.fs) and copy.orphans == fs.fs.orphans == {f: 0, h: 0}
+    # only the client that kept it can forget it
+    fs.fs.execute(msgpack.packb(["forget", ROOT_CREDS, f]), 7, 5_000)
+    assert fs("getattr", f)[3] == 0
+    assert fs("forget", f) == 0
+    assert fs.err("getattr", f) == errno.ESTALE and fs("fsstat")[1] > used
+    assert fs("reclaim") == 1 and fs.err("getattr", h) == errno.ESTALE and not fs.fs.orphans
+    assert fs("remove", ROOT, b"h", []) is None  # not open: gone at once
+    assert fs.err("remove", ROOT, b"h", [1] * 5000) == errno.EINVAL
+
+
+def test_readdir_resumes_at_a_cookie_without_sorting_the_directory() -> None:
+    fs = Fs()
+    d = ino(fs("mkdir", ROOT, b"d", 0o755))
+    for i in range(3000):
+        fs("create", d, b"f%05d" % i, 0o644, True)
+    for i in range(0, 3000, 3):
+        fs("remove", d, b"f%05d" % i, [])
+    fs("rename", d, b"f00001", d, b"last", [])  # a rename moves the entry to the end
+    seen, cookie, eof, pages = [], 0, False, 0
+    while not eof:
+        page, eof = fs("readdir", d, cookie, 100)
+        seen += [name for name, _, _ in page]
+        cookie, pages = page[-1][2], pages + 1
+    expected = [b"f%05d" % i for i in range(2, 3000) if i % 3] + [b"last"]
+    assert seen == expected and pages == 20
+    directory = fs.fs.inodes[d]
+    assert len(directory.order) <= 2 * len(directory.by_cookie) + 16  # removed cookies compacted
+    copy = FileSystem()
+    copy.restore(fs.fs.partitions())
+    assert copy.inodes[d].entries_after(0, 5000) == directory.entries_after(0, 5000)
