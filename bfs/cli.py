@@ -17,6 +17,14 @@ from bft.runtime.process import run_async, setup_logging
 
 log = logging.getLogger("bfs")
 
+# Mount options passed on to the kernel (libfuse knows them), as `bfs mount -o` and in fstab.
+KERNEL_OPTIONS = frozenset({
+    "ro", "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
+    "norelatime", "strictatime", "sync", "async", "dirsync", "allow_other", "allow_root",
+})
+# What mount(8) and fstab add for themselves, meaningless to the file system.
+MOUNT_ONLY_OPTIONS = frozenset({"defaults", "auto", "noauto", "_netdev", "nofail", "user", "users", "nouser", "owner"})
+
 
 class MountError(Exception):
     pass
@@ -80,6 +88,7 @@ async def _serve(a: argparse.Namespace, mountpoint: Path) -> None:
         # checks too (default_permissions), from the attributes it caches, for what never reaches
         # the mount: opening a FIFO or device, and search permission on cached path components.
         options = set(pyfuse3.default_options) | {"fsname=bfs", "subtype=bfs", "default_permissions"}
+        options |= set(a.options)
         if os.geteuid() == 0:
             options.add("allow_other")
         try:
@@ -109,6 +118,8 @@ def cmd_mount(a: argparse.Namespace) -> None:
     # Background: run ourselves in the foreground in a new session and wait for the mount.
     argv = [sys.executable, "-m", "bfs", "--log-level", a.log_level, "mount", "--foreground",
             "--client", str(a.client), "--timeout", str(a.timeout), "--attr-timeout", str(a.attr_timeout)]
+    if a.options:
+        argv += ["-o", ",".join(a.options)]
     argv += ["--config", str(Path(a.config).resolve())] if a.config else ["--unreplicated", a.unreplicated]
     if a.log_file:
         argv += ["--log-file", a.log_file]
@@ -139,6 +150,15 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _kernel_options(text: str) -> list[str]:
+    options = [o for o in text.split(",") if o]
+    unknown = [o for o in options if o not in KERNEL_OPTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown mount option {unknown[0]!r} (known: {', '.join(sorted(KERNEL_OPTIONS))})")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bfs", description="BFS: a Byzantine-fault-tolerant file system over PBFT.")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -151,9 +171,57 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the cluster")
     m.add_argument("--attr-timeout", type=_seconds, default=1.0, help="seconds the kernel caches attributes and names")
+    m.add_argument("-o", dest="options", type=_kernel_options, default=[], metavar="OPT,...",
+                   help="kernel mount options: ro, nodev, nosuid, noexec, allow_other, ...")
     m.add_argument("--log-file")
     m.set_defaults(func=cmd_mount)
     return p
+
+
+def helper_argv(argv: list[str]) -> list[str]:
+    """``mount -t fuse.bfs SOURCE DIR -o OPTS`` (and fstab) runs ``mount.fuse.bfs SOURCE DIR [-sfnv]
+    [-o OPTS]``: the ``bfs mount`` arguments that mean the same. The options are ``config=PATH``
+    (else SOURCE, when it is a file, is the cluster.toml), ``client=N``, ``attr_timeout=S``,
+    ``unreplicated=HOST:PORT``, ``log_file=PATH`` and kernel options; mount(8)'s own are ignored."""
+    positional, options = [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "-o":
+            options += next(it, "").split(",")
+        elif arg.startswith("-o"):
+            options += arg[2:].split(",")
+        elif arg in ("-s", "-f", "-n", "-v"):
+            continue  # sloppy, fake, no mtab, verbose: nothing for us to do
+        else:
+            positional.append(arg)
+    if len(positional) != 2:
+        raise MountError("usage: mount.fuse.bfs SOURCE MOUNTPOINT [-o config=CLUSTER.toml,client=N,...]")
+    source, mountpoint = positional
+    out, kernel = ["mount", mountpoint], []
+    named = {"config": "--config", "client": "--client", "attr_timeout": "--attr-timeout",
+             "unreplicated": "--unreplicated", "log_file": "--log-file", "timeout": "--timeout"}
+    for option in filter(None, options):
+        key, eq, value = option.partition("=")
+        if key in named and eq:
+            out += [named[key], value]
+        elif option in KERNEL_OPTIONS:
+            kernel.append(option)
+        elif option not in MOUNT_ONLY_OPTIONS and not option.startswith(("x-", "comment=")):
+            raise MountError(f"unknown mount option {option!r} (bfs takes config=, client=, attr_timeout=, "
+                             f"unreplicated=, log_file=, timeout= and {', '.join(sorted(KERNEL_OPTIONS))})")
+    if "--config" not in out and "--unreplicated" not in out and Path(source).is_file():
+        out += ["--config", source]
+    return out + (["-o", ",".join(kernel)] if kernel else [])
+
+
+def mount_helper() -> None:
+    """The ``mount.fuse.bfs`` entry point (link it into /sbin for ``mount -t fuse.bfs``)."""
+    try:
+        argv = helper_argv(sys.argv[1:])
+    except MountError as exc:
+        print(f"mount.fuse.bfs: {exc}", file=sys.stderr)
+        sys.exit(2)
+    main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

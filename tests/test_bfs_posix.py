@@ -3,8 +3,10 @@ cluster, as root and as an unprivileged user (a child process that drops to uid 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -15,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from bft import config as cfg
 from bft.core.params import Params
-from bft.local import LocalCluster
+from bft.launch import start_replicas, stop_replicas
+from bft.local import LocalCluster, free_base_port, wait_for_port
 
 from .conftest import require
 from .test_bfs_mount import _fuse_missing, expect_errno, mount, unmount
@@ -196,3 +200,69 @@ def test_large_directory_listing_while_it_changes(work: Path) -> None:
     assert sorted(seen) == names
     assert sorted(os.listdir(work)) == [n for n in names if n not in set(seen[::2])]
     expect_errno(errno.ENOENT, os.stat, work / seen[0])
+
+
+@pytest.fixture
+def helper_installed() -> Iterator[None]:
+    """/sbin/mount.fuse.bfs pointing at this checkout's helper, as the README says to install
+    it, for the test's duration (mount(8) looks for helpers in /sbin only)."""
+    missing = _fuse_missing()
+    require(missing is None, str(missing))
+    require(os.geteuid() == 0, "mount(8) with a helper in /sbin needs root")
+    require(shutil.which("mount") and shutil.which("umount"), "mount(8) is not installed (util-linux)")
+    link, target = Path("/sbin/mount.fuse.bfs"), Path(sys.executable).parent / "mount.fuse.bfs"
+    previous = os.readlink(link) if link.is_symlink() else None
+    require(previous is not None or not link.exists(), f"{link} is a file of someone else's")
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    try:
+        yield
+    finally:
+        link.unlink()
+        if previous is not None:
+            link.symlink_to(previous)
+
+
+def test_mount_helper_fstab_statfs_and_unsupported_calls(helper_installed: None, tmp_path: Path) -> None:
+    cluster = cfg.load(cfg.keygen(tmp_path / "cluster", 1, 2, base_port=free_base_port(4),
+                                  services={"bfs": {"name_max": 100, "bytes_max": 1 << 30}}))
+    procs = start_replicas(cluster, "bfs", tmp_path / "logs", "warning")
+    point = tmp_path / "mnt"
+    point.mkdir()
+    try:
+        for r in cluster.replicas:
+            wait_for_port(r.host, r.port)
+        options = f"config={cluster.path},client=1,attr_timeout=0.5,nodev,_netdev"
+        out = subprocess.run(["mount", "-t", "fuse.bfs", "-o", options, "bfs", str(point)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        try:
+            st = os.statvfs(point)
+            assert st.f_namemax == 100 and st.f_blocks * st.f_frsize == 1 << 30  # the configured limits
+            expect_errno(errno.ENAMETOOLONG, (point / ("n" * 101)).touch)
+            (point / ("n" * 100)).write_text("x")
+            for call, args in ((os.setxattr, ("user.k", b"v")), (os.getxattr, ("user.k",)), (os.listxattr, ())):
+                expect_errno(errno.EOPNOTSUPP, call, point / ("n" * 100), *args)
+            with open(point / "f", "wb") as fh:
+                libc = ctypes.CDLL(None, use_errno=True)
+                assert libc.fallocate(fh.fileno(), 0, ctypes.c_int64(0), ctypes.c_int64(4096)) == -1
+                assert ctypes.get_errno() == errno.EOPNOTSUPP
+                os.posix_fallocate(fh.fileno(), 0, 4096)  # glibc falls back to writing zeros
+            assert (point / "f").read_bytes() == bytes(4096)
+        finally:
+            assert subprocess.run(["umount", str(point)], capture_output=True).returncode == 0
+        fstab = tmp_path / "fstab"
+        fstab.write_text(f"bfs {point} fuse.bfs config={cluster.path},client=0,ro,noauto 0 0\n")
+        out = subprocess.run(["mount", "-T", str(fstab), str(point)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        try:
+            assert (point / "f").stat().st_size == 4096 and os.statvfs(point).f_flag & os.ST_RDONLY
+            expect_errno(errno.EROFS, (point / "g").touch)
+        finally:
+            assert subprocess.run(["umount", str(point)], capture_output=True).returncode == 0
+        out = subprocess.run(["mount", "-t", "fuse.bfs", "-o", f"config={cluster.path},bogus", "bfs", str(point)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "unknown mount option 'bogus'" in out.stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", str(point)], capture_output=True)
+        stop_replicas(procs)
