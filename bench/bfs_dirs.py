@@ -2,7 +2,7 @@
 
 Mounts BFS on 4 replicas, fills one directory with empty files, and prints the milliseconds per
 create over the 100 creates that end at each size in ``--sizes``, and the milliseconds of a full
-listing (``os.listdir``, which pages through readdir) at that size. Flat figures mean a create
+listing (``os.listdir``, which pages through readdir; the best of three) at that size. Flat figures mean a create
 and a readdir page cost the same in a small and in a large directory. A measurement, not a test.
 
     python -m bench.bfs_dirs [--sizes 1000,4000]
@@ -48,9 +48,12 @@ def fill(directory: Path, sizes: list[int]) -> list[tuple[int, float, float]]:
             (directory / f"file-{made:06d}").touch()
             made += 1
         per_create = (time.perf_counter() - t0) * 1000 / WINDOW
-        t0 = time.perf_counter()
-        assert len(os.listdir(directory)) == size
-        rows.append((size, per_create, (time.perf_counter() - t0) * 1000))
+        listings = []
+        for _ in range(3):  # the best of three: the machine is shared
+            t0 = time.perf_counter()
+            assert len(os.listdir(directory)) == size
+            listings.append((time.perf_counter() - t0) * 1000)
+        rows.append((size, per_create, min(listings)))
     return rows
 
 

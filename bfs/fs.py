@@ -41,7 +41,14 @@ KIND_BITS = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, LNK: stat.S_IFLNK, FIFO: stat
 SPECIAL = frozenset({FIFO, SOCK, CHR, BLK})  # what mknod makes
 SUID_SGID = stat.S_ISUID | stat.S_ISGID
 KEEP_MAX = 1024  # open files a mount may name in one remove or rename
-READ_ONLY_OPS = frozenset({"getattr", "lookup", "access", "readlink", "read", "readdir", "fsstat", "fsinfo"})
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = 65536
+XATTR_INODE_MAX = 65536 + 4096  # names and values of one inode: one largest value and more
+# Extended attribute namespaces: user (the file's readers and writers), trusted (root), security
+# (root sets, everyone reads). No system.* (ACLs): EOPNOTSUPP, as a file system without them.
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+READ_ONLY_OPS = frozenset({"getattr", "lookup", "access", "readlink", "read", "readdir", "fsstat", "fsinfo",
+                           "getxattr", "listxattr"})
 R_OK, W_OK, X_OK = 4, 2, 1
 
 
@@ -87,6 +94,7 @@ class Inode:
     next_cookie: int = 1
     parent: int = 0  # directories only, for rename loop checks and ".."
     rdev: int = 0  # device nodes only
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
     # Not state: an index of a directory's entries by cookie, rebuilt from ``entries`` on decode,
     # so readdir resumes at a cookie by bisection. ``order`` is ascending (cookies only grow) and
     # keeps removed cookies until they are half of it; ``by_cookie`` has the live ones.
@@ -100,14 +108,16 @@ class Inode:
     def encode(self) -> list:
         """Without the entries, which have partitions of their own."""
         return [self.ino, self.kind, self.mode, self.uid, self.gid, self.nlink, self.size, self.atime,
-                self.mtime, self.ctime, self.gen, self.target, self.next_cookie, self.parent, self.rdev]
+                self.mtime, self.ctime, self.gen, self.target, self.next_cookie, self.parent, self.rdev,
+                sorted(self.xattrs.items())]
 
     @staticmethod
     def decode(row: list) -> Inode:
         (ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, gen, target, next_cookie, parent,
-         rdev) = row
+         rdev, xattrs) = row
         node = Inode(ino, kind, mode, uid, gid, nlink, size, atime, mtime, ctime, gen, bytes(target))
         node.next_cookie, node.parent, node.rdev = next_cookie, parent, rdev
+        node.xattrs = {bytes(n): bytes(v) for n, v in xattrs}
         return node
 
     def set_entries(self, rows: list[tuple[int, bytes, int]]) -> None:
@@ -732,6 +742,58 @@ class FileSystem:
         for ino in mine:
             self._free(self.inodes[ino])
         return len(mine)
+
+    def _xattr(self, creds: Creds, ino: object, name: object, write: bool) -> tuple[Inode, bytes]:
+        """The inode and attribute name, after Linux's checks for reading or writing it."""
+        node = self._node(ino)
+        if type(name) is not bytes or not name or b"\0" in name:
+            raise FsError(errno.EINVAL)
+        if len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE)
+        if not name.startswith(XATTR_NAMESPACES) or name in XATTR_NAMESPACES:
+            raise FsError(errno.EOPNOTSUPP)
+        if name.startswith(b"trusted.") or (write and name.startswith(b"security.")):
+            if creds.uid != 0:  # others cannot see trusted.* at all
+                raise FsError(errno.EPERM if write else errno.ENODATA)
+        elif name.startswith(b"user."):
+            if node.kind not in (REG, DIR):
+                raise FsError(errno.EPERM if write else errno.ENODATA)
+            if write and node.kind == DIR and self._sticky_denied(creds, node, node):
+                raise FsError(errno.EPERM)  # a sticky directory's user attributes are its owner's
+            self._check(creds, node, W_OK if write else R_OK)
+        return node, name
+
+    def op_getxattr(self, creds: Creds, ino: object, name: object) -> bytes:
+        node, name = self._xattr(creds, ino, name, write=False)
+        value = node.xattrs.get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def op_listxattr(self, creds: Creds, ino: object) -> list[bytes]:
+        node = self._node(ino)
+        return sorted(n for n in node.xattrs if creds.uid == 0 or not n.startswith(b"trusted."))
+
+    def op_setxattr(self, creds: Creds, ino: object, name: object, value: object) -> None:
+        node, name = self._xattr(creds, ino, name, write=True)
+        if type(value) is not bytes:
+            raise FsError(errno.EINVAL)
+        if len(value) > XATTR_VALUE_MAX:
+            raise FsError(errno.E2BIG)
+        old = node.xattrs.get(name)
+        held = sum(len(n) + len(v) for n, v in node.xattrs.items())
+        if held - (len(name) + len(old) if old is not None else 0) + len(name) + len(value) > XATTR_INODE_MAX:
+            raise FsError(errno.ENOSPC)
+        node.xattrs[name] = value
+        node.ctime = self.now
+        self._touch_meta(node)
+
+    def op_removexattr(self, creds: Creds, ino: object, name: object) -> None:
+        node, name = self._xattr(creds, ino, name, write=True)
+        if node.xattrs.pop(name, None) is None:
+            raise FsError(errno.ENODATA)
+        node.ctime = self.now
+        self._touch_meta(node)
 
     def op_commit(self, creds: Creds, ino: object) -> int:
         self._node(ino)

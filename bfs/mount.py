@@ -176,6 +176,20 @@ class BfsOperations(pyfuse3.Operations):
         s.f_namemax = name_max
         return s
 
+    # -- extended attributes (pyfuse3 does XATTR_CREATE and XATTR_REPLACE with getxattr) ----
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._call("getxattr", ctx, inode, name)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return await self._call("listxattr", ctx, inode)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._call("setxattr", ctx, inode, name, bytes(value))
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._call("removexattr", ctx, inode, name)
+
     # -- creating and removing --------------------------------------------------------------
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -312,4 +326,5 @@ def _result(name: str, result: bytes) -> tuple[int, object]:
     return reply[0], reply[1]
 
 
-READ_ONLY = frozenset({"getattr", "lookup", "access", "readlink", "read", "readdir", "fsstat", "fsinfo"})
+READ_ONLY = frozenset({"getattr", "lookup", "access", "readlink", "read", "readdir", "fsstat", "fsinfo",
+                       "getxattr", "listxattr"})

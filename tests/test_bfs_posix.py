@@ -145,6 +145,20 @@ def test_ownership_setuid_and_times(work: Path) -> None:
     assert os.stat(work / "theirs").st_mtime_ns == 7
 
 
+def test_extended_attributes_as_root_and_as_a_user(work: Path) -> None:
+    (work / "roots").write_text("r")
+    os.setxattr(work / "roots", "user.note", b"root's note")
+    os.setxattr(work / "roots", "trusted.t", b"t")
+    lines = as_user(work, (
+        "print(os.getxattr('roots', 'user.note').decode().replace(' ', '_'), os.listxattr('roots'))\n"
+        "print(e(os.setxattr, 'roots', 'user.note', b'mine'), e(os.getxattr, 'roots', 'trusted.t'))\n"
+        "open('mine', 'w').close(); os.setxattr('mine', 'user.a', b'1')\n"
+        "print(os.listxattr('mine'), e(os.setxattr, 'mine', 'trusted.a', b'1'))\n"
+    ))
+    assert lines == ["root's_note", "['user.note']", "EACCES", "ENODATA", "['user.a']", "EPERM"]
+    assert sorted(os.listxattr(work / "roots")) == ["trusted.t", "user.note"]
+
+
 def test_read_only_files_refuse_truncation_but_not_their_creators_handle(work: Path) -> None:
     lines = as_user(work, (
         "open('ro', 'w').write('abc'); os.chmod('ro', 0o444)\n"
@@ -223,7 +237,7 @@ def helper_installed() -> Iterator[None]:
             link.symlink_to(previous)
 
 
-def test_mount_helper_fstab_statfs_and_unsupported_calls(helper_installed: None, tmp_path: Path) -> None:
+def test_mount_helper_fstab_statfs_xattrs_and_fallocate(helper_installed: None, tmp_path: Path) -> None:
     cluster = cfg.load(cfg.keygen(tmp_path / "cluster", 1, 2, base_port=free_base_port(4),
                                   services={"bfs": {"name_max": 100, "bytes_max": 1 << 30}}))
     procs = start_replicas(cluster, "bfs", tmp_path / "logs", "warning")
@@ -241,8 +255,14 @@ def test_mount_helper_fstab_statfs_and_unsupported_calls(helper_installed: None,
             assert st.f_namemax == 100 and st.f_blocks * st.f_frsize == 1 << 30  # the configured limits
             expect_errno(errno.ENAMETOOLONG, (point / ("n" * 101)).touch)
             (point / ("n" * 100)).write_text("x")
-            for call, args in ((os.setxattr, ("user.k", b"v")), (os.getxattr, ("user.k",)), (os.listxattr, ())):
-                expect_errno(errno.EOPNOTSUPP, call, point / ("n" * 100), *args)
+            name = point / ("n" * 100)
+            os.setxattr(name, "user.k", b"v")
+            expect_errno(errno.EEXIST, os.setxattr, name, "user.k", b"w", os.XATTR_CREATE)
+            expect_errno(errno.ENODATA, os.setxattr, name, "user.j", b"w", os.XATTR_REPLACE)
+            assert os.getxattr(name, "user.k") == b"v" and os.listxattr(name) == ["user.k"]
+            expect_errno(errno.EOPNOTSUPP, os.setxattr, name, "system.posix_acl_access", b"")  # ACL-free
+            os.removexattr(name, "user.k")
+            expect_errno(errno.ENODATA, os.getxattr, name, "user.k")
             with open(point / "f", "wb") as fh:
                 libc = ctypes.CDLL(None, use_errno=True)
                 assert libc.fallocate(fh.fileno(), 0, ctypes.c_int64(0), ctypes.c_int64(4096)) == -1

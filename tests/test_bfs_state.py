@@ -371,3 +371,36 @@ def test_readdir_resumes_at_a_cookie_without_sorting_the_directory() -> None:
     copy = FileSystem()
     copy.restore(fs.fs.partitions())
     assert copy.inodes[d].entries_after(0, 5000) == directory.entries_after(0, 5000)
+
+
+def test_extended_attributes_follow_linux_namespaces_and_limits() -> None:
+    fs = Fs()
+    home = ino(fs("mkdir", ROOT, b"home", 0o777))
+    f = ino(fs("create", home, b"f", 0o644, True, who=ALICE))
+    fs("setxattr", f, b"user.colour", b"blue", who=ALICE)
+    fs("setxattr", f, b"trusted.secret", b"x")
+    fs("setxattr", f, b"security.label", b"l")
+    assert fs("getxattr", f, b"user.colour", who=BOB) == b"blue"  # readers may read
+    assert fs.err("setxattr", f, b"user.colour", b"red", who=BOB) == errno.EACCES  # writers may write
+    assert fs.err("setxattr", f, b"trusted.mine", b"x", who=ALICE) == errno.EPERM
+    assert fs.err("getxattr", f, b"trusted.secret", who=ALICE) == errno.ENODATA
+    assert fs.err("setxattr", f, b"security.label", b"m", who=ALICE) == errno.EPERM
+    assert fs("getxattr", f, b"security.label", who=BOB) == b"l"
+    assert fs("listxattr", f, who=ALICE) == [b"security.label", b"user.colour"]  # trusted.* is root's
+    assert fs("listxattr", f) == [b"security.label", b"trusted.secret", b"user.colour"]
+    assert fs.err("setxattr", f, b"system.posix_acl_access", b"", who=ALICE) == errno.EOPNOTSUPP
+    assert fs.err("setxattr", f, b"user.", b"", who=ALICE) == errno.EOPNOTSUPP
+    assert fs.err("getxattr", f, b"user.none", who=ALICE) == errno.ENODATA
+    assert fs.err("setxattr", f, b"user." + b"n" * 251, b"", who=ALICE) == errno.ERANGE
+    assert fs.err("setxattr", f, b"user.big", bytes(65537), who=ALICE) == errno.E2BIG
+    fs("setxattr", f, b"user.big", bytes(65536), who=ALICE)
+    assert fs.err("setxattr", f, b"user.more", bytes(5000), who=ALICE) == errno.ENOSPC
+    link = ino(fs("symlink", home, b"ln", b"f", who=ALICE))
+    assert fs.err("setxattr", link, b"user.x", b"", who=ALICE) == errno.EPERM  # user.*: files, dirs
+    fs("setattr", home, [0o1777, None, None, None, None, None])
+    assert fs.err("setxattr", home, b"user.x", b"", who=ALICE) == errno.EPERM  # sticky: owner's
+    copy = FileSystem()
+    copy.restore(fs.fs.partitions())
+    assert copy.inodes[f].xattrs == fs.fs.inodes[f].xattrs
+    fs("removexattr", f, b"user.colour", who=ALICE)
+    assert fs.err("removexattr", f, b"user.colour", who=ALICE) == errno.ENODATA
