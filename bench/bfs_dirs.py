@@ -3,7 +3,10 @@
 Mounts BFS on 4 replicas, fills one directory with empty files, and prints the milliseconds per
 create over the 100 creates that end at each size in ``--sizes``, and the milliseconds of a full
 listing (``os.listdir``, which pages through readdir; the best of three) at that size. Flat figures mean a create
-and a readdir page cost the same in a small and in a large directory. A measurement, not a test.
+and a readdir page cost the same in a small and in a large directory. Then the same for the
+state machine alone (bfs/fs.py in this process, a checkpoint captured every 128 operations, as
+the replicas do): microseconds of CPU per create, which the load of a shared machine disturbs
+less than the figures through the mount. A measurement, not a test.
 
     python -m bench.bfs_dirs [--sizes 1000,4000]
 """
@@ -16,9 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgpack
+
 from bench.andrew import mount, unmount
 from bench.micro import machine
+from bfs.fs import ROOT, FileSystem
 from bft import config as cfg
+from bft.core.clients import ClientTable
+from bft.core.state import capture
 from bft.launch import start_replicas, stop_replicas
 from bft.local import free_base_port, wait_for_port
 
@@ -57,6 +65,39 @@ def fill(directory: Path, sizes: list[int]) -> list[tuple[int, float, float]]:
     return rows
 
 
+def state_machine(sizes: list[int], spread: bool) -> list[float]:
+    """µs of CPU per lookup + create + setattr, with checkpoints, over the WINDOW creates that end
+    at each size: all in one directory, or (``spread``) in directories of WINDOW entries each, so
+    that what grows with the whole file system shows apart from what grows with a directory."""
+    fs, clients, ops = FileSystem(), ClientTable(64), 0
+    snapshot = capture(fs, clients, 0, None)
+
+    def call(*op: object) -> list:
+        nonlocal ops, snapshot
+        ops += 1
+        result = msgpack.unpackb(fs.execute(msgpack.packb([op[0], [0, 0, []], *op[1:]]), 0, ops))
+        if ops % 128 == 0:
+            snapshot = capture(fs, clients, ops, snapshot)  # digests only what changed, as replicas do
+        return result
+
+    d = call("mkdir", ROOT, b"big", 0o755)[1][0]
+    rows, made = [], 0
+    for size in sizes:
+        t0 = 0.0
+        while made < size:
+            if made == size - WINDOW:
+                t0 = time.process_time()
+            if spread and made % WINDOW == 0:
+                d = call("mkdir", ROOT, b"d%06d" % made, 0o755)[1][0]
+            name = b"file-%06d" % made
+            call("lookup", d, name)
+            ino = call("create", d, name, 0o644, True)[1][0]
+            call("setattr", ino, [None, None, None, None, -1, -1])
+            made += 1
+        rows.append((time.process_time() - t0) * 1e6 / WINDOW)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=_sizes, default=[1000, 4000], help="directory sizes to measure at")
@@ -81,7 +122,12 @@ def main() -> None:
     print("| entries | ms per create | ms to list the directory |\n|---|---|---|")
     for size, per_create, listing in rows:
         print(f"| {size} | {per_create:.2f} | {listing:.1f} |")
-    print(f"load after: {os.getloadavg()[0]:.1f}")
+    print(f"load after: {os.getloadavg()[0]:.1f}\n")
+    print("state machine alone: µs of CPU per create (lookup, create, setattr, checkpoints)\n")
+    print(f"| files | in one directory | in directories of {WINDOW} |\n|---|---|---|")
+    together, spread = state_machine(args.sizes, False), state_machine(args.sizes, True)
+    for size, one, many in zip(args.sizes, together, spread, strict=True):
+        print(f"| {size} | {one:.0f} | {many:.0f} |")
 
 
 if __name__ == "__main__":
