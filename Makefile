@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CLUSTER_DIR ?= .cluster
 
-.PHONY: run test lint sim bench clean
+.PHONY: run test lint sim bench clean docker-test
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed (set PYTHON=...)")'
@@ -42,6 +42,11 @@ sim: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.micro
+
+# Not part of `make test`: it needs a Docker engine (started here when missing and root) and a
+# few minutes. Builds the image on a base made from Debian's packages unless BASE_IMAGE is given.
+docker-test:
+	deploy/docker-test.sh
 
 clean:
 	rm -rf $(VENV) $(CLUSTER_DIR) $(MOUNT_DIR) .pytest_cache .ruff_cache .hypothesis

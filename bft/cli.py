@@ -11,8 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -248,35 +246,17 @@ def cmd_invoke(a: argparse.Namespace) -> None:
     print(value.decode(errors="replace") if isinstance(value, bytes) else "(none)")
 
 
-def _status_row(s: object) -> tuple[int, ...] | None:
-    """view, primary, executed, stable checkpoint and messages dropped, from a replica's
-    /status; None if ``s`` is not one (anything may listen on an admin port)."""
-    if not isinstance(s, dict) or not isinstance(s.get("dropped", {}), dict):
-        return None
-    row = [s.get(k) for k in ("view", "primary", "executed", "stable_checkpoint")]
-    dropped = list(s.get("dropped", {}).values())
-    if not all(type(v) is int for v in row + dropped):
-        return None
-    return (*row, sum(dropped))
-
-
 def cmd_status(a: argparse.Namespace) -> None:
+    from bft.statustable import collect, table
+
     cluster = cfg.load(a.config)
-    print(f"{'replica':>7} {'view':>5} {'primary':>7} {'executed':>9} {'stable':>7}  dropped")
-    for r in cluster.replicas:
-        url = f"http://{r.host}:{r.admin_port}/status"
-        try:
-            with urllib.request.urlopen(url, timeout=a.timeout) as resp:
-                s = json.load(resp)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            print(f"{r.id:>7} unreachable ({getattr(exc, 'reason', exc)})")
-            continue
-        row = _status_row(s)
-        if row is None:
-            print(f"{r.id:>7} answered, but not with a replica's status")
-            continue
-        view, primary, executed, stable, dropped = row
-        print(f"{r.id:>7} {view:>5} {primary:>7} {executed:>9} {stable:>7}  {dropped}")
+    if a.id is not None and a.id >= cluster.n:
+        raise CliError(f"--id {a.id}: the cluster has replicas 0 to {cluster.n - 1}")
+    rows = collect(cluster, a.timeout, a.id)
+    print(json.dumps(rows, indent=2) if a.json else table(rows))
+    # Non-zero when a replica asked for did not answer as one: a health check, with --id.
+    if any(row["error"] for row in rows):
+        sys.exit(1)
 
 
 def cmd_sim(a: argparse.Namespace) -> None:
@@ -404,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="print each replica's view, primary, executed and stable checkpoint")
     st.add_argument("--config", required=True)
     st.add_argument("--timeout", type=_seconds, default=2.0)
+    st.add_argument("--id", type=_positive, help="only this replica (exit status 1 unless it answers)")
+    st.add_argument("--json", action="store_true", help="one JSON object per replica, for programs")
     st.set_defaults(func=cmd_status)
 
     m = sub.add_parser("sim", help="run the deterministic simulator over seeds")

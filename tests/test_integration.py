@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import struct
 import subprocess
@@ -153,7 +154,18 @@ def test_blocking_client_and_cli(local_cluster) -> None:
     status = subprocess.run(
         [sys.executable, "-m", "bft", "status", "--config", str(cluster.path)], capture_output=True, text=True
     )
-    assert status.returncode == 0 and len(status.stdout.strip().splitlines()) == cluster.n + 1
+    # A boxed table: rule, heading, rule, a row per replica, rule; --json the same rows.
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.strip().splitlines()
+    assert len(lines) == cluster.n + 4 and all(line.startswith(("|", "+")) for line in lines)
+    assert [c.strip() for c in lines[1].strip("|").split("|")][:3] == ["ENDPOINT", "ID", "VIEW"]
+    rows = json.loads(subprocess.run(
+        [sys.executable, "-m", "bft", "status", "--config", str(cluster.path), "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout)
+    assert [r["replica"] for r in rows] == list(range(cluster.n))
+    assert all(r["error"] == "" and r["view"] == 0 and r["is_primary"] == (r["replica"] == 0) for r in rows)
+    assert max(r["executed"] for r in rows) >= 2  # the two puts
 
 
 def test_invoke_without_a_cluster_fails_with_one_line(tmp_path) -> None:
