@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml Makefile
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-dev pkg-config; \
 		else echo "FUSE 3 is missing: install fuse3, libfuse3-dev and pkg-config (Debian: apt-get install ...)"; exit 1; fi; \
 	fi
+	@# As root, what the netns tests (iptables) and the dashboard test (headless Chromium) need;
+	@# elsewhere those tests skip with the reason (and fail under CI=true).
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=""; command -v iptables >/dev/null || missing="$$missing iptables"; \
+		command -v chromium >/dev/null || missing="$$missing chromium fonts-dejavu-core"; \
+		if [ -n "$$missing" ]; then apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi; \
+	fi
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 		[ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
