@@ -20,7 +20,7 @@ from bft import config as cfg
 from bft.byzantine import CATALOGUE, describe
 from bft.crypto import REPLICA
 from bft.launch import start_replicas, stop_replicas
-from bft.runtime.process import run_async, setup_logging
+from bft.runtime.process import LOG_FORMATS, run_async, setup_logging
 from bft.runtime.storage import StorageError
 from bft.service import KVService, NullService, make_service, service_names
 from bft.sim.faults import FAULT_SETS
@@ -164,7 +164,7 @@ def cmd_up(a: argparse.Namespace) -> None:
     directory = Path(a.dir)
     cluster = _ensure_cluster(directory, a.f, a.clients, a.base_port)
     _service(a.service, cluster.services.get(a.service, {}))
-    procs = start_replicas(cluster, a.service, directory / "logs", a.log_level)
+    procs = start_replicas(cluster, a.service, directory / "logs", a.log_level, log_format=a.log_format)
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -325,6 +325,7 @@ def _seconds(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bft", description="PBFT replication: keys, replicas, clients, simulator.")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS, help="text for people, json for programs")
     sub = p.add_subparsers(dest="command", required=True)
 
     k = sub.add_parser("keygen", help="write cluster.toml and key files")
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="data directory for stable checkpoints (default: data/replica-ID beside the config)")
     r.add_argument("--log-file")
     r.add_argument("--log-level", default=argparse.SUPPRESS, choices=["debug", "info", "warning", "error"])
+    r.add_argument("--log-format", default=argparse.SUPPRESS, choices=LOG_FORMATS)
     r.add_argument(
         "--byzantine", metavar="BEHAVIOUR", choices=list(CATALOGUE),
         help="lie: rewrite or delay what this replica sends with BEHAVIOUR (listed below), for tests and demos",
@@ -410,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level if args.command != "up" else "warning", getattr(args, "log_file", None))
+    setup_logging(args.log_level if args.command != "up" else "warning", getattr(args, "log_file", None),
+                  args.log_format)
     try:
         args.func(args)
     except (cfg.ConfigError, CliError, StorageError) as exc:

@@ -16,19 +16,21 @@ from bft.config import Cluster
 
 
 def replica_command(
-    cluster: Cluster, replica: int, service: str, log_file: Path, log_level: str, byzantine: str | None = None
+    cluster: Cluster, replica: int, service: str, log_file: Path, log_level: str, byzantine: str | None = None,
+    log_format: str = "text",
 ) -> list[str]:
     """The command line that runs replica ``replica`` of ``cluster`` with ``service``; with
     ``byzantine`` (a name from bft.byzantine.BEHAVIOURS) a replica that lies."""
     command = [
         sys.executable, "-m", "bft", "replica", "--config", str(cluster.path), "--id", str(replica),
-        "--service", service, "--log-level", log_level, "--log-file", str(log_file),
+        "--service", service, "--log-level", log_level, "--log-file", str(log_file), "--log-format", log_format,
     ]
     return [*command, "--byzantine", byzantine] if byzantine else command
 
 
 def start_replicas(
-    cluster: Cluster, service: str, log_dir: Path, log_level: str = "info", byzantine: dict[int, str] | None = None
+    cluster: Cluster, service: str, log_dir: Path, log_level: str = "info", byzantine: dict[int, str] | None = None,
+    log_format: str = "text",
 ) -> list[subprocess.Popen]:
     """Start every replica of ``cluster``; replica i logs to ``log_dir/replica-i.log``, and lies
     with behaviour ``byzantine[i]`` if it has one."""
@@ -36,7 +38,9 @@ def start_replicas(
     byzantine = byzantine or {}
     return [
         subprocess.Popen(
-            replica_command(cluster, r.id, service, log_dir / f"replica-{r.id}.log", log_level, byzantine.get(r.id)),
+            replica_command(
+                cluster, r.id, service, log_dir / f"replica-{r.id}.log", log_level, byzantine.get(r.id), log_format
+            ),
             start_new_session=True,
         )
         for r in cluster.replicas

@@ -61,14 +61,16 @@ class LocalCluster:
     of bft.byzantine.BEHAVIOURS says (restarted, it lies again)."""
 
     def __init__(
-        self, directory: Path, f: int, service: str, params: Params, byzantine: tuple[int, str] | None = None
+        self, directory: Path, f: int, service: str, params: Params, byzantine: tuple[int, str] | None = None,
+        log_format: str = "text",
     ) -> None:
         n = 3 * f + 1
         cfg.keygen(directory, f, clients=8, base_port=free_base_port(n), params=params)
         self.cluster = cfg.load(directory / "cluster.toml")
         self.service = service
         self.byzantine = dict([byzantine]) if byzantine else {}
-        self.procs = start_replicas(self.cluster, service, directory / "logs", "info", self.byzantine)
+        self.log_format = log_format
+        self.procs = start_replicas(self.cluster, service, directory / "logs", "info", self.byzantine, log_format)
         for r in self.cluster.replicas:
             wait_for_port(r.host, r.port)
             wait_for_port(r.host, r.admin_port)
@@ -82,7 +84,9 @@ class LocalCluster:
         """Start a killed replica again, from its data directory (remove that first for a replica
         that comes back with nothing: it catches up from the others)."""
         log = self.cluster.path.parent / "logs" / f"replica-{replica}.restarted.log"
-        command = replica_command(self.cluster, replica, self.service, log, "info", self.byzantine.get(replica))
+        command = replica_command(
+            self.cluster, replica, self.service, log, "info", self.byzantine.get(replica), self.log_format
+        )
         self.procs[replica] = subprocess.Popen(command)
         r = self.cluster.replicas[replica]
         wait_for_port(r.host, r.port)

@@ -154,6 +154,7 @@ class ViewChanges:
             # f+1 replicas want a later view: at least one correct one timed out, join them.
             latest = {v: view for view, by in self.view_changes.items() if view > r.view for v in by}
             if len(latest) >= r.quorum.weak:
+                r.stats["view-changes-joined"] += 1
                 self.start(min(latest.values()))
             return
         self._progress()

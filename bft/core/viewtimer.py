@@ -136,4 +136,5 @@ class ViewTimer:
             self.arm()  # drops requests executed meanwhile; maybe none is left
         if self.deadline_ms is not None and now_ms >= self.deadline_ms:
             log.info("replica %d: view %d timed out", r.id, r.view)
+            r.stats["view-changes-timed-out"] += 1
             r.view_change.start(r.view + 1)

@@ -26,6 +26,7 @@ from bft.crypto import CLIENT, REPLICA, Keyring
 from bft.messages import Message, Request, Suspect
 from bft.runtime.admin import start_admin
 from bft.runtime.datadir import DataDir
+from bft.runtime.metrics import OBSERVE_S, Metrics, Observer
 from bft.runtime.session import Session
 from bft.runtime.transport import Admission, FrameProtocol, Peer
 from bft.runtime.wire import Wire, limits_of
@@ -73,10 +74,14 @@ class Node:
         self.frame_bytes_max = frame_bytes_max
         kr = wire.keyring
         encrypt = isinstance(core, Replica) and core.params.encrypt
+        self.metrics = Metrics(core.params.checkpoint_interval if isinstance(core, Replica) else 1)
+        self.observer: Observer | None = None
+        self.admin_peers: list[tuple[int, str, int]] = []  # (id, host, admin port): the dashboard's
         self.peers = {
             j: Peer(
                 h, p, self._on_frame, frame_bytes_max, self.transport_drops,
                 None if kr is None else (lambda j=j: Session(kr, expect=j, encrypt=encrypt)),
+                traffic=self.metrics.peer(f"{REPLICA}-{j}"),
             )
             for j, (h, p) in peers.items()
         }
@@ -108,6 +113,9 @@ class Node:
         for p in self.peers.values():
             p.start()
         jobs = [self._ticker(), self._summaries()]
+        if isinstance(self.core, Replica):
+            self.observer = Observer(self.name, self.core, self._drops, self.metrics)
+            jobs.append(self._observe())
         if isinstance(self.core, Replica) and self.wire.keyring is not None:
             jobs.append(self._recoveries())
         for job in jobs:
@@ -115,7 +123,7 @@ class Node:
             task.add_done_callback(self._task_done)
             self._tasks.append(task)
         if self.admin_port:
-            self._admin = await start_admin(self.status, self.started_s, self.host, self.admin_port)
+            self._admin = await start_admin(self, self.host, self.admin_port)
         log.info("%s listening on %s:%d", self.name, self.host, self.port)
 
     async def stop(self) -> None:
@@ -172,6 +180,15 @@ class Node:
             await asyncio.sleep(TICK_S)
             self._dispatch(self.core.tick(wall_ms()))
 
+    def _drops(self) -> Counter[str]:
+        return self.core.dropped + self.transport_drops
+
+    async def _observe(self) -> None:
+        assert self.observer is not None
+        while True:
+            await asyncio.sleep(OBSERVE_S)
+            self.observer.poll(time.monotonic())
+
     async def _recoveries(self) -> None:
         """Proactive recovery, each replica in its turn: replica i at i/n of every period, by the
         wall clock, so that no two recover at once (at most one is ever "recovering")."""
@@ -223,7 +240,8 @@ class Node:
         if kr is None:
             return FrameProtocol(self._on_frame, self.frame_bytes_max, self.transport_drops)
         return FrameProtocol(
-            self._on_frame, self.frame_bytes_max, self.transport_drops, Session(kr), self.admission, self._bind
+            self._on_frame, self.frame_bytes_max, self.transport_drops, Session(kr), self.admission, self._bind,
+            self.metrics.peer("unauthenticated"),
         )
 
     def _bind(self, conn: FrameProtocol) -> None:
@@ -233,6 +251,7 @@ class Node:
         conns = self.client_conns if kind == CLIENT else self.replica_conns
         if kind == CLIENT:
             self.wire.keyring.use_session_key(conn.peer, conn.session.request_key)
+        conn.traffic = self.metrics.peer(f"{kind}-{who}")  # the handshake's bytes stay unauthenticated's
         old = conns.get(who)
         conns[who] = conn
         if old is not None and old.transport is not None:
@@ -253,6 +272,7 @@ class Node:
             self.wire.unverifiable.clear()
         if msg is None:
             return
+        self.metrics.msgs_in[msg.TYPE] += 1
         peer = conn.peer
         if peer is None:  # no keys (the unreplicated baseline): a request names its connection
             if isinstance(msg, Request) and self.client_conns.get(msg.client) is not conn:
@@ -355,19 +375,23 @@ class Node:
                 peer = self.peers.get(to)
                 if peer is not None:
                     peer.send(self.wire.seal(msg, to))
+                    self.metrics.msgs_out[msg.TYPE] += 1
             case Broadcast(msg):
                 data = self.wire.seal(msg)
                 for p in self.peers.values():
                     p.send(data)
+                self.metrics.msgs_out[msg.TYPE] += len(self.peers)
             case ReplyTo(client, reply):
+                self.metrics.msgs_out[reply.TYPE] += 1
                 conn = self.client_conns.get(client)
                 if conn is None or not conn.send(self.wire.seal(reply)):
                     self.transport_drops["reply-undeliverable"] += 1
             case Persist():
+                self.metrics.persisted(effect.seq)
                 if self.data is not None:
                     self.data.save(effect)
-            case Executed():
-                pass  # the core counts executions itself; only checkers read these
+            case Executed(batch):
+                self.metrics.executed(batch, wall_ms())
             case _:
                 raise AssertionError(f"the core asked for an unknown effect: {effect!r}")
 
@@ -400,7 +424,7 @@ class Node:
             out["last_recovery_s"] = round(self.recovery_s, 4)
         if self.rewrite is not None:
             out["rewritten"] = self.rewritten
-        out["dropped"] = dict(sorted((core.dropped + self.transport_drops).items()))
+        out["dropped"] = dict(sorted(self._drops().items()))
         out["stats"] = dict(sorted((core.stats + self.wire.stats).items()))
         return out
 
@@ -430,10 +454,12 @@ def replica_node(
     peers = {r.id: (r.host, r.port) for r in cluster.replicas if r.id != replica_id}
     wire = Wire(keyring, limits_of(params), Counter(), sessions=True)
     data = DataDir(data_dir or cluster.path.parent / "data" / f"replica-{replica_id}", params.durability, wire.limits)
-    return Node(
+    node = Node(
         core, wire, me.host, me.port, peers, params.frame_bytes_max, me.admin_port, f"replica-{replica_id}", data,
         rewrite,
     )
+    node.admin_peers = [(r.id, r.host, r.admin_port) for r in cluster.replicas]
+    return node
 
 
 def unreplicated_node(

@@ -91,8 +91,11 @@ class FrameProtocol(asyncio.Protocol):
         session: Session | None = None,
         admission: Admission | None = None,
         on_session: Callable[[FrameProtocol], None] | None = None,
+        traffic: list[int] | None = None,
     ) -> None:
         self.on_frame = on_frame
+        # Bytes [in, out], shared by every connection of one peer (bft.runtime.metrics).
+        self.traffic = [0, 0] if traffic is None else traffic
         # Called as soon as the handshake completes, before any frame after it is handed on (a
         # future's callbacks would run only later, after frames that arrived in the same read).
         self.on_session = on_session
@@ -139,6 +142,7 @@ class FrameProtocol(asyncio.Protocol):
     def _write(self, frame: bytes) -> None:
         if self.transport is not None:
             self.transport.write(LENGTH.pack(len(frame)) + frame)
+            self.traffic[1] += 4 + len(frame)
 
     def _handshake(self, frame: bytes) -> None:
         session = self.session
@@ -165,6 +169,7 @@ class FrameProtocol(asyncio.Protocol):
         self.write_paused = False
 
     def data_received(self, data: bytes) -> None:
+        self.traffic[0] += len(data)
         buf = self._buf
         buf += data
         pos = 0
@@ -232,6 +237,7 @@ class FrameProtocol(asyncio.Protocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.write(data)
+            self.traffic[1] += len(data)
 
 
 class Peer:
@@ -250,8 +256,10 @@ class Peer:
         counters: Counter[str],
         session: Callable[[], Session] | None = None,
         on_session: Callable[[FrameProtocol], None] | None = None,
+        traffic: list[int] | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.traffic = traffic
         self.on_session = on_session
         self.on_frame = on_frame
         self.frame_bytes_max = frame_bytes_max
@@ -281,7 +289,8 @@ class Peer:
                 session = None if self.session is None else self.session()
                 _, proto = await loop.create_connection(
                     lambda session=session: FrameProtocol(
-                        self.on_frame, self.frame_bytes_max, self.counters, session, on_session=self.on_session
+                        self.on_frame, self.frame_bytes_max, self.counters, session, on_session=self.on_session,
+                        traffic=self.traffic,
                     ),
                     self.host,
                     self.port,
