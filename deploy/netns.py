@@ -242,6 +242,11 @@ class Load:
                 break
         raise AssertionError(f"not within {timeout_s} s: {what}; last: {json.dumps(self.last)}")
 
+    def at(self, wall: float, timeout_s: float = 10.0) -> dict:
+        """The first record made at or after ``wall`` (time.time() here): records still queued
+        from before a fault was made are not taken for what followed it."""
+        return self.wait_for(f"a record after {wall:.2f}", lambda r: r["wall"] >= wall, timeout_s)
+
     def finish(self, timeout_s: float = 60.0) -> dict:
         """Stop issuing operations, wait for those in flight and return the final record."""
         self.proc.stdin.close()
@@ -290,8 +295,8 @@ async def _load(config: str, clients: int, first_client: int, op_timeout_s: floa
     async def observe(http: aiohttp.ClientSession) -> None:
         while True:
             statuses = await asyncio.gather(*(_status(http, r) for r in cluster.replicas))
-            print(json.dumps({"t": round(time.monotonic() - started, 2), "ops": done["ops"], "status": statuses}),
-                  flush=True)
+            print(json.dumps({"t": round(time.monotonic() - started, 2), "wall": time.time(), "ops": done["ops"],
+                              "status": statuses}), flush=True)
             await asyncio.sleep(OBSERVE_S)
 
     async def until_stdin_closes() -> None:
