@@ -3,7 +3,7 @@ request (aae3df1): a backup stopped with SIGTERM and started again inside the lo
 longer caught up. The requests in the pre-prepares and batches it fetched carry tags under the
 clients' session keys of before its restart, which it no longer has: it dropped the batches
 ("bad-request-authentication") and made the clients suspect. Clients sign every request again by
-default (sign_every_request), and a replica suspects nobody in its first seconds."""
+default (sign_every_request), so the restarted replica checks them by their signatures."""
 
 from __future__ import annotations
 

@@ -182,8 +182,10 @@ class Replica:
         """A large request its client sent us directly, proven to us alone (its session; no
         signature): its body resolves the pre-prepare that names it, but we do not hold it for
         the view timer, since the primary may not be able to check it (its client's resend,
-        signed, is held)."""
+        signed, is held). One already executed is answered again."""
         self.now_ms = now_ms
+        if self.execution.answer_again(req):
+            return self.take_outbox()
         if self.large.is_large(req) and self.execution.clients.is_new(req.client, req.timestamp):
             self.large.store(req)
         return self.take_outbox()

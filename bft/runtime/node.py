@@ -35,8 +35,6 @@ from bft.service import Service
 log = logging.getLogger("bft.node")
 
 TICK_S = 0.01
-# Requests in flight outlive a restart by well under this (a client resends after 0.5 s).
-SUSPECT_AFTER_START_S = 10.0
 SUMMARY_S = 10.0
 
 
@@ -262,10 +260,7 @@ class Node:
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data, conn.peer)
         if self.wire.unverifiable:  # filled by a pre-prepare: rare, hence the check first
-            # Just started (or restarted), we lack the session keys that requests in flight were
-            # tagged with: what we cannot check then is held, as any, but proves nothing.
-            settled = time.monotonic() - self.started_s > SUSPECT_AFTER_START_S
-            if settled and conn.peer is not None and conn.peer[0] == REPLICA:
+            if conn.peer is not None and conn.peer[0] == REPLICA:
                 for client in self.wire.unverifiable:
                     if self._distrust(client):
                         self._dispatch([Broadcast(Suspect(client, self.core.id))])
@@ -287,8 +282,8 @@ class Node:
             self._distrust(msg.client)
             return
         if peer is not None and peer[0] == CLIENT and not self._may_hold(msg):
-            if self.core.large.is_large(msg):  # its first copy: kept, not held (Replica.keep_body)
-                self._dispatch(self.core.keep_body(msg, wall_ms()))
+            if self.core.large.is_large(msg) and msg.digest not in self.core.large.bodies:
+                self._dispatch(self.core.keep_body(msg, wall_ms()))  # its first copy: kept, not held
             else:
                 self.transport_drops["unsigned-request-at-backup"] += 1
             return
@@ -314,6 +309,11 @@ class Node:
         core = self.core
         if req.read_only or not isinstance(core, Replica) or core.is_primary() or req.client in self.wire.suspects:
             return True  # (a suspect's requests had their signature checked by the wire already)
+        if core.large.is_large(req) and req.digest not in core.large.bodies:
+            # A large request's first copy: kept by body, not held (``Replica.keep_body``), so
+            # no signature check (three per 4 KB request, more than the rest of its cost); a
+            # second copy is its client's resend, checked and held.
+            return False
         return self.wire.signed(req)
 
     def _distrust(self, client: int) -> bool:
