@@ -23,6 +23,7 @@ from bft.launch import start_replicas, stop_replicas
 from bft.runtime.process import LOG_FORMATS, run_async, setup_logging
 from bft.runtime.storage import StorageError
 from bft.service import KVService, NullService, make_service, service_names
+from bft.sim.casdnet import DELAYS, SKEWS
 from bft.sim.faults import FAULT_SETS
 
 log = logging.getLogger("bft")
@@ -259,8 +260,35 @@ def cmd_status(a: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_compare(a: argparse.Namespace) -> None:
+    from bft.sim.compare import compare
+    from bft.sim.comparetable import HEADER, hindsight, hindsight_table, line, plot
+
+    seeds = range(a.first_seed, a.first_seed + (3 if a.seeds is None else a.seeds))
+    if not seeds:
+        raise CliError("--seeds must be at least 1")
+    print(f"{len(seeds)} seeds per point (from {a.first_seed}); 4 nodes, node 3 crashes at 1 s; epsilon 2 ms")
+    print(HEADER)
+    rows = compare(a.compare, seeds, a.delays, a.skews, progress=lambda r: print(line(r), flush=True))
+    if "casd" in a.compare:
+        print("\nthe learned Delta against the best fixed Delta in hindsight (the fastest that broke nothing)")
+        print(hindsight_table(hindsight(rows)))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if plot(rows, out):
+        print(f"\nwrote {out}")
+    else:
+        print("\nno chart: install matplotlib (pip install -e '.[bench]')")
+
+
 def cmd_sim(a: argparse.Namespace) -> None:
+    if a.compare:
+        cmd_compare(a)
+        return
     from bft.sim.simulator import run_seed
+
+    if a.seeds is None:
+        a.seeds = 200
 
     seeds = [a.seed] if a.seed is not None else range(a.first_seed, a.first_seed + a.seeds)
     failures = []
@@ -310,6 +338,18 @@ def _positive(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"{text} must not be negative")
     return v
+
+
+def _names(allowed: tuple[str, ...], what: str):
+    def parse(text: str) -> list[str]:
+        names = [t for t in text.split(",") if t]
+        unknown = [t for t in names if t not in allowed]
+        if unknown or not names:
+            bad = ",".join(unknown) or repr(text)
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad} (choose from {','.join(allowed)})")
+        return list(dict.fromkeys(names))
+
+    return parse
 
 
 def _seconds(text: str) -> float:
@@ -391,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     m = sub.add_parser("sim", help="run the deterministic simulator over seeds")
-    m.add_argument("--seeds", type=_positive, default=200)
+    m.add_argument("--seeds", type=_positive, help="seeds to run (default 200; with --compare, 3 per point)")
     m.add_argument("--first-seed", type=_positive, default=0)
     m.add_argument("--seed", type=_positive, help="replay one seed")
     m.add_argument("--f", type=_positive, default=1)
@@ -406,6 +446,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--byzantine", dest="faults", action="store_const", const="byzantine", help="the same as --faults byzantine"
     )
     m.add_argument("--ops", type=_positive, default=150, help="operations per simulated client")
+    m.add_argument(
+        "--compare", type=_names(("casd", "pbft"), "protocol"), metavar="casd,pbft",
+        help="run CASD atomic broadcast and PBFT on the same seeded workloads over a sweep of Delta and of "
+        "delay and skew distributions; print a table and write a chart (--out)",
+    )
+    m.add_argument("--delays", type=_names(tuple(DELAYS), "delay distribution"), help="with --compare: "
+                   f"delay distributions, comma-separated (default all: {','.join(DELAYS)})")
+    m.add_argument("--skews", type=_names(tuple(SKEWS), "skew distribution"), help="with --compare: "
+                   f"clock skew distributions (default all: {','.join(SKEWS)})")
+    m.add_argument("--out", default="casd-vs-pbft.png", help="with --compare: the chart's path")
     m.set_defaults(func=cmd_sim)
     return p
 

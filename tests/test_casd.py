@@ -125,3 +125,35 @@ def test_the_estimator_tracks_mean_and_deviation_within_its_bounds() -> None:
     for _ in range(10):
         e.observe(10_000)
     assert e.bound(500) == 1_000
+
+
+# -- bft sim --compare casd,pbft -------------------------------------------------------------------
+
+
+def test_compare_prints_the_table_and_writes_the_chart(tmp_path, capsys) -> None:
+    from bft.cli import main
+
+    chart = tmp_path / "chart.png"
+    main(["sim", "--compare", "casd,pbft", "--seeds", "1", "--delays", "bounded", "--skews", "bounded",
+          "--out", str(chart)])
+    out = capsys.readouterr().out
+    rows = {tuple(line.split()[:5]): line for line in out.splitlines() if line.startswith(("casd", "pbft"))}
+    pbft = next(line for key, line in rows.items() if key[0] == "pbft")
+    assert " 0.0% " in pbft  # safe whatever the delays
+    tight = rows[("casd", "omission", "bounded", "bounded", "0.25")]
+    loose = rows[("casd", "omission", "bounded", "bounded", "8")]
+    assert " 0.0% " not in tight and " 0.0% " in loose  # Delta below the real delays breaks atomicity
+    # In bounds (delta 2 ms), no agreement round: faster than PBFT, with a third of its messages.
+    casd = rows[("casd", "omission", "bounded", "bounded", "2")].split()
+    assert " 0.0% " in " ".join(casd) and float(casd[7]) < float(pbft.split()[5])
+    assert float(casd[10]) < float(pbft.split()[8]) / 2
+    assert "best fixed" in out and chart.stat().st_size > 10_000
+
+
+def test_compare_refuses_an_unknown_protocol_or_distribution(capsys) -> None:
+    from bft.cli import main
+
+    for argv in (["--compare", "casd,raft"], ["--compare", "casd", "--delays", "gauss"]):
+        with pytest.raises(SystemExit):
+            main(["sim", *argv])
+        assert "unknown" in capsys.readouterr().err

@@ -25,16 +25,21 @@ agreement round. Three variants, each for a failure model:
 Times are integers in microseconds on the node's own clock, passed in by the caller; the node
 reads no clock, draws nothing at random and does no I/O, so the simulator replays it from a seed.
 A message carries the link bound it is held to (``link_us``), signed with it, so every node
-computes the same Delta for it: the sender's configured delta, or what its learner estimates
-(``bft.core.estimator``: Jacobson and Karels over how late messages arrive, backing off when one
-comes too late), within bounds every node checks.
+computes the same Delta for it: the sender's configured delta, or a learned one, within bounds
+every node checks. Learning (``bft.core.estimator``: Jacobson and Karels over how late messages
+arrive per hop, backing off when one that was not delivered yet comes too late) happens where
+messages arrive, but the bound is the sender's to choose, and clock offsets make what a node sees
+of others' messages the mirror of what they see of its own (a node whose clock is behind sees
+every message early). So each message also carries its sender's own estimate (``seen_us``), and a
+sender holds its messages to the largest estimate it has heard from anyone: how late messages
+arrive at the node whose clock is furthest ahead.
 """
 
 from __future__ import annotations
 
 import enum
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import msgpack
 
@@ -78,6 +83,7 @@ class Diffuse:
     link_us: int  # the delta this message is held to: it fixes its Delta everywhere
     payload: bytes
     hops: int = 1  # omission and timing variants: links crossed (faulty nodes cannot lie about it)
+    seen_us: int = 0  # learning: how late messages arrive at the sender, per hop (its estimate)
     signatures: tuple[tuple[int, bytes], ...] = ()  # Byzantine variant: (signer, signature), sender first
 
     @property
@@ -86,14 +92,14 @@ class Diffuse:
 
     def content(self) -> bytes:
         """What every signature covers."""
-        return msgpack.packb((b"casd", self.sender, self.timestamp_us, self.link_us, self.payload))
+        return msgpack.packb((b"casd", self.sender, self.timestamp_us, self.link_us, self.seen_us, self.payload))
 
 
 def signed(msg: Diffuse, keyring: Keyring) -> Diffuse:
     """``msg`` with the signature of ``keyring``'s owner added (a relay's, or the sender's)."""
-    return Diffuse(
-        msg.sender, msg.timestamp_us, msg.link_us, msg.payload, msg.hops + (len(msg.signatures) > 0),
-        (*msg.signatures, (keyring.me[1], keyring.sign_raw(msg.content()))),
+    return replace(
+        msg, hops=msg.hops + (len(msg.signatures) > 0),
+        signatures=(*msg.signatures, (keyring.me[1], keyring.sign_raw(msg.content()))),
     )
 
 
@@ -129,13 +135,22 @@ class CasdNode:
         # refuses a message whose bound is outside them (a faulty sender cannot stall deliveries).
         self.link_range = learn or (bounds.link_us, bounds.link_us)
         self.learner = Estimator(*learn) if learn else None
+        self.heard: dict[int, int] = {}  # learning: each other node's latest estimate
         self.accepted: dict[tuple[int, int], _Entry] = {}
         self.due: list[tuple[int, int, int]] = []  # (deliver at, sender, T)
         self.last_timestamp_us = -1
+        # What was delivered lately, (sender, T) -> delivery time: a copy of one of these that
+        # comes late is a relay's echo, not a sign that the bound is short. Kept for one Delta.
+        self.delivered: dict[tuple[int, int], int] = {}
         self.refused: dict[str, int] = {}  # why messages were not accepted, counted
 
-    def link_us(self) -> int:
+    def seen_us(self) -> int:
+        """Our own estimate of the link bound, from what arrives here."""
         return self.bounds.link_us if self.learner is None else self.learner.bound(self.bounds.link_us)
+
+    def link_us(self) -> int:
+        """The bound our broadcasts are held to: the largest estimate heard, ours included."""
+        return max(self.seen_us(), *self.heard.values(), 0) if self.learner is not None else self.bounds.link_us
 
     def delta_us(self, link_us: int | None = None) -> int:
         return self.bounds.delta_us(self.variant, link_us)
@@ -144,7 +159,7 @@ class CasdNode:
         # Distinct timestamps per sender: (sender, T) names a broadcast.
         t = max(now_us, self.last_timestamp_us + 1)
         self.last_timestamp_us = t
-        msg = Diffuse(self.id, t, self.link_us(), payload)
+        msg = Diffuse(self.id, t, self.link_us(), payload, seen_us=self.seen_us() if self.learner else 0)
         if self.keyring is not None:
             msg = signed(msg, self.keyring)
         self._accept(msg)
@@ -157,10 +172,11 @@ class CasdNode:
             return []
         if self.learner is not None and msg.sender != self.id:
             self.learner.observe((now_us - msg.timestamp_us) // msg.hops)
+            self.heard[msg.sender] = min(max(msg.seen_us, self.link_range[0]), self.link_range[1])
         self._accept(msg)
         if self.keyring is not None:
             return [signed(msg, self.keyring)]
-        return [Diffuse(msg.sender, msg.timestamp_us, msg.link_us, msg.payload, msg.hops + 1)]
+        return [replace(msg, hops=msg.hops + 1)]
 
     def _refuse(self, msg: Diffuse, now_us: int) -> str | None:
         """Why ``msg`` is not accepted here (None: it is). Cheap tests first, signatures last."""
@@ -173,7 +189,7 @@ class CasdNode:
             return "link bound out of range"
         t, skew = msg.timestamp_us, self.bounds.skew_us
         if now_us >= t + self.delta_us(msg.link_us):
-            if self.learner is not None:
+            if self.learner is not None and msg.key not in self.delivered:
                 self.learner.suspect()  # delivered elsewhere by now, perhaps: our bound was short
             return "late"
         if self.variant is not Variant.OMISSION:
@@ -213,4 +229,9 @@ class CasdNode:
             entry = self.accepted.pop((sender, t))
             payload = entry.payloads[0] if len(entry.payloads) == 1 else None
             out.append(Delivered(sender, t, payload, at))
+            if self.learner is not None:
+                self.delivered[(sender, t)] = at
+        if self.delivered:
+            horizon = now_us - self.delta_us(self.link_range[1])
+            self.delivered = {k: at for k, at in self.delivered.items() if at >= horizon}
         return out

@@ -47,6 +47,7 @@ class CasdConfig:
     broadcasts: int = 40
     duration_us: int = 400_000  # broadcasts spread over this
     learn: tuple[int, int] | None = None  # the learned link bound's (floor, ceiling); None: fixed
+    crashes: tuple[tuple[int, int], ...] = ()  # (node, real time): these stop then, whatever else fails
 
     def fault_model(self) -> str:
         return self.variant.value if self.faults == "own" else self.faults
@@ -77,6 +78,12 @@ class CasdResult:
     messages: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     link_us_used: list[int] = field(default_factory=list)  # the bound each correct broadcast carried
+    broken: set[tuple[int, int]] = field(default_factory=set)  # broadcasts (sender, T) with a violation
+    bounds: Bounds | None = None
+
+    def delta_for(self, link_us: int) -> int:
+        assert self.bounds is not None
+        return self.bounds.delta_us(self.config.variant, link_us)
 
     @property
     def ok(self) -> bool:
@@ -131,12 +138,14 @@ class CasdSimulation:
         self.offset = [skew(crng) for _ in range(cfg.n)]
         for i, f in self.faulty.items():
             self.offset[i] += f.clock_error_us
+        for i, at in cfg.crashes:
+            self.faulty.setdefault(i, Faulty()).crash_us = at
         rings = keyrings(cfg.n) if cfg.variant is Variant.BYZANTINE else (None,) * cfg.n
         self.nodes = [CasdNode(i, cfg.variant, self.bounds, rings[i], cfg.learn) for i in range(cfg.n)]
         self.queue: list[tuple[int, int, int, object]] = []
         self.counter = 0
         self.woken: list[set[int]] = [set() for _ in range(cfg.n)]
-        self.result = CasdResult(seed, cfg, self.bounds.delta_us(cfg.variant))
+        self.result = CasdResult(seed, cfg, self.bounds.delta_us(cfg.variant), bounds=self.bounds)
         self.sent_at: dict[tuple[int, int], int] = {}  # (sender, T) -> real time of the broadcast
         self.delivered: dict[int, list[Delivered]] = {i: [] for i in range(cfg.n) if i not in self.faulty}
         self.frng = random.Random(f"{seed}-casd-acts")
@@ -220,7 +229,8 @@ class CasdSimulation:
             self.delivered[i].extend(done)
             for d in done:
                 if self.local(i, now) != d.at_us:
-                    _violation(self, "timeliness", f"node {i} delivered {(d.sender, d.timestamp_us)} after T + Delta")
+                    _violation(self, "timeliness", f"node {i} delivered {(d.sender, d.timestamp_us)} after T + Delta",
+                               (d.sender, d.timestamp_us))
             self.result.latencies_us += [
                 now - self.sent_at[(d.sender, d.timestamp_us)] for d in done if d.sender not in self.faulty
             ]
@@ -242,7 +252,9 @@ class CasdSimulation:
         return self.result
 
 
-def _violation(sim: CasdSimulation, kind: str, what: str) -> None:
+def _violation(sim: CasdSimulation, kind: str, what: str, key: tuple[int, int] | None = None) -> None:
+    if key is not None:
+        sim.result.broken.add(key)
     sim.result.kinds[kind] += 1
     sim.result.violations.append(f"seed {sim.seed}: {kind}: {what}")
 
@@ -257,9 +269,9 @@ def check(sim: CasdSimulation) -> None:
     for key, by in sorted(seen.items()):
         if len(by) < len(correct):
             missing = [i for i in correct if i not in by]
-            _violation(sim, "atomicity", f"{key} delivered by {sorted(by)}, not by {missing}")
+            _violation(sim, "atomicity", f"{key} delivered by {sorted(by)}, not by {missing}", key)
         if len(set(by.values())) > 1:
-            _violation(sim, "order", f"{key} delivered with different contents: {sorted(by.items())}")
+            _violation(sim, "order", f"{key} delivered with different contents: {sorted(by.items())}", key)
     first = correct[0] if correct else None
     for i in correct[1:]:
         common = set(seen) & {(d.sender, d.timestamp_us) for d in delivered[i]}
@@ -273,7 +285,7 @@ def check(sim: CasdSimulation) -> None:
         by = seen.get(key, {})
         late = [i for i in correct if i not in by]
         if late:
-            _violation(sim, "timeliness", f"correct {key} not delivered at T + Delta by {late}")
+            _violation(sim, "timeliness", f"correct {key} not delivered at T + Delta by {late}", key)
 
 
 def run_casd(seed: int, cfg: CasdConfig) -> CasdResult:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+from collections.abc import Callable
 
 import msgpack
 
@@ -29,7 +30,10 @@ def identity(node: Node) -> Node:
 
 
 class Network:
-    def __init__(self, seed: int, rng: random.Random, faults: Faults, schedule: Schedule, fault_phase_ms: int) -> None:
+    def __init__(
+        self, seed: int, rng: random.Random, faults: Faults, schedule: Schedule, fault_phase_ms: int,
+        delays: Callable[[random.Random], int] | None = None,
+    ) -> None:
         self.rng = rng  # the main stream, shared with the clients' choice of operations
         self.faults = faults
         self.plan = schedule
@@ -42,6 +46,10 @@ class Network:
         self.transcript = hashlib.blake2b(digest_size=16)
         self.recorder = Recorder(random.Random(f"{seed}-replay")) if faults.replay else None
         self.replayed = 0
+        # A delay distribution in microseconds (bft.sim.casdnet, for ``bft sim --compare``), drawn
+        # from a stream of its own in both phases; None: the uniform delays the seeds always had.
+        self.delays = delays
+        self.delay_rng = random.Random(f"{seed}-delays")
 
     def schedule(self, at: int, kind: int, payload: object) -> None:
         self.counter += 1
@@ -97,7 +105,10 @@ class Network:
             if self.recorder is not None:
                 self.recorder.record(dst, msg)
         for _ in range(copies):
-            delay = self.rng.randint(1, self.faults.delay_ms_max if faulty else 2)
+            if self.delays is not None:
+                delay = max(1, -(-self.delays(self.delay_rng) // 1000))
+            else:
+                delay = self.rng.randint(1, self.faults.delay_ms_max if faulty else 2)
             self.schedule(now + delay, DELIVER, (dst, msg))
 
     def replay(self, now: int) -> None:

@@ -42,12 +42,14 @@ class Progress:
         self.last_done = [0] * clients  # when each client last completed a request (or started)
         self.longest_gap_ms = 0
         self.longest_heal_ms = 0
+        self.latencies_ms: list[int] = []  # submission to completion, every request
 
     def submit(self, client: int, ts: int, now: int) -> None:
         self.submitted[(client, ts)] = now
 
     def complete(self, client: int, ts: int, now: int) -> None:
         at = self.submitted.pop((client, ts))
+        self.latencies_ms.append(now - at)
         if now >= self.fault_phase_ms:
             self.longest_heal_ms = max(self.longest_heal_ms, now - max(at, self.fault_phase_ms))
         else:

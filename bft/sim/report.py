@@ -27,6 +27,7 @@ class Result:
     longest_heal_ms: int = 0  # the longest a request took after the faults healed
     gap_bound_ms: int | None = None  # what longest_gap_ms was held to (None: not held, partitions...)
     heal_bound_ms: int | None = None  # what longest_heal_ms was held to
+    latencies_ms: list[int] = field(default_factory=list)  # each request's, submission to completion
 
 
 def injected(sim: Simulation) -> tuple[str, ...]:
@@ -71,4 +72,5 @@ def report(sim: Simulation, ok: bool, error: str = "") -> Result:
         sim.progress.longest_heal_ms,
         sim.progress.gap_ms,
         sim.progress.heal_ms,
+        sim.progress.latencies_ms,
     )

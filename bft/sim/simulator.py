@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 
 from bft.core.client import ClientCore
@@ -78,6 +79,7 @@ class Simulation:
         params: Params = SIM_PARAMS,
         tentative: bool | None = None,
         schedule: Schedule | None = None,  # the faults, instead of what the seed draws (scenario tests)
+        delays: Callable[[random.Random], int] | None = None,  # link delays in us (bft sim --compare)
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -116,7 +118,7 @@ class Simulation:
         self.recorders = {i: Recorder(random.Random(f"{seed}-replayer-{i}")) for i in replayers}
         self.disk_rng = random.Random(f"{seed}-disk-writes")
         self.disks: dict[int, Disk] = {}  # each replica's data directory
-        self.net = Network(seed, self.rng, self.faults, s, fault_phase_ms)
+        self.net = Network(seed, self.rng, self.faults, s, fault_phase_ms, delays)
         gap_ms = gap_bound_ms(params, f, s.big_mac) if s.byzantine_alone() else None
         self.progress = Progress(clients, fault_phase_ms, gap_ms)
         # A faulty client, one id past the correct ones: its replies go nowhere, nothing waits on it.
