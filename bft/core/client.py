@@ -7,7 +7,11 @@ default) every result needs 2f+1 matching replies: a read-only result is checked
 replicas, and unless writes were confirmed by 2f+1 as well a read could miss one its client saw
 complete (TOCS 2002, section 5.1.3). Tentative replies always need 2f+1, so that the result survives
 a view change (5.1.2). On time-out the request goes to every replica, which relay it to the primary,
-and the time-out doubles (up to a cap). The client learns the view from replies.
+and the time-out doubles (up to a cap). The client learns the view from replies. With
+``adaptive_timeouts`` the first time-out is learned from how long replies took (Jacobson and Karels,
+``bft.core.estimator``; Karn's rule: only requests never resent count), a resend is a suspicion
+that doubles it for the requests after, and it stays within ``request_timeout_min_ms`` and
+``request_timeout_max_ms``.
 
 A read-only request goes to every replica, which execute it at once on their current state. If
 their replies disagree or are too slow the operation is sent again as an ordinary ordered request,
@@ -21,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from bft.core.effects import Broadcast, Send
+from bft.core.estimator import Estimator
 from bft.core.params import DIGEST_REPLY_BYTES_MIN, Params
 from bft.messages import Reply, Request, digest
 
@@ -55,6 +60,7 @@ class Pending:
     resent_for_full: bool = False
     resent: bool = False  # sent again to every replica (which hold it for their view timers)
     replies: dict[int, Reply] = field(default_factory=dict)
+    sent_ms: int = 0  # when it was first sent (the adaptive timer's sample)
 
 
 class ClientCore:
@@ -73,6 +79,12 @@ class ClientCore:
         self.misses: Counter[int] = Counter()  # replica -> results in a row it did not answer
         self.sign_until_ms = -1
         self.sign_hold_ms = SIGN_HOLD_MS_MIN
+        p = params
+        self.estimator = Estimator(p.request_timeout_min_ms, p.request_timeout_max_ms) if p.adaptive_timeouts else None
+
+    def timeout_ms(self) -> int:
+        fixed = self.params.request_timeout_ms
+        return fixed if self.estimator is None else self.estimator.bound(fixed)
 
     @property
     def primary(self) -> int:
@@ -93,8 +105,8 @@ class ClientCore:
         assert self.can_submit(), "client window full"
         req = Request.make(self.id, self.next_timestamp, op, read_only)
         self.next_timestamp += 1
-        timeout = self.params.request_timeout_ms
-        self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, req.timestamp)
+        timeout = self.timeout_ms()
+        self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, req.timestamp, sent_ms=now_ms)
         large = self.params.separate_large_requests and len(req.raw) > self.params.large_request_bytes
         self.outbox.append(Broadcast(req) if read_only or large else Send(self.primary, req))
         return req
@@ -138,8 +150,8 @@ class ClientCore:
         del self.inflight[pending.request.timestamp]
         req = Request.make(self.id, self.next_timestamp, pending.request.op, False)
         self.next_timestamp += 1
-        timeout = self.params.request_timeout_ms
-        self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, pending.origin)
+        timeout = self.timeout_ms()
+        self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, pending.origin, sent_ms=now_ms)
         self.stats["read-only-fallbacks"] += 1
         self.outbox.append(Send(self.primary, req))
 
@@ -198,6 +210,8 @@ class ClientCore:
         views = sorted((r.view for r in matching), reverse=True)
         self.view = max(self.view, views[self.f])
         del self.inflight[reply.timestamp]
+        if self.estimator is not None and not pending.resent and not pending.request.read_only:
+            self.estimator.observe(now_ms - pending.sent_ms)
         for i in range(self.n):
             if i in pending.replies:
                 self.misses.pop(i, None)
@@ -217,6 +231,8 @@ class ClientCore:
                     pending.timeout_ms * 2, self.params.request_timeout_ms * TIMEOUT_BACKOFF_MAX
                 )
                 pending.deadline_ms = now_ms + pending.timeout_ms
+                if self.estimator is not None and not pending.resent:
+                    self.estimator.suspect()
                 pending.resent = True
                 self.stats["retransmissions"] += 1
                 log.debug("client %d resends %d to all", self.id, pending.request.timestamp)

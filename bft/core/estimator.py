@@ -57,4 +57,4 @@ class Estimator:
             base = default
         else:
             base = (self.mean >> MEAN_SHIFT) + DEVIATIONS * (self.deviation >> DEVIATION_SHIFT)
-        return min(self.ceiling, max(self.floor, base << self.suspicion))
+        return min(self.ceiling, max(self.floor, base) << self.suspicion)

@@ -9,6 +9,16 @@ view starts every clock again (its primary gets a full timeout). Each client has
 the waiting set, so a flooding client cannot push the others' requests out of it. A primary
 that orders each request a little within its timeout is left to the slow-primary monitor
 (``bft.core.monitor``), which reads the waits of the requests held here.
+
+With ``adaptive_timeouts`` the timeout is learned (``bft.core.estimator``) from how long the
+requests held here waited to execute, between ``view_timeout_min_ms`` and ``view_timeout_ms``, and
+a view change starts once the request the timer runs for waited that long and the primary has
+been silent for as long (nothing held here executed meanwhile), or once it waited the fixed
+``view_timeout_ms``, whichever comes first. A primary that keeps executing is suspected no sooner
+than with the fixed timer, so a load spike costs no view change the fixed timer would not start;
+a crashed or silent one is suspected as soon as its silence outlasts what requests usually take,
+and a slow one as soon as its pauses do. What the timer learns never exceeds the fixed timeout,
+so a slow primary cannot teach it its own pace.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from bft.core.budgets import queue_bytes_max, request_bytes
+from bft.core.estimator import Estimator
 from bft.messages import Request
 
 if TYPE_CHECKING:
@@ -33,8 +44,8 @@ VIEW_BACKOFF_MAX = 6
 
 class ViewTimer:
     __slots__ = (
-        "arrived_ms", "attempt", "deadline_ms", "head", "per_client", "r", "waiting", "waiting_bytes",
-        "waiting_bytes_max",
+        "arrived_ms", "attempt", "deadline_ms", "estimator", "head", "per_client", "progress_ms", "r", "waiting",
+        "waiting_bytes", "waiting_bytes_max",
     )
 
     def __init__(self, replica: Replica) -> None:
@@ -47,9 +58,17 @@ class ViewTimer:
         self.deadline_ms: int | None = None
         self.head: tuple[int, int] | None = None  # the request the timer runs for
         self.attempt = 0  # successive view changes without progress: the back-off exponent
+        p = replica.params
+        low = min(p.view_timeout_min_ms, p.view_timeout_ms)
+        self.estimator = Estimator(low, p.view_timeout_ms) if p.adaptive_timeouts else None
+        self.progress_ms = -1  # adaptive: when a request held here last executed
 
-    def timeout_ms(self) -> int:
-        return self.r.params.view_timeout_ms << min(self.attempt, VIEW_BACKOFF_MAX)
+    def timeout_ms(self, alive: bool = False) -> int:
+        """The fixed timeout; or, adaptive and while the primary is silent (not ``alive``), the
+        learned one. Either doubles with each view change in a row (``attempt``)."""
+        fixed = self.r.params.view_timeout_ms
+        base = fixed if self.estimator is None or alive else self.estimator.bound(fixed)
+        return base << min(self.attempt, VIEW_BACKOFF_MAX)
 
     def hold(self, key: tuple[int, int], req: Request) -> bool:
         """Remember a request we expect to see executed; bounded in all, in bytes and per client
@@ -78,7 +97,11 @@ class ViewTimer:
         req = self.waiting.pop(key, None)
         if req is not None:
             self.waiting_bytes -= request_bytes(req)
-            self.r.monitor.completed(self.r.now_ms - self.arrived_ms.pop(key))
+            waited = self.r.now_ms - self.arrived_ms.pop(key)
+            self.r.monitor.completed(waited)
+            if self.estimator is not None:
+                self.estimator.observe(waited)
+                self.progress_ms = self.r.now_ms
             self.per_client[key[0]] -= 1
             if not self.per_client[key[0]]:
                 del self.per_client[key[0]]
@@ -123,6 +146,9 @@ class ViewTimer:
             self.head = head
             self.deadline_ms = self.arrived_ms[head] + self.timeout_ms()
 
+    def _learning(self) -> bool:
+        return self.estimator is not None and not self.r.view_changing and self.head in self.arrived_ms
+
     def start_for_view_change(self) -> None:
         """2f+1 replicas are changing view: give the new primary one timeout to deliver."""
         if self.deadline_ms is None:
@@ -134,6 +160,10 @@ class ViewTimer:
             return
         if not r.view_changing:
             self.arm()  # drops requests executed meanwhile; maybe none is left
+        if self.deadline_ms is not None and now_ms >= self.deadline_ms and self._learning():
+            # Not silent for the learned timeout: wait until it is, or as the fixed timer would.
+            cap = self.arrived_ms[self.head] + self.timeout_ms(alive=True)
+            self.deadline_ms = max(self.deadline_ms, min(cap, self.progress_ms + self.timeout_ms()))
         if self.deadline_ms is not None and now_ms >= self.deadline_ms:
             log.info("replica %d: view %d timed out", r.id, r.view)
             r.stats["view-changes-timed-out"] += 1
