@@ -12,7 +12,7 @@ ones (the same values as their starting point):
 - slow primary: replica 0 holds each PRE-PREPARE for 0.9 of the fixed view timeout
   (``--byzantine slow-primary``), with the slow-primary monitor off, so the timers alone decide.
 
-    python -m bench.timeouts [--seeds 10] [--seconds 8] [--skip-processes]
+    python -m bench.timeouts [--seeds 10] [--seconds 8] [--repeats 3] [--skip-processes]
 
 Prints a table and writes ``bench/results/timeouts.{md,json}``. A measurement, not a test.
 """
@@ -162,7 +162,7 @@ async def _loops(lc: LocalCluster, loops: int, seconds: float, events=None) -> d
     }
 
 
-def process_runs(seconds: float) -> dict:
+def process_runs(seconds: float, repeats: int) -> dict:
     defaults = Params(primary_throughput_fraction=0.0)
     out: dict = {}
     for timer, params in {"fixed": defaults, "adaptive": replace(defaults, adaptive_timeouts=True)}.items():
@@ -174,16 +174,20 @@ def process_runs(seconds: float) -> dict:
             "slow primary": ({"starts": [0.0] * 2}, "slow-primary"),
         }
         for name, (events, behaviour) in cases.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                lc = LocalCluster(Path(tmp) / "c", 1, "kv", params, byzantine=(0, behaviour) if behaviour else None)
-                try:
-                    r = run_async(_loops(lc, len(events["starts"]), seconds, events))
-                finally:
-                    lc.stop()
-            if "kill_s" in events:
-                r["crash to a later view s"] = r.pop("first op in a later view s") - events["kill_s"]
-            rows[name] = r
-            print(f"processes, {timer}, {name}: {r}", flush=True)
+            runs = []
+            for _ in range(repeats):
+                with tempfile.TemporaryDirectory() as tmp:
+                    byzantine = (0, behaviour) if behaviour else None
+                    lc = LocalCluster(Path(tmp) / "c", 1, "kv", params, byzantine=byzantine)
+                    try:
+                        r = run_async(_loops(lc, len(events["starts"]), seconds, events))
+                    finally:
+                        lc.stop()
+                if "kill_s" in events:
+                    r["crash to a later view s"] = r.pop("first op in a later view s") - events["kill_s"]
+                print(f"processes, {timer}, {name}: {r}", flush=True)
+                runs.append(r)
+            rows[name] = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
     return out
 
 
@@ -195,7 +199,7 @@ def table(results: dict) -> str:
         for measure, value in measures.items():
             lines.append(f"| {scenario} | {measure} | {value:.2f} | {sim['adaptive'][scenario][measure]:.2f} |")
     if "processes" in results:
-        lines += ["", "Real processes (4 replicas, kv, loopback)", "",
+        lines += ["", f"Real processes (4 replicas, kv, loopback; mean of {results['repeats']} runs)", "",
                   "| scenario | measure | fixed | adaptive |", "|---|---|---|---|"]
         proc = results["processes"]
         for scenario, measures in proc["fixed"].items():
@@ -209,15 +213,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each real-process run")
+    ap.add_argument("--repeats", type=int, default=3, help="real-process runs per scenario (means are printed)")
     ap.add_argument("--skip-processes", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args()
-    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "seeds": a.seeds}
+    results: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "seeds": a.seeds, "repeats": a.repeats}
     t0 = time.perf_counter()
     results["sim"] = sim_runs(range(a.seeds))
     print(f"simulator: {time.perf_counter() - t0:.0f} s", flush=True)
     if not a.skip_processes:
-        results["processes"] = process_runs(a.seconds)
+        results["processes"] = process_runs(a.seconds, a.repeats)
     md = table(results)
     print("\n" + md)
     write_results(a.out, "timeouts", results, md, lambda _r, _p: False)

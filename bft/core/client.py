@@ -9,9 +9,11 @@ complete (TOCS 2002, section 5.1.3). Tentative replies always need 2f+1, so that
 a view change (5.1.2). On time-out the request goes to every replica, which relay it to the primary,
 and the time-out doubles (up to a cap). The client learns the view from replies. With
 ``adaptive_timeouts`` the first time-out is learned from how long replies took (Jacobson and Karels,
-``bft.core.estimator``; Karn's rule: only requests never resent count), a resend is a suspicion
-that doubles it for the requests after, and it stays within ``request_timeout_min_ms`` and
-``request_timeout_max_ms``.
+``bft.core.estimator``; Karn's rule: only requests never resent count), between
+``request_timeout_min_ms`` and the fixed ``request_timeout_ms``; a resend doubles it for the
+requests after (within the same bounds), so that a load spike, whose replies Karn's rule would
+never sample, soon stops costing resends. Never longer than the fixed time-out, it keeps the
+simulator's liveness bounds, which are counted in fixed time-outs.
 
 A read-only request goes to every replica, which execute it at once on their current state. If
 their replies disagree or are too slow the operation is sent again as an ordinary ordered request,
@@ -80,7 +82,8 @@ class ClientCore:
         self.sign_until_ms = -1
         self.sign_hold_ms = SIGN_HOLD_MS_MIN
         p = params
-        self.estimator = Estimator(p.request_timeout_min_ms, p.request_timeout_max_ms) if p.adaptive_timeouts else None
+        low = min(p.request_timeout_min_ms, p.request_timeout_ms)
+        self.estimator = Estimator(low, p.request_timeout_ms) if p.adaptive_timeouts else None
 
     def timeout_ms(self) -> int:
         fixed = self.params.request_timeout_ms
