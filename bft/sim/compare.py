@@ -14,6 +14,7 @@ latency is a line across the plot.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from bft.casd.protocol import Variant
@@ -91,18 +92,21 @@ def _p99(values: list[int]) -> float:
     return float(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]) if ordered else 0.0
 
 
-def compare(protocols: list[str], seeds: range, delays: list[str] | None = None,
-            skews: list[str] | None = None, progress=None) -> list[Row]:
+def compare(
+    protocols: list[str], seeds: range, delays: list[str] | None = None, skews: list[str] | None = None,
+    progress: Callable[[Row], None] = lambda _row: None,
+) -> list[Row]:
+    """Every row of the comparison; ``progress`` sees each as it is done."""
     rows: list[Row] = []
     for d in delays or list(DELAYS):
         if "pbft" in protocols:
             rows.append(_pbft_row(d, seeds))
-            progress and progress(rows[-1])
+            progress(rows[-1])
         if "casd" not in protocols:
             continue
         for s in skews or list(SKEWS):
             for variant in Variant:
                 for link in (*LINK_SWEEP_US, None):
                     rows.append(_casd_row(variant, d, s, link, seeds))
-                    progress and progress(rows[-1])
+                    progress(rows[-1])
     return rows
