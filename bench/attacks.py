@@ -87,8 +87,7 @@ from pathlib import Path
 
 import msgpack
 
-from bench.micro import RESULTS, machine, pyplot, save, write_results
-from bench.recovery import rss_mb
+from bench.micro import RESULTS, machine, process_cpu_s, pyplot, rss_mb, save, write_results
 from bft import config as cfg
 from bft.byzantine import CATALOGUE
 from bft.core.params import Params
@@ -198,19 +197,6 @@ def scenarios() -> list[Scenario]:
 
 
 # -- measuring ------------------------------------------------------------------------------------
-
-
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """User plus system CPU time of process ``pid`` so far (0 once it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2:].split()  # utime and stime are fields 14 and 15
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
 def value_of(result: bytes) -> tuple[bool, object]:
@@ -347,7 +333,7 @@ class Sampler:
             if p.poll() is None:
                 with contextlib.suppress(OSError):
                     self.rss[i] = max(self.rss.get(i, 0.0), rss_mb(p.pid))
-                    self.cpu[p.pid] = (i, cpu_s(p.pid))
+                    self.cpu[p.pid] = (i, process_cpu_s([p.pid]))
 
     def cpu_by_replica(self) -> dict[int, float]:
         out: dict[int, float] = {}

@@ -35,7 +35,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from bench.micro import RESULTS, latency, machine, pyplot, save, throughput, write_results
+from bench.micro import RESULTS, latency, machine, process_cpu_s, pyplot, save, throughput, write_results
 from bench.recovery import fill
 from bft import config as cfg
 from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES, Params
@@ -49,21 +49,6 @@ LATENCY_OPS_MAX = 1_000_000  # the latency run is bounded by --seconds; this onl
 RESTART_REPLICA = 3  # a backup: killing it starts no view change
 RESTART_TIMEOUT_S = 120.0
 TAIL_OPS = 200  # puts after the fill, so the restarted replica has batches past a checkpoint to replay
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User plus system CPU time of the processes ``pids`` so far (all their threads)."""
-    total = 0
-    for pid in pids:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        # Fields after the command name (which may hold spaces, so split after its ")"):
-        # state is field 3, utime and stime are fields 14 and 15.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS_PER_S
-
-
 def measure_mode(directory: Path, mode: str, args: argparse.Namespace) -> dict:
     """Latency and throughput on a fresh null-service cluster with ``durability = mode``."""
     return measure(directory, replace(DEFAULT_PARAMS, durability=mode), mode, args)
@@ -88,7 +73,7 @@ def measure(directory: Path, params: Params, mode: str, args: argparse.Namespace
         print(f"  {mode:<7} 0/0 read-write, 1 client   median {lat['median_ms']:.3f} ms  "
               f"p99 {lat['p99_ms']:.3f} ms  ({lat['ops']} ops)", flush=True)
         pids = [p.pid for p in procs]
-        tp = run_async(throughput(make_client, args.clients, args.seconds, lambda: cpu_seconds(pids)))
+        tp = run_async(throughput(make_client, args.clients, args.seconds, lambda: process_cpu_s(pids)))
         tp["cpu_s_per_1000_ops"] = tp["cpu_s"] / tp["ops"] * 1000
         print(f"  {mode:<7} 0/0 read-write, {args.clients} clients  {tp['ops_per_s']:.0f} ops/s  "
               f"replica CPU {tp['cpu_s_per_1000_ops']:.3f} s per 1,000 ops", flush=True)

@@ -66,8 +66,7 @@ from pathlib import Path
 
 import msgpack
 
-from bench.micro import RESULTS, machine
-from bench.recovery import rss_mb
+from bench.micro import RESULTS, machine, process_cpu_s, rss_mb
 from bft import config as cfg
 from bft.core.params import Params
 from bft.crypto import CLIENT, REPLICA, Keyring
@@ -540,12 +539,6 @@ def hold_idle(addr: tuple[str, int], count: int, wait_s: float) -> tuple[list[so
     return socks, sum(closed_now(s) for s in socks)
 
 
-def cpu_s(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _status(host: str, port: int) -> dict | None:
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=2) as resp:
@@ -772,7 +765,7 @@ async def measure(a: argparse.Namespace, lc: LocalCluster) -> dict:
             "--report", str(report_path), "--dump", str(a.dump),
         )
         f0 = time.monotonic()
-        cpu0 = [cpu_s(p.pid) if p.poll() is None else 0.0 for p in lc.procs]
+        cpu0 = [process_cpu_s([p.pid]) if p.poll() is None else 0.0 for p in lc.procs]
         down: list[str] = []
         status_misses = 0
         last_print = f0
@@ -807,7 +800,10 @@ async def measure(a: argparse.Namespace, lc: LocalCluster) -> dict:
         f1 = time.monotonic()
         during_ops = load.between(f0, f1)
         alive = proc.poll() is None
-        cpu = [round(cpu_s(p.pid) - c0, 1) if p.poll() is None else None for p, c0 in zip(lc.procs, cpu0, strict=True)]
+        cpu = [
+            round(process_cpu_s([p.pid]) - c0, 1) if p.poll() is None else None
+            for p, c0 in zip(lc.procs, cpu0, strict=True)
+        ]
         rss_after = rss_mb(proc.pid) if alive else float("nan")
         load.stop = True
         await asyncio.wait(tasks, timeout=30)

@@ -183,21 +183,30 @@ async def throughput(
             await c.close()
 
 
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
 def process_cpu_s(pids: list[int]) -> float:
-    """User and system CPU seconds the processes have used so far (/proc/PID/stat)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    """User plus system CPU seconds the processes (all their threads) have used so far; one
+    that is gone counts 0. The benchmarks' one reader of /proc/PID/stat."""
+    total = 0
     for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        # After the command name (which may hold spaces): utime and stime are fields 14 and 15.
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS_PER_S
 
 
 def rss_mb(pid: int) -> float:
+    """Resident set size of process ``pid`` in MB (NaN if it has none to report)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    return 0.0
+    return float("nan")
 
 
 class Target:

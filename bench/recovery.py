@@ -21,20 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.micro import RESULTS, machine
+from bench.micro import RESULTS, machine, rss_mb
 from bft import config as cfg
 from bft.launch import start_replicas, stop_replicas
 from bft.local import LocalCluster, free_base_port, wait_for_port
 from bft.runtime.process import run_async
 from bft.service import KVService
 from client import Client
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def view_change(lc: LocalCluster) -> float:

@@ -71,6 +71,18 @@ def _pair_key(shared: bytes, src: Principal, dst: Principal) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
 
+def _tagged_with(
+    keys: tuple[bytes | None, ...], peer: Principal, type_: int, payload: bytes, auth: bytes, index: int
+) -> bool:
+    """Whether the tag at position ``index`` of ``auth`` is ``peer``'s under one of ``keys``."""
+    tag = auth[index * MAC_BYTES:(index + 1) * MAC_BYTES]
+    if len(tag) != MAC_BYTES or not keys[0]:
+        return False
+    data = signed_bytes(type_, peer[1], payload)
+    # The current key first: an older one is tried only when it fails.
+    return any(key and hmac.compare_digest(tag, mac(key, data)) for key in keys)
+
+
 class Keyring:
     """One node's view of the keys: its own private keys and a MAC key to and from every peer.
 
@@ -144,25 +156,12 @@ class Keyring:
 
     def check_tag(self, peer: Principal, type_: int, payload: bytes, auth: bytes, index: int) -> bool:
         """Check the tag at position ``index`` of ``auth`` (our replica id, or 0 for a reply)."""
-        key = self._in.get(peer)
-        if key is None:
-            return False
-        tag = auth[index * MAC_BYTES:(index + 1) * MAC_BYTES]
-        if len(tag) != MAC_BYTES:
-            return False
-        data = signed_bytes(type_, peer[1], payload)
-        if hmac.compare_digest(tag, mac(key, data)):
-            return True
-        previous = self._in_previous.get(peer)
-        return bool(previous) and hmac.compare_digest(tag, mac(previous, data))
+        keys = (self._in.get(peer), self._in_previous.get(peer))
+        return _tagged_with(keys, peer, type_, payload, auth, index)
 
     def is_stale(self, peer: Principal, type_: int, payload: bytes, auth: bytes, index: int) -> bool:
         """Whether a tag that failed was made with a key our last proactive recovery retired."""
-        key = self._retired.get(peer)
-        tag = auth[index * MAC_BYTES:(index + 1) * MAC_BYTES]
-        return key is not None and len(tag) == MAC_BYTES and hmac.compare_digest(
-            tag, mac(key, signed_bytes(type_, peer[1], payload))
-        )
+        return _tagged_with((self._retired.get(peer),), peer, type_, payload, auth, index)
 
     def request_auth(self, type_: int, payload: bytes, sign: bool = True) -> bytes:
         """A client's request authenticator: a tag per replica, then (if ``sign``) the client's

@@ -281,12 +281,13 @@ class Node:
         if isinstance(msg, Suspect):
             self._distrust(msg.client)
             return
-        if peer is not None and peer[0] == CLIENT and not self._may_hold(msg):
-            if self.core.large.is_large(msg) and msg.digest not in self.core.large.bodies:
-                self._dispatch(self.core.keep_body(msg, wall_ms()))  # its first copy: kept, not held
-            else:
+        if peer is not None and peer[0] == CLIENT:
+            if self._first_large_copy(msg):
+                self._dispatch(self.core.keep_body(msg, wall_ms()))
+                return
+            if not self._may_hold(msg):
                 self.transport_drops["unsigned-request-at-backup"] += 1
-            return
+                return
         if isinstance(msg, Request) and isinstance(self.core, Replica):
             # The requests read in this iteration (from every ready connection) go to the core
             # together at its end: one batch where the first would have gone alone.
@@ -309,12 +310,17 @@ class Node:
         core = self.core
         if req.read_only or not isinstance(core, Replica) or core.is_primary() or req.client in self.wire.suspects:
             return True  # (a suspect's requests had their signature checked by the wire already)
-        if core.large.is_large(req) and req.digest not in core.large.bodies:
-            # A large request's first copy: kept by body, not held (``Replica.keep_body``), so
-            # no signature check (three per 4 KB request, more than the rest of its cost); a
-            # second copy is its client's resend, checked and held.
-            return False
         return self.wire.signed(req)
+
+    def _first_large_copy(self, req: Request) -> bool:
+        """A backup's first copy of a large read-write request, sent by its client: kept by its
+        body, not held (``Replica.keep_body``), so with no signature check (three per 4 KB
+        request, more than the rest of its cost). A second copy is its client's resend, which
+        ``_may_hold`` checks and the core holds."""
+        core = self.core
+        if req.read_only or not isinstance(core, Replica) or core.is_primary() or req.client in self.wire.suspects:
+            return False
+        return core.large.is_large(req) and req.digest not in core.large.bodies
 
     def _distrust(self, client: int) -> bool:
         """A request of ``client`` in a pre-prepare failed its tag and its signature here (or at
