@@ -7,7 +7,7 @@ decides, measured as CPU time of this process (min of ``--repeat`` runs), so it 
 end-to-end figures on a shared machine and a change can be judged by it before ``bench.micro``
 confirms it end to end. ``--profile`` prints where the time goes.
 
-    python -m bench.cpu [--clients 1,16,64] [--ops 3000] [--sign-where-needed] [--profile]
+    python -m bench.cpu [--clients 1,16,64] [--ops 3000] [--sign-every-request] [--profile]
 """
 
 from __future__ import annotations
@@ -125,13 +125,14 @@ def measure(clients: int, ops: int, repeat: int, sign: bool, profile: bool) -> d
             for _ in range(rounds):
                 b.round()
             best = min(best, time.process_time() - t0)
+        frames = b.frames - frames0
         if profile:
             prof = cProfile.Profile()
             prof.runcall(lambda: [b.round() for _ in range(rounds)])
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         done = rounds * clients
         assert all(not c.inflight for c in b.clients), "every operation completed"
-        return {"clients": clients, "us_per_op": best / done * 1e6, "frames_per_op": (b.frames - frames0) / done}
+        return {"clients": clients, "us_per_op": best / done * 1e6, "frames_per_op": frames / done}
 
 
 def main() -> None:
@@ -139,7 +140,7 @@ def main() -> None:
     ap.add_argument("--clients", default="1,16,64", help="clients per round, comma-separated")
     ap.add_argument("--ops", type=int, default=3000, help="operations per measured run")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--sign-where-needed", action="store_true", help="sign_every_request = false")
+    ap.add_argument("--sign-every-request", action="store_true", help="sign_every_request = true (default: false)")
     ap.add_argument("--profile", action="store_true", help="print the 25 costliest functions per row")
     args = ap.parse_args()
     try:
@@ -148,7 +149,7 @@ def main() -> None:
             raise ValueError
     except ValueError:
         ap.error(f"--clients wants positive integers separated by commas, not {args.clients!r}")
-    sign = not args.sign_where_needed
+    sign = args.sign_every_request
     print(f"sign_every_request = {str(sign).lower()}; CPU time of this process, min of {args.repeat} runs")
     print("| clients per round | CPU µs per operation | frames per operation |")
     print("|---|---|---|")

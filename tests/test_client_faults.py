@@ -66,8 +66,10 @@ def test_a_client_signs_only_where_a_tag_may_not_do_and_for_a_while_after_each_r
     """Signing costs the client more than the rest of a request: ordinary first sends go with
     tags alone; broadcasts of writes (large ones, resends), which backups hold and relay, are
     signed; after a resend everything is, for a period that doubles while resends go on."""
-    assert ClientCore(0, 1, PARAMS).must_sign(Send(0, Request.make(0, 1, b"op")), 0)  # the default: always
-    c = ClientCore(0, 1, replace(PARAMS, sign_every_request=False))
+    always = ClientCore(0, 1, replace(PARAMS, sign_every_request=True))
+    assert always.must_sign(Send(0, Request.make(0, 1, b"op")), 0)
+    c = ClientCore(0, 1, PARAMS)  # the default
+    assert not PARAMS.sign_every_request
     c.submit(KVService.put(b"k", b"v"), 0)
     (first,) = c.take_outbox()
     assert not c.must_sign(first, 0)

@@ -544,3 +544,32 @@ def test_a_batch_is_taken_only_for_the_seq_and_digest_asked_for() -> None:
     replica.view_change.wanted_batches.add((1, digest(b"the certified batch")))
     replica.step(Batch.of(forged, 3), NOW)
     assert replica.dropped["unrequested-batch"] == 2 and not replica.view_change.batches
+
+
+def test_a_request_a_backup_cannot_check_resolves_once_f_plus_1_replicas_vouch_for_its_batch() -> None:
+    """A backup that lost the key its client tagged with (a restart) holds the request by digest
+    and keeps the body aside (``offer_unverified``). The primary's pre-prepare alone is one voice,
+    a prepare from another backup the second: f+1, one of them correct and checked the request,
+    so the backup takes the batch and the slot commits everywhere. A body whose digest the batch
+    does not name resolves nothing."""
+    link = Link()
+    req = put(1, 1, b"k", b"v")
+    pps: list[PrePrepare] = []
+    link.drop = lambda src, dst, msg: dst == 3 and ((isinstance(msg, PrePrepare) and pps.append(msg)) or True)
+    link.request(req)
+    [pp] = pps
+    backup = link.replicas[3]
+    held = replace(pp, requests=(req.digest,))
+    link.post(3, backup.offer_unverified([put(1, 1, b"k", b"forged")], NOW))
+    link.post(3, backup.step(held, NOW))
+    assert 1 in backup.large.unresolved and not link.queue  # the primary alone: one voice
+    link.post(3, backup.offer_unverified([req], NOW))
+    assert 1 in backup.large.unresolved and not link.queue  # still one, whatever bodies it has
+    link.drop = lambda src, dst, msg: False
+    link.post(3, backup.step(Prepare(0, 1, pp.digest, 1), NOW))  # the second voice
+    assert 1 not in backup.large.unresolved and backup.stats["requests-resolved-unverified"] == 1
+    link.run()
+    link.tick(NOW + 1_000)  # the commits it missed come again with the others' status
+    assert [r.executed for r in link.replicas] == [1, 1, 1, 1]
+    assert set(results(link, 1, 1)) == {0, 1, 2, 3}
+    assert backup.normal.log[1].pre_prepare.requests == (req,)  # the body the batch names

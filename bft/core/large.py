@@ -2,6 +2,13 @@
 every replica itself, and the primary's pre-prepare carries only its digest. Backups resolve the
 digests from the bodies clients sent them, or fetch the whole batch from the primary. A request
 whose copy in a pre-prepare this replica could not authenticate is held the same way.
+
+A held request's body is not thrown away: the runtime offers it as unverified (``offer``), and it
+resolves a pre-prepare once f+1 replicas vouch for that batch (their prepares and commits, or a
+NEW-VIEW's decision). One of them is correct and took the batch only after checking its
+requests, and the batch's digest names each request's digest, so the body is the one that
+replica checked. That is how a replica that lost the keys its clients tagged with (a restart, a
+proactive recovery) keeps up without their signatures.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ REQUEST_STORE_MAX = 4096
 
 
 class LargeRequests:
-    __slots__ = ("bodies", "bodies_bytes", "bodies_bytes_max", "r", "unresolved")
+    __slots__ = ("bodies", "bodies_bytes", "bodies_bytes_max", "r", "unresolved", "unverified", "unverified_bytes")
 
     def __init__(self, replica: Replica) -> None:
         self.r = replica
@@ -28,6 +35,8 @@ class LargeRequests:
         self.bodies_bytes = 0  # what they hold (``request_bytes``)
         self.bodies_bytes_max = queue_bytes_max(replica.params)
         self.unresolved: dict[int, PrePrepare] = {}  # pre-prepares still missing some bodies
+        self.unverified: dict[bytes, Request] = {}  # bodies we could not authenticate, oldest first
+        self.unverified_bytes = 0
 
     def is_large(self, req: Request) -> bool:
         p = self.r.params
@@ -37,12 +46,20 @@ class LargeRequests:
         clients = self.r.execution.clients
         for d in [d for d, q in self.bodies.items() if not clients.is_new(q.client, q.timestamp)]:
             self.forget(d)  # executed here by state transfer, or never to come
+        # A batch re-proposed by a NEW-VIEW may name requests executed here already: its
+        # pre-prepare needs their bodies all the same.
+        for d in [d for d, q in self.unverified.items() if not clients.is_new(q.client, q.timestamp)]:
+            if not self.awaited(d):
+                self.forget(d)
 
     def forget(self, d: bytes) -> None:
         """The body of request ``d`` is no longer kept (executed, or making room)."""
         body = self.bodies.pop(d, None)
         if body is not None:
             self.bodies_bytes -= request_bytes(body)
+        body = self.unverified.pop(d, None)
+        if body is not None:
+            self.unverified_bytes -= request_bytes(body)
 
     def awaited(self, d: bytes) -> bool:
         """Whether a held pre-prepare refers to request digest ``d``. The runtime holds a request
@@ -67,6 +84,25 @@ class LargeRequests:
                 self.r.normal.on_pre_prepare(pp, self.r.now_ms)
         self.r.learner.execute()
 
+    def offer(self, reqs: list[Request]) -> None:
+        """Bodies the runtime could not authenticate; kept (bounded, the oldest make room) for
+        a pre-prepare that f+1 replicas vouch for, and tried on those held now."""
+        for req in reqs:
+            if req.digest in self.unverified:
+                continue
+            cost = request_bytes(req)
+            while self.unverified and (
+                len(self.unverified) >= REQUEST_STORE_MAX or self.unverified_bytes + cost > self.bodies_bytes_max
+            ):
+                d = next(iter(self.unverified))
+                self.unverified_bytes -= request_bytes(self.unverified.pop(d))
+                self.r.stats["unverified-requests-evicted"] += 1
+            self.unverified[req.digest] = req
+            self.unverified_bytes += cost
+        for seq in sorted(self.unresolved):
+            self.r.normal.retry_held(seq)
+        self.r.learner.execute()
+
     def by_reference(self, pp: PrePrepare) -> PrePrepare:
         """The pre-prepare as sent: large requests replaced by their digests."""
         if not any(self.is_large(q) for q in pp.requests):
@@ -74,20 +110,26 @@ class LargeRequests:
         refs = tuple(q.digest if self.is_large(q) else q for q in pp.requests)
         return PrePrepare(pp.view, pp.seq, pp.timestamp, refs, pp.replica, pp.digest)
 
-    def resolve(self, pp: PrePrepare) -> PrePrepare | None:
-        """The pre-prepare with every body in place, or None if some body has not come."""
+    def resolve(self, pp: PrePrepare, vouched: bool) -> PrePrepare | None:
+        """The pre-prepare with every body in place, or None if some body has not come. Bodies
+        we could not authenticate count only if f+1 replicas vouch for the batch (``vouched``)."""
         requests = []
         for q in pp.requests:
-            body = self.bodies.get(q) if isinstance(q, bytes) else q
-            if body is None:
-                return None
-            requests.append(body)
+            if isinstance(q, bytes):
+                body = self.bodies.get(q)
+                if body is None and vouched:
+                    body = self.unverified.get(q)
+                    self.r.stats["requests-resolved-unverified"] += body is not None
+                if body is None:
+                    return None
+                q = body
+            requests.append(q)
         return PrePrepare(pp.view, pp.seq, pp.timestamp, tuple(requests), pp.replica, pp.digest)
 
-    def resolve_or_hold(self, pp: PrePrepare) -> PrePrepare | None:
+    def resolve_or_hold(self, pp: PrePrepare, vouched: bool) -> PrePrepare | None:
         """``resolve``; or None, holding the pre-prepare (bounded) until the bodies come or the
         batch is fetched at the next status tick."""
-        full = self.resolve(pp)
+        full = self.resolve(pp, vouched)
         if full is None and len(self.unresolved) < self.r.params.log_window:
             self.unresolved[pp.seq] = pp
         return full

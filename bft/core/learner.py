@@ -78,7 +78,7 @@ class Learner:
             pp = self.proposals.get(r.executed + 1)
             if pp is None or r.quorum.support(self.commits.get((pp.view, pp.seq), {}), pp.digest) < r.quorum.strong:
                 break
-            full = pp if pp.resolved else r.large.resolve(pp)
+            full = pp if pp.resolved else r.large.resolve(pp, vouched=True)  # 2f+1 commits
             if full is None:
                 break
             r.stats["learned-batches"] += 1

@@ -210,7 +210,7 @@ class NormalCase:
                 r.drop("conflicting-pre-prepare", pp)
             return
         if not pp.resolved:
-            full = r.large.resolve_or_hold(pp)
+            full = r.large.resolve_or_hold(pp, self.vouched(slot, pp.digest))
             if full is None:
                 return  # some request bodies have not reached us yet: resolved when they come
             pp = full
@@ -245,6 +245,7 @@ class NormalCase:
         if not r.in_window(p.seq):
             return r.drop("out-of-window", p)
         self.slot(p.seq).prepares.setdefault(p.replica, p.digest)
+        self.retry_held(p.seq)
         self.check_prepared(p.seq)
 
     def on_commit(self, c: Commit, now_ms: int) -> None:
@@ -257,7 +258,23 @@ class NormalCase:
         if not r.in_window(c.seq):
             return r.drop("out-of-window", c)
         self.slot(c.seq).commits.setdefault(c.replica, c.digest)
+        self.retry_held(c.seq)
         self.check_committed(c.seq)
+
+    def vouched(self, slot: Slot, d: bytes) -> bool:
+        """f+1 replicas took batch ``d`` (the primary proposed it, the others prepared or
+        committed it), or a NEW-VIEW decided it: a correct one checked its requests
+        (``LargeRequests.resolve``)."""
+        if slot.expected == d:
+            return True
+        voters = {self.r.primary} | {i for i, v in slot.prepares.items() if v == d}
+        return len(voters | {i for i, v in slot.commits.items() if v == d}) >= self.r.quorum.weak
+
+    def retry_held(self, seq: int) -> None:
+        """A vote came for a slot whose pre-prepare we hold for bodies: it may now resolve."""
+        pp = self.r.large.unresolved.get(seq)
+        if pp is not None and self.log.get(seq) is not None and self.vouched(self.log[seq], pp.digest):
+            self.on_pre_prepare(pp, self.r.now_ms)
 
     def check_prepared(self, seq: int) -> None:
         """prepared(m, v, n, i): the pre-prepare plus 2f matching prepares from backups."""

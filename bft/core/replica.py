@@ -190,6 +190,14 @@ class Replica:
             self.large.store(req)
         return self.take_outbox()
 
+    def offer_unverified(self, reqs: list[Request], now_ms: int) -> list[Effect]:
+        """Request bodies from pre-prepares and batches that the runtime could not authenticate
+        (``LargeRequests.offer``): they resolve only batches f+1 replicas vouch for."""
+        self.now_ms = now_ms
+        self.large.offer(reqs)
+        self.monitor.observe(now_ms)
+        return self.take_outbox()
+
     def tick(self, now_ms: int) -> list[Effect]:
         self.now_ms = now_ms
         self.status.tick(now_ms)

@@ -36,6 +36,12 @@ log = logging.getLogger("bft.node")
 
 TICK_S = 0.01
 SUMMARY_S = 10.0
+# How long a request in a pre-prepare that we could not authenticate may stay unresolved before
+# its client is made suspect. A correct client's request tagged under keys we lost (a restart)
+# resolves within a round of prepares, from the votes of f+1 replicas (bft.core.large); a "big
+# MAC" client's never does. Well inside the view timeout, so the suspicion reaches the others
+# before the view change its stalled slot costs.
+DOUBT_S = 0.3
 
 
 def wall_ms() -> int:
@@ -66,6 +72,8 @@ class Node:
         self.data = data
         self._held: list[Effect] | None = None  # effects waiting for the group commit, if one is due
         self._arrived: list[Request] = []  # requests of this event-loop iteration, for one batch
+        # Clients of the configuration whose request (digest) we hold unauthenticated, since when.
+        self._doubts: dict[int, tuple[bytes, float]] = {}
         self.host, self.port, self.admin_port = host, port, admin_port
         self.name = name
         self.transport_drops: Counter[str] = wire.dropped
@@ -177,6 +185,8 @@ class Node:
         while True:
             await asyncio.sleep(TICK_S)
             self._dispatch(self.core.tick(wall_ms()))
+            if self._doubts:
+                self._judge(time.monotonic())
 
     def _drops(self) -> Counter[str]:
         return self.core.dropped + self.transport_drops
@@ -260,11 +270,17 @@ class Node:
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data, conn.peer)
         if self.wire.unverifiable:  # filled by a pre-prepare: rare, hence the check first
+            kr = self.wire.keyring
             if conn.peer is not None and conn.peer[0] == REPLICA:
+                held = {q.client: q.digest for q in self.wire.unauthentic}
                 for client in self.wire.unverifiable:
-                    if self._distrust(client):
-                        self._dispatch([Broadcast(Suspect(client, self.core.id))])
+                    if client not in self.wire.suspects and kr.has_verifier((CLIENT, client)):
+                        self._doubts.setdefault(client, (held[client], time.monotonic()))
             self.wire.unverifiable.clear()
+        if self.wire.unauthentic:
+            if conn.peer is not None and conn.peer[0] == REPLICA and isinstance(self.core, Replica):
+                self._dispatch(self.core.offer_unverified(self.wire.unauthentic, wall_ms()))
+            self.wire.unauthentic = []
         if msg is None:
             return
         self.metrics.msgs_in[msg.TYPE] += 1
@@ -321,6 +337,17 @@ class Node:
         if req.read_only or not isinstance(core, Replica) or core.is_primary() or req.client in self.wire.suspects:
             return False
         return core.large.is_large(req) and req.digest not in core.large.bodies
+
+    def _judge(self, now: float) -> None:
+        """Doubts old enough: a client whose request a held pre-prepare still names is made
+        suspect, by us and (SUSPECT) by every replica; one whose request resolved is not."""
+        core = self.core
+        for client, (d, since) in list(self._doubts.items()):
+            if now - since < DOUBT_S:
+                continue
+            del self._doubts[client]
+            if isinstance(core, Replica) and core.large.awaited(d) and self._distrust(client):
+                self._dispatch([Broadcast(Suspect(client, core.id))])
 
     def _distrust(self, client: int) -> bool:
         """A request of ``client`` in a pre-prepare failed its tag and its signature here (or at

@@ -78,6 +78,9 @@ class Wire:
         # primary does not propose what backups cannot accept. At most one entry per client.
         self.suspects: set[int] = set()
         self.unverifiable: list[int] = []  # clients of requests held by reference by ``open``
+        # Their bodies, for the core (``Replica.offer_unverified``): they resolve a batch that
+        # f+1 replicas vouch for, one of which checked them.
+        self.unauthentic: list[Request] = []
         self.stats: Counter[str] = Counter()
 
     # -- sending ----------------------------------------------------------------------------
@@ -174,8 +177,10 @@ class Wire:
             if held and isinstance(msg, Batch):
                 # Its digest binds its requests to a pre-prepare, not to their clients: a batch
                 # fetched for a pre-prepare of the primary's alone (large or held requests) may
-                # be that primary's forgery. Every request in it must prove its client.
+                # be that primary's forgery. Every request in it must prove its client; the
+                # bodies may still serve a pre-prepare that f+1 replicas vouch for.
                 self.dropped["bad-request-authentication"] += 1
+                self.unauthentic += [r for r in msg.requests if isinstance(r, Request)]
                 return None
             if held:
                 # The client is faulty, or the primary forged it. Not the whole pre-prepare is
@@ -189,6 +194,7 @@ class Wire:
                     r.client for r in (msg.requests[i] for i in sorted(held))
                     if not kr.is_stale((CLIENT, r.client), Request.TYPE, r.raw, r.auth, self.index)
                 ]
+                self.unauthentic += [msg.requests[i] for i in sorted(held)]
                 refs = tuple(r.digest if i in held else r for i, r in enumerate(msg.requests))
                 msg = replace(msg, requests=refs)
         if kr is not None and isinstance(msg, NewView):

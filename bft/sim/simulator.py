@@ -47,6 +47,7 @@ from bft.sim.liars import (
     misbehave,
     replay_destination,
 )
+from bft.sim.lostkeys import LostKeys
 from bft.sim.network import DELIVER, LATE, TICK, Network, Node, identity
 from bft.sim.progress import Progress, gap_bound_ms, heal_bound_ms
 from bft.sim.report import Result, report
@@ -124,6 +125,8 @@ class Simulation:
         # A faulty client, one id past the correct ones: its replies go nowhere, nothing waits on it.
         self.attacker = BigMacClient(clients, self.n, random.Random(f"{seed}-big-mac-sends")) if s.big_mac else None
         self.acts = Counter[str]()  # Byzantine acts, by kind, for the report
+        # Unsigned requests: what a restarted replica cannot check (bft.sim.lostkeys).
+        self.lost_keys = None if params.sign_every_request else LostKeys()
 
     def _new_replica(self, i: int) -> Replica:
         return Replica(i, self.f, self.params, KVService)
@@ -262,6 +265,13 @@ class Simulation:
                 msg = self._admit(replica, msg)
                 if msg is None:
                     return
+            if self.lost_keys is not None and kind == "replica":
+                msg, bodies = self.lost_keys.admit(i, msg)
+                if bodies:
+                    self.acts["requests a restarted replica could not check"] += len(bodies)
+                    self._route(dst, replica.offer_unverified(bodies, self.now))
+                if msg is None:
+                    return
             # Requests enter as the runtime hands them over (``Replica.step_requests``), one
             # delivery at a time here: the same result as ``step``, through the same path.
             if isinstance(msg, Request):
@@ -298,6 +308,8 @@ class Simulation:
         elif i in self.disks:
             self.replicas[i].recover(self.disks[i].saved, list(self.disks[i].records))
         self.restarted.add(i)
+        if self.lost_keys is not None:
+            self.lost_keys.forget(i, {c.id: c.next_timestamp for c in self.clients})
 
     def _tick(self) -> None:
         for i, disk in self.disks.items():
