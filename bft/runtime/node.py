@@ -29,6 +29,7 @@ from bft.runtime.datadir import DataDir
 from bft.runtime.metrics import OBSERVE_S, Metrics, Observer
 from bft.runtime.session import Session
 from bft.runtime.transport import Admission, FrameProtocol, Peer
+from bft.runtime.trust import ClientTrust
 from bft.runtime.wire import Wire, limits_of
 from bft.service import Service
 
@@ -36,12 +37,6 @@ log = logging.getLogger("bft.node")
 
 TICK_S = 0.01
 SUMMARY_S = 10.0
-# How long a request in a pre-prepare that we could not authenticate may stay unresolved before
-# its client is made suspect. A correct client's request tagged under keys we lost (a restart)
-# resolves within a round of prepares, from the votes of f+1 replicas (bft.core.large); a "big
-# MAC" client's never does. Well inside the view timeout, so the suspicion reaches the others
-# before the view change its stalled slot costs.
-DOUBT_S = 0.3
 
 
 def wall_ms() -> int:
@@ -69,11 +64,10 @@ class Node:
         self.rewrite = rewrite
         self.rewritten = 0  # messages the rewrite changed
         self.wire = wire
+        self.trust = ClientTrust(wire, lambda: self.core, self._dispatch, name)
         self.data = data
         self._held: list[Effect] | None = None  # effects waiting for the group commit, if one is due
         self._arrived: list[Request] = []  # requests of this event-loop iteration, for one batch
-        # Clients of the configuration whose request (digest) we hold unauthenticated, since when.
-        self._doubts: dict[int, tuple[bytes, float]] = {}
         self.host, self.port, self.admin_port = host, port, admin_port
         self.name = name
         self.transport_drops: Counter[str] = wire.dropped
@@ -185,8 +179,8 @@ class Node:
         while True:
             await asyncio.sleep(TICK_S)
             self._dispatch(self.core.tick(wall_ms()))
-            if self._doubts:
-                self._judge(time.monotonic())
+            if self.trust.doubts:
+                self.trust.judge(time.monotonic())
 
     def _drops(self) -> Counter[str]:
         return self.core.dropped + self.transport_drops
@@ -270,12 +264,8 @@ class Node:
     def _on_frame(self, data: bytes, conn: FrameProtocol) -> None:
         msg = self.wire.open(data, conn.peer)
         if self.wire.unverifiable:  # filled by a pre-prepare: rare, hence the check first
-            kr = self.wire.keyring
             if conn.peer is not None and conn.peer[0] == REPLICA:
-                held = {q.client: q.digest for q in self.wire.unauthentic}
-                for client in self.wire.unverifiable:
-                    if client not in self.wire.suspects and kr.has_verifier((CLIENT, client)):
-                        self._doubts.setdefault(client, (held[client], time.monotonic()))
+                self.trust.doubt(time.monotonic())
             self.wire.unverifiable.clear()
         if self.wire.unauthentic:
             if conn.peer is not None and conn.peer[0] == REPLICA and isinstance(self.core, Replica):
@@ -295,13 +285,13 @@ class Node:
             self.transport_drops["not-from-session-peer"] += 1
             return
         if isinstance(msg, Suspect):
-            self._distrust(msg.client)
+            self.trust.distrust(msg.client)
             return
         if peer is not None and peer[0] == CLIENT:
-            if self._first_large_copy(msg):
+            if self.trust.first_large_copy(msg):
                 self._dispatch(self.core.keep_body(msg, wall_ms()))
                 return
-            if not self._may_hold(msg):
+            if not self.trust.may_hold(msg):
                 self.transport_drops["unsigned-request-at-backup"] += 1
                 return
         if isinstance(msg, Request) and isinstance(self.core, Replica):
@@ -316,53 +306,6 @@ class Node:
     def _step_arrived(self) -> None:
         arrived, self._arrived = self._arrived, []
         self._dispatch(self.core.step_requests(arrived, wall_ms()))
-
-    def _may_hold(self, req: Request) -> bool:
-        """A backup holds a read-write request a client sent it directly (a resend to all, or a
-        large one) for its view timer, and relays it: only if its signature is good, so that the
-        primary, and anyone, can check it too. A tag good for this backup alone would otherwise
-        make it suspect a correct primary that cannot check the request and never proposes it.
-        Read-only requests are answered at once and held by nobody."""
-        core = self.core
-        if req.read_only or not isinstance(core, Replica) or core.is_primary() or req.client in self.wire.suspects:
-            return True  # (a suspect's requests had their signature checked by the wire already)
-        return self.wire.signed(req)
-
-    def _first_large_copy(self, req: Request) -> bool:
-        """A backup's first copy of a large read-write request, sent by its client: kept by its
-        body, not held (``Replica.keep_body``), so with no signature check (three per 4 KB
-        request, more than the rest of its cost). A second copy is its client's resend, which
-        ``_may_hold`` checks and the core holds."""
-        core = self.core
-        if req.read_only or not isinstance(core, Replica) or core.is_primary() or req.client in self.wire.suspects:
-            return False
-        return core.large.is_large(req) and req.digest not in core.large.bodies
-
-    def _judge(self, now: float) -> None:
-        """Doubts old enough: a client whose request a held pre-prepare still names is made
-        suspect, by us and (SUSPECT) by every replica; one whose request resolved is not."""
-        core = self.core
-        for client, (d, since) in list(self._doubts.items()):
-            if now - since < DOUBT_S:
-                continue
-            del self._doubts[client]
-            if isinstance(core, Replica) and core.large.awaited(d) and self._distrust(client):
-                self._dispatch([Broadcast(Suspect(client, core.id))])
-
-    def _distrust(self, client: int) -> bool:
-        """A request of ``client`` in a pre-prepare failed its tag and its signature here (or at
-        the replica whose SUSPECT this is): from now on only its signed requests are taken, by
-        every replica, so no primary proposes one of its requests that a backup cannot check.
-        At most once per client of the configuration; False if nothing changed. A lying replica
-        can make every client suspect: that costs each primary one signature check per request,
-        not correctness (README, "faulty clients")."""
-        kr = self.wire.keyring
-        if client in self.wire.suspects or kr is None or not kr.has_verifier((CLIENT, client)):
-            return False
-        self.wire.suspects.add(client)
-        log.warning("%s: client %d sent requests some replica cannot authenticate: signed ones only", self.name, client)
-        self._dispatch(self.core.distrust(client))
-        return True
 
     def _dispatch(self, effects: list[Effect]) -> None:
         """The router: the core's effects become frames, disk writes and nothing else.
