@@ -118,27 +118,35 @@ class Progress:
 
 
 async def latency(
-    make_client, arg: int, res: int, ops: int, read_only: bool = False, seconds: float = math.inf
+    make_client, arg: int, res: int, ops: int, read_only: bool = False, seconds: float = math.inf,
+    cpu_s: Callable[[], float] | None = None,
 ) -> dict:
     """Sequential operations from client 0 after a warm-up: ``ops`` of them, or as many as fit in
-    ``seconds`` when that comes first."""
+    ``seconds`` when that comes first. With ``cpu_s`` (the servers' CPU seconds so far), also
+    the CPU one operation costs the servers and this client: on a machine of few cores, CPU
+    rather than message hops may be what bounds the latency."""
     op = NullService.op(res, bytes(arg))
     async with make_client(0) as c:
         await c.wait_connected()
         for _ in range(min(200, ops)):
             await c.invoke(op, read_only)
         samples = []
+        cpu0, own0 = cpu_s() if cpu_s is not None else 0.0, time.process_time()
         stop_at = time.perf_counter() + seconds
         while len(samples) < ops and time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             await c.invoke(op, read_only)
             samples.append((time.perf_counter() - t0) * 1e3)
+        own = time.process_time() - own0
+        server = cpu_s() - cpu0 if cpu_s is not None else math.nan
     samples.sort()
     return {
         "median_ms": statistics.median(samples),
         "p90_ms": samples[int(len(samples) * 0.9)],
         "p99_ms": samples[int(len(samples) * 0.99)],
         "ops": len(samples),
+        "server_cpu_ms_per_op": server / len(samples) * 1e3,
+        "client_cpu_ms_per_op": own / len(samples) * 1e3,
     }
 
 
@@ -312,6 +320,27 @@ def latency_table(lat: dict) -> str:
             f"({rw['median_ms'] / y:.2f}x / {ro['median_ms'] / y:.2f}x / {te['median_ms'] / y:.2f}x) |"
         )
     return "median (p90) ms, sequential operations from one client\n\n" + "\n".join(lines)
+
+
+def latency_cpu_table(lat: dict) -> str:
+    """What one sequential 0/0 operation costs in CPU: with every process on this machine's
+    cores, the latency cannot be below the total over the cores, whatever the message hops."""
+    cores = os.cpu_count() or 1
+    lines = [
+        f"| 0/0, one client | median ms | server CPU ms / op | client CPU ms / op | total / {cores} cores (ms) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, r in (
+        ("read-write", lat["replicated"]["0/0"]), ("read-only", lat["replicated"]["0/0-ro"]),
+        ("tentative", lat["tentative"]["0/0"]), ("unreplicated", lat["unreplicated"]["0/0"]),
+        ("unreplicated+auth", lat["unreplicated+auth"]["0/0"]),
+    ):
+        total = r["server_cpu_ms_per_op"] + r["client_cpu_ms_per_op"]
+        lines.append(
+            f"| {label} | {r['median_ms']:.3f} | {r['server_cpu_ms_per_op']:.3f} | {r['client_cpu_ms_per_op']:.3f} "
+            f"| {total / cores:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 def throughput_table(thr: dict) -> str:
@@ -495,7 +524,7 @@ def main() -> None:
                 ops = args.ops if arg == res == 0 else max(1, args.ops // 2)
                 for name, ro in (("replicated", False), ("replicated", True), ("unreplicated", False),
                                  ("unreplicated+auth", False)):
-                    r = run_async(latency(targets[name].client, arg, res, ops, ro))
+                    r = run_async(latency(targets[name].client, arg, res, ops, ro, cpu_s=targets[name].cpu_s))
                     lat[name][k + ("-ro" if ro else "")] = r
                     progress.step(f"latency {name} {k} KB {'read-only' if ro else 'read-write'}: "
                                   f"median {r['median_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms")
@@ -519,7 +548,7 @@ def main() -> None:
             for arg, res in SIZES:
                 k = size_key(arg, res)
                 ops = args.ops if arg == res == 0 else max(1, args.ops // 2)
-                r = run_async(latency(tentative.client, arg, res, ops))
+                r = run_async(latency(tentative.client, arg, res, ops, cpu_s=tentative.cpu_s))
                 results["latency"]["tentative"][k] = r
                 progress.step(f"latency tentative {k} KB read-write: median {r['median_ms']:.3f} ms")
         finally:
@@ -530,8 +559,8 @@ def main() -> None:
 
     results["floors"] = [{"floor": w, "measured": m, "met": ok} for w, m, ok in floors(results)]
     md = "\n\n".join([
-        latency_table(results["latency"]), throughput_table(results["throughput"]),
-        floors_table(floors(results)),
+        latency_table(results["latency"]), latency_cpu_table(results["latency"]),
+        throughput_table(results["throughput"]), floors_table(floors(results)),
     ])
     if "optimisations" in results:
         md += "\n\n" + optimisation_table(results["optimisations"])
