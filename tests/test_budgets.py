@@ -149,3 +149,23 @@ def test_the_requests_a_backup_waits_on_are_bounded_in_bytes() -> None:
     backup.check_invariants()
     backup.timer.clear()
     assert backup.timer.waiting_bytes == 0
+
+
+def test_bodies_a_replica_could_not_check_are_kept_within_the_large_bodies_budget() -> None:
+    """A faulty primary may fill every pre-prepare with requests nobody can check: their bodies,
+    kept for a batch that f+1 replicas might vouch for, stay within the count and byte budget of
+    the large bodies, the oldest making room, and each costs a pass over only the held
+    pre-prepares that name it."""
+    from bft.core.large import REQUEST_STORE_MAX
+
+    backup = Link().replicas[1]
+    budget = backup.large.bodies_bytes_max
+    big = [put(2, ts, b"k", b"v" * (budget // 50)) for ts in range(1, 200)]
+    backup.offer_unverified(big, NOW)
+    assert backup.large.unverified_bytes <= budget
+    assert backup.large.unverified_bytes == sum(request_bytes(q) for q in backup.large.unverified.values())
+    assert backup.stats["unverified-requests-evicted"] > 0 and big[-1].digest in backup.large.unverified
+    small = [put(3, ts, b"k", b"v") for ts in range(1, REQUEST_STORE_MAX + 100)]
+    backup.offer_unverified(small, NOW)
+    assert len(backup.large.unverified) <= REQUEST_STORE_MAX
+    assert small[-1].digest in backup.large.unverified and small[0].digest not in backup.large.unverified

@@ -86,10 +86,12 @@ class LargeRequests:
 
     def offer(self, reqs: list[Request]) -> None:
         """Bodies the runtime could not authenticate; kept (bounded, the oldest make room) for
-        a pre-prepare that f+1 replicas vouch for, and tried on those held now."""
+        a pre-prepare that f+1 replicas vouch for, and tried on the held ones that name them."""
+        new: set[bytes] = set()
         for req in reqs:
             if req.digest in self.unverified:
                 continue
+            new.add(req.digest)
             cost = request_bytes(req)
             while self.unverified and (
                 len(self.unverified) >= REQUEST_STORE_MAX or self.unverified_bytes + cost > self.bodies_bytes_max
@@ -99,7 +101,10 @@ class LargeRequests:
                 self.r.stats["unverified-requests-evicted"] += 1
             self.unverified[req.digest] = req
             self.unverified_bytes += cost
-        for seq in sorted(self.unresolved):
+        # Only those: a faulty primary's every pre-prepare may carry such bodies, and each
+        # would otherwise cost a pass over every held pre-prepare's requests.
+        named = [s for s, pp in self.unresolved.items() if any(isinstance(q, bytes) and q in new for q in pp.requests)]
+        for seq in sorted(named):
             self.r.normal.retry_held(seq)
         self.r.learner.execute()
 
