@@ -29,12 +29,14 @@ import msgpack
 from bft.bounds import (
     BOOL_BYTES,
     DEFAULT_LIMITS,
+    DIGEST,
     DIGEST_BYTES,
     DIGEST_FIELD_BYTES,
     INT_BYTES_MAX,
     INT_MAX,
     INT_MIN,
     SIGNATURE_BYTES,
+    UINT,
     DecodeError,
     Limits,
     Reader,
@@ -46,9 +48,11 @@ from bft.bounds import (
     auth_bytes_max,
     batch_bytes_max,
     bin_bytes_max,
+    fields_decoder,
     flat_fields,
     new_view_bytes_max,
     request_bytes_max,
+    typed_fields,
     view_change_bytes_max,
 )
 from bft.bounds import MAC_BYTES as MAC_BYTES  # part of the wire format: importers find it here
@@ -438,10 +442,23 @@ def _bounds(limits: Limits) -> tuple[dict[int, int], int]:
     return {t: f(limits) for t, f in _PAYLOAD_BYTES_MAX.items()}, auth_bytes_max(limits)
 
 
+_REQUEST = fields_decoder(UINT, UINT, bytes, bool)
+_VOTE = fields_decoder(UINT, UINT, DIGEST, UINT)  # a PREPARE's or a COMMIT's
+_REPLY = fields_decoder(UINT, UINT, UINT, UINT, bytes, bool, bool)
+
+
 def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
-    f = flat_fields(raw, 4)
-    op = as_bytes(f[2], limits.op_bytes_max)
-    return Request(as_int(f[0]), as_int(f[1]), op, as_bool(f[3]), raw, digest(raw), auth)
+    client, timestamp, op, read_only = typed_fields(_REQUEST, raw)
+    if len(op) > limits.op_bytes_max:
+        raise DecodeError("bad-bytes")
+    return Request(client, timestamp, op, read_only, raw, digest(raw), auth)
+
+
+def _reply(payload: bytes, lim: Limits) -> Reply:
+    f = typed_fields(_REPLY, payload)
+    if len(f[4]) > lim.op_bytes_max:
+        raise DecodeError("bad-bytes")
+    return Reply(*f)
 
 
 def _requests(r: Reader, lim: Limits, refs: bool = False) -> tuple[Request | bytes, ...]:
@@ -499,14 +516,14 @@ def _new_view(r: Reader, lim: Limits) -> NewView:
     return NewView(view, tuple(vcs), checkpoint, decisions, r.integer())
 
 
-# Messages that are one array of scalars: (arity, the message from its fields).
+# The messages of every operation, typed and checked by msgspec (``bft.bounds.typed_fields``).
+_TYPED = {
+    Prepare.TYPE: lambda payload, lim: Prepare(*typed_fields(_VOTE, payload)),
+    Commit.TYPE: lambda payload, lim: Commit(*typed_fields(_VOTE, payload)),
+    Reply.TYPE: _reply,
+}
+# The other messages that are one array of scalars: (arity, the message from its fields).
 _FLAT = {
-    Prepare.TYPE: (4, lambda f, lim: Prepare(as_int(f[0]), as_int(f[1]), as_digest(f[2]), as_int(f[3]))),
-    Commit.TYPE: (4, lambda f, lim: Commit(as_int(f[0]), as_int(f[1]), as_digest(f[2]), as_int(f[3]))),
-    Reply.TYPE: (7, lambda f, lim: Reply(
-        as_int(f[0]), as_int(f[1]), as_int(f[2]), as_int(f[3]), as_bytes(f[4], lim.op_bytes_max), as_bool(f[5]),
-        as_bool(f[6]),
-    )),
     Checkpoint.TYPE: (3, lambda f, lim: Checkpoint(as_int(f[0]), as_digest(f[1]), as_int(f[2]))),
     Status.TYPE: (5, lambda f, lim: Status(as_int(f[0]), as_int(f[1]), as_int(f[2]), as_bool(f[3]), as_int(f[4]))),
     FetchState.TYPE: (2, lambda f, lim: FetchState(as_int(f[0]), as_int(f[1]))),
@@ -526,6 +543,8 @@ def decode_payload(env: Envelope, limits: Limits = DEFAULT_LIMITS) -> Message:
     """Decode an envelope's payload; the message's own sender field must match the frame's."""
     if env.type == Request.TYPE:
         msg: Message = decode_request(env.payload, env.auth, limits)
+    elif env.type in _TYPED:
+        msg = _TYPED[env.type](env.payload, limits)
     elif env.type in _FLAT:
         arity, make = _FLAT[env.type]
         msg = make(flat_fields(env.payload, arity), limits)

@@ -338,7 +338,7 @@ def test_authentication_comes_before_decoding(nodes):
     payload = b"\x94\x00\x01\xa1x\x00"  # [0, 1, "x", 0]: a string where the digest belongs
     data = HEADER.pack(1, Prepare.TYPE, 0, 4 * MAC_BYTES) + ring.authenticator(Prepare.TYPE, payload) + payload
     assert nodes.replicas[1].open(data) is None
-    assert nodes.replicas[1].dropped == Counter({"bad-authentication": 1, "bad-msgpack": 1})
+    assert nodes.replicas[1].dropped == Counter({"bad-authentication": 1, "bad-bytes": 1})
 
 
 def test_authenticated_sender_mismatch_is_dropped(nodes):
