@@ -4,12 +4,15 @@
 byte of every file; 5. compile and link (``make``). The source tree is a C program generated here
 (70 files, about 200 KB, like the original); ``--scale N`` repeats it N times (like Andrew100).
 
-Targets: BFS on 4 replicas, BFS unreplicated (``bft serve --service bfs``, the paper's BFS-nr),
-the local disk, and any directory given with ``--nfs PATH`` (an NFS mount, where the machine has
-one). Prints the paper's table (seconds per phase, and the difference against BFS unreplicated)
-as Markdown, and writes ``bench/results/andrew.{md,json,png}``. A measurement, not a test.
+Targets: BFS on 4 replicas with read-only lookups (the default mount) and strict (``--strict``:
+every operation ordered), the paper's two BFS columns; BFS unreplicated (``bft serve --service
+bfs``, the paper's BFS-nr); the local disk; and any directory given with ``--nfs PATH`` (an NFS
+mount, where the machine has one). Each phase prints its time and, on BFS, the operations the
+mount sent (ordered and read-only). Prints the paper's table (seconds per phase, and the
+difference against BFS unreplicated) as Markdown, the ratios and the issue's floor, and writes
+``bench/results/andrew.{md,json,png}``. A measurement, not a test.
 
-    python -m bench.andrew [--scale 1] [--nfs /mnt/nfs]
+    python -m bench.andrew [--scale 1] [--nfs /mnt/nfs] [--durability memory|log|strict]
 """
 
 from __future__ import annotations
@@ -17,15 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from bench.micro import RESULTS, machine, pyplot, save
 from bft import config as cfg
+from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES
 from bft.launch import start_replicas, stop_replicas
 from bft.local import free_base_port, wait_for_port
 
@@ -66,64 +75,97 @@ def make_source(root: Path) -> None:
     )
 
 
-def run_phases(source: Path, target: Path, scale: int) -> dict[str, float]:
+def run_phases(source: Path, target: Path, scale: int, progress: Callable[[str, float], None]) -> dict[str, float]:
     files = sorted(p for p in source.rglob("*") if p.is_file())
     dirs = sorted(p for p in source.rglob("*") if p.is_dir())
     trees = [target / f"tree{n}" for n in range(scale)]
     times: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    for tree in trees:
-        tree.mkdir()
-        for d in dirs:
-            (tree / d.relative_to(source)).mkdir()
-    times[PHASES[0]] = time.perf_counter() - t0
+    def timed(phase: str, work: Callable[[], None]) -> None:
+        t0 = time.perf_counter()
+        work()
+        times[phase] = time.perf_counter() - t0
+        progress(phase, times[phase])
 
-    t0 = time.perf_counter()
-    for tree in trees:
-        for f in files:
-            shutil.copyfile(f, tree / f.relative_to(source))
-    times[PHASES[1]] = time.perf_counter() - t0
+    def mkdirs() -> None:
+        for tree in trees:
+            tree.mkdir()
+            for d in dirs:
+                (tree / d.relative_to(source)).mkdir()
 
-    t0 = time.perf_counter()
-    for tree in trees:
-        for dirpath, dirnames, filenames in os.walk(tree):
-            for name in dirnames + filenames:
-                os.lstat(os.path.join(dirpath, name))
-    times[PHASES[2]] = time.perf_counter() - t0
+    def copy() -> None:
+        for tree in trees:
+            for f in files:
+                shutil.copyfile(f, tree / f.relative_to(source))
 
-    t0 = time.perf_counter()
+    def stat_all() -> None:
+        for tree in trees:
+            for dirpath, dirnames, filenames in os.walk(tree):
+                for name in dirnames + filenames:
+                    os.lstat(os.path.join(dirpath, name))
+
     total = 0
-    for tree in trees:
-        for dirpath, _, filenames in os.walk(tree):
-            for name in filenames:
-                with open(os.path.join(dirpath, name), "rb") as fh:
-                    total += len(fh.read())
-    times[PHASES[3]] = time.perf_counter() - t0
-    assert total == scale * sum(f.stat().st_size for f in files)
 
-    t0 = time.perf_counter()
-    for tree in trees:
-        subprocess.run(["make", "-s", "-C", str(tree)], check=True, stdout=subprocess.DEVNULL)
-    times[PHASES[4]] = time.perf_counter() - t0
+    def read_all() -> None:
+        nonlocal total
+        for tree in trees:
+            for dirpath, _, filenames in os.walk(tree):
+                for name in filenames:
+                    with open(os.path.join(dirpath, name), "rb") as fh:
+                        total += len(fh.read())
+
+    def compile_all() -> None:
+        for tree in trees:
+            subprocess.run(["make", "-s", "-C", str(tree)], check=True, stdout=subprocess.DEVNULL)
+
+    for phase, work in zip(PHASES, (mkdirs, copy, stat_all, read_all, compile_all), strict=True):
+        timed(phase, work)
+    assert total == scale * sum(f.stat().st_size for f in files)
     out = subprocess.run([str(trees[0] / "prog")], capture_output=True, text=True, check=True)
     assert out.stdout.strip().lstrip("-").isdigit()
     times["total"] = sum(times[p] for p in PHASES)
     return times
 
 
-def mount(args: list[str], mountpoint: Path, log: Path) -> None:
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(
-        [sys.executable, "-m", "bfs", "mount", *args, "--log-file", str(log), str(mountpoint)],
-        capture_output=True, text=True,
-    )
-    if out.returncode:
-        raise SystemExit(f"bench.andrew: cannot mount BFS: {out.stderr.strip()}")
+class Mount:
+    """``bfs mount`` in the background, with its operation counts read between phases."""
+
+    def __init__(self, args: list[str], mountpoint: Path, log: Path) -> None:
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        self.mountpoint = mountpoint
+        self.stats = log.with_suffix(".stats.json")
+        out = subprocess.run(
+            [sys.executable, "-m", "bfs", "mount", *args, "--log-file", str(log), "--stats-file", str(self.stats),
+             str(mountpoint)],
+            capture_output=True, text=True,
+        )
+        match = re.search(r"\(pid (\d+)\)", out.stdout)
+        if out.returncode or match is None:
+            raise SystemExit(f"bench.andrew: cannot mount BFS: {out.stderr.strip() or out.stdout.strip()}")
+        self.pid = int(match.group(1))
+        self.last: Counter[str] = Counter()
+
+    def calls(self) -> Counter[str]:
+        """Operations sent since the last call (the mount writes its counts on SIGUSR1)."""
+        self.stats.unlink(missing_ok=True)
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not self.stats.exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("bench.andrew: the mount did not write its operation counts")
+            time.sleep(0.01)
+        now = Counter(json.loads(self.stats.read_text()))
+        new, self.last = now - self.last, now
+        return new
+
+    def unmount(self) -> None:
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False, capture_output=True)
 
 
-def unmount(mountpoint: Path) -> None:
-    subprocess.run(["fusermount3", "-u", str(mountpoint)], check=False, capture_output=True)
+def describe(calls: Counter[str]) -> str:
+    ordered = sum(n for k, n in calls.items() if not k.endswith(" ro"))
+    top = ", ".join(f"{k} {n}" for k, n in calls.most_common(4))
+    return f"{ordered} ordered, {calls.total() - ordered} read-only ({top})"
 
 
 def table(results: dict[str, dict[str, float]], baseline: str) -> str:
@@ -155,61 +197,114 @@ def plot(results: dict[str, dict[str, float]], path: Path, title: str) -> bool:
     return save(fig, path)
 
 
+BFS = "BFS (read-only lookups)"
+STRICT = "BFS strict"
+UNREPLICATED = "BFS unreplicated"
+LOCAL = "local disk"
+TARGETS = ("bfs", "strict", "unreplicated", "local")
+FLOOR = 1.3  # issue 12: BFS at most this times BFS unreplicated at --scale 10
+
+
+def ratios(results: dict[str, dict[str, float]]) -> list[str]:
+    lines = []
+    for name in (BFS, STRICT):
+        for base in (UNREPLICATED, LOCAL, "NFS"):
+            if name in results and base in results:
+                lines.append(f"{name} / {base}: {results[name]['total'] / results[base]['total']:.2f}x")
+    if BFS in results and UNREPLICATED in results:
+        ratio = results[BFS]["total"] / results[UNREPLICATED]["total"]
+        lines.append(f"floor ({BFS} at most {FLOOR}x {UNREPLICATED}): {'met' if ratio <= FLOOR else 'NOT met'}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=int, default=1, help="copies of the source tree (Andrew100 is 100)")
     ap.add_argument("--nfs", type=Path, help="a directory on an NFS mount to run the phases in as well")
+    ap.add_argument("--durability", choices=DURABILITY_MODES, default="memory",
+                    help="the replicas' (default memory: the paper's setting, and bft serve has no disk either)")
+    ap.add_argument("--attr-timeout", type=float, default=1.0, help="the mounts' attribute and name cache, s")
+    ap.add_argument("--write-cache-kib", type=int, default=65536, help="the mounts' write-back cache (0: none)")
+    ap.add_argument("--only", help="comma-separated targets to run: bfs,strict,unreplicated,local (default all)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.scale < 1:
+        raise SystemExit("bench.andrew: --scale must be at least 1")
+    only = set((args.only or ",".join(TARGETS)).split(","))
+    if only - set(TARGETS):
+        raise SystemExit(f"bench.andrew: unknown --only target(s) {sorted(only - set(TARGETS))} (known: {TARGETS})")
     if shutil.which("cc") is None or shutil.which("make") is None:
         raise SystemExit("bench.andrew: phase 5 needs cc and make (Debian: apt-get install build-essential)")
+    if args.nfs is not None and not args.nfs.is_dir():
+        raise SystemExit(f"bench.andrew: --nfs {args.nfs} is not a directory")
+    mount_options = ["--attr-timeout", str(args.attr_timeout), "--write-cache-kib", str(args.write_cache_kib)]
     results: dict[str, dict[str, float]] = {}
-    print(f"machine: {machine()}", flush=True)
+    calls: dict[str, dict[str, dict[str, int]]] = {}
+    print(f"machine: {machine()}; scale {args.scale}; replicas' durability {args.durability}; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         source = tmp / "source"
         make_source(source)
 
-        def measure(name: str, target: Path) -> None:
+        def measure(name: str, target: Path, mnt: Mount | None = None) -> None:
             print(f"{name}: running the five phases in {target} ...", flush=True)
-            results[name] = run_phases(source, target, args.scale)
-            row = ", ".join(f"{p.split()[1]} {results[name][p]:.2f}s" for p in PHASES)
-            print(f"  {row}; total {results[name]['total']:.2f}s", flush=True)
+            counts: dict[str, dict[str, int]] = {}
 
-        # BFS on 4 replicas
-        cfg.keygen(tmp / "cluster", 1, 2, base_port=free_base_port(4))
-        cluster = cfg.load(tmp / "cluster" / "cluster.toml")
-        procs = start_replicas(cluster, "bfs", tmp / "cluster" / "logs", "warning")
-        try:
-            for r in cluster.replicas:
-                wait_for_port(r.host, r.port)
-            mount(["--config", str(cluster.path)], tmp / "bfs", tmp / "bfs.log")
+            def progress(phase: str, seconds: float) -> None:
+                line = f"  {phase}: {seconds:.2f} s"
+                if mnt is not None:
+                    done = mnt.calls()
+                    counts[phase] = dict(done)
+                    line += f"; {describe(done)}"
+                print(line, flush=True)
+
+            results[name] = run_phases(source, target, args.scale, progress)
+            if counts:
+                calls[name] = counts
+            print(f"  total {results[name]['total']:.2f} s (load average {os.getloadavg()[0]:.2f})", flush=True)
+
+        def replicated(name: str, extra: list[str]) -> None:
+            where = tmp / name.split()[1].strip("()")
+            params = replace(DEFAULT_PARAMS, durability=args.durability)
+            cfg.keygen(where, 1, 2, base_port=free_base_port(4), params=params)
+            cluster = cfg.load(where / "cluster.toml")
+            procs = start_replicas(cluster, "bfs", where / "logs", "warning")
             try:
-                measure("BFS (4 replicas)", tmp / "bfs")
+                for r in cluster.replicas:
+                    wait_for_port(r.host, r.port)
+                mnt = Mount(["--config", str(cluster.path), *mount_options, *extra], where / "mnt", where / "mount.log")
+                try:
+                    measure(name, where / "mnt", mnt)
+                finally:
+                    mnt.unmount()
             finally:
-                unmount(tmp / "bfs")
-        finally:
-            stop_replicas(procs)
+                stop_replicas(procs)
 
-        # BFS unreplicated
-        port = free_base_port(1)
-        server = subprocess.Popen(
-            [sys.executable, "-m", "bft", "serve", "--service", "bfs", "--port", str(port)], stdout=subprocess.DEVNULL
-        )
-        try:
-            wait_for_port("127.0.0.1", port)
-            mount(["--unreplicated", f"127.0.0.1:{port}"], tmp / "bfs-nr", tmp / "bfs-nr.log")
+        if "bfs" in only:
+            replicated(BFS, [])
+        if "strict" in only:
+            replicated(STRICT, ["--strict"])
+        if "unreplicated" in only:
+            port = free_base_port(1)
+            server = subprocess.Popen(
+                [sys.executable, "-m", "bft", "serve", "--service", "bfs", "--port", str(port)],
+                stdout=subprocess.DEVNULL,
+            )
             try:
-                measure("BFS unreplicated", tmp / "bfs-nr")
+                wait_for_port("127.0.0.1", port)
+                mnt = Mount(["--unreplicated", f"127.0.0.1:{port}", *mount_options], tmp / "bfs-nr", tmp / "bfs-nr.log")
+                try:
+                    measure(UNREPLICATED, tmp / "bfs-nr", mnt)
+                finally:
+                    mnt.unmount()
             finally:
-                unmount(tmp / "bfs-nr")
-        finally:
-            server.terminate()
-            server.wait(5)
-
-        local = tmp / "local"
-        local.mkdir()
-        measure("local disk", local)
+                server.terminate()
+                server.wait(5)
+        if "local" in only:
+            local = tmp / "local"
+            local.mkdir()
+            measure(LOCAL, local)
         if args.nfs:
             target = args.nfs / f"andrew-{os.getpid()}"
             target.mkdir()
@@ -220,15 +315,21 @@ def main() -> None:
         else:
             print("NFS: not measured (no --nfs PATH given; this machine has no NFS client)", flush=True)
 
-    md = table(results, "BFS unreplicated")
+    baseline = UNREPLICATED if UNREPLICATED in results else next(iter(results))
+    md = table(results, baseline)
+    summary = ratios(results)
     print()
     print(md)
+    print()
+    print("\n".join(summary))
     args.out.mkdir(parents=True, exist_ok=True)
-    info = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "scale": args.scale, "seconds": results}
+    info = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "scale": args.scale,
+            "durability": args.durability, "load_average": os.getloadavg()[0], "seconds": results,
+            "operations": calls}
     (args.out / "andrew.json").write_text(json.dumps(info, indent=2) + "\n")
     (args.out / "andrew.md").write_text(
-        f"Machine: {info['machine']}, {info['date']}, scale {args.scale}; percentages against BFS unreplicated\n\n"
-        f"{md}\n"
+        f"Machine: {info['machine']}, {info['date']}, scale {args.scale}, replicas' durability {args.durability}; "
+        f"percentages against {baseline}\n\n{md}\n\n" + "\n".join(f"- {line}" for line in summary) + "\n"
     )
     if plot(results, args.out / "andrew.png", f"Andrew benchmark, scale {args.scale} ({info['machine']})"):
         print(f"\nwrote {args.out / 'andrew.md'}, andrew.json and andrew.png")

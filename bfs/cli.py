@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -12,10 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+from bfs.writeback import WRITE_CACHE_BYTES
 from bft import config as cfg
 from bft.runtime.process import run_async, setup_logging
 
 log = logging.getLogger("bfs")
+
+WRITE_CACHE_KIB = WRITE_CACHE_BYTES // 1024
 
 # Mount options passed on to the kernel (libfuse knows them), as `bfs mount -o` and in fstab.
 KERNEL_OPTIONS = frozenset({
@@ -77,9 +81,10 @@ async def _serve(a: argparse.Namespace, mountpoint: Path) -> None:
     try:
         try:
             await client.wait_connected(a.timeout)
-            ops = BfsOperations(client, a.attr_timeout)
+            ops = BfsOperations(client, a.attr_timeout, not a.strict, a.write_cache_kib * 1024)
             me = [os.geteuid(), os.getegid(), []]
             await asyncio.wait_for(ops._call("getattr", me, pyfuse3.ROOT_INODE), a.timeout)
+            await asyncio.wait_for(ops.start(me), a.timeout)
             # Files this client id kept open past their unlink in a run that died: free them.
             await asyncio.wait_for(ops._call("reclaim", me), a.timeout)
         except (QuorumTimeout, TimeoutError, pyfuse3.FUSEError):
@@ -98,6 +103,8 @@ async def _serve(a: argparse.Namespace, mountpoint: Path) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, pyfuse3.terminate)
+        if a.stats_file:
+            loop.add_signal_handler(signal.SIGUSR1, _write_stats, ops, a.stats_file)
         log.info("mounted BFS on %s", mountpoint)
         try:
             await pyfuse3.main()
@@ -105,6 +112,14 @@ async def _serve(a: argparse.Namespace, mountpoint: Path) -> None:
             pyfuse3.close(unmount=True)
     finally:
         await client.close()
+
+
+def _write_stats(ops, path: str) -> None:
+    """The operations sent so far, by name (" ro": on the read-only path), for the benchmark."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(dict(sorted(ops.calls.items())), fh)
+    os.replace(tmp, path)
 
 
 def cmd_mount(a: argparse.Namespace) -> None:
@@ -117,7 +132,12 @@ def cmd_mount(a: argparse.Namespace) -> None:
         return
     # Background: run ourselves in the foreground in a new session and wait for the mount.
     argv = [sys.executable, "-m", "bfs", "--log-level", a.log_level, "mount", "--foreground",
-            "--client", str(a.client), "--timeout", str(a.timeout), "--attr-timeout", str(a.attr_timeout)]
+            "--client", str(a.client), "--timeout", str(a.timeout), "--attr-timeout", str(a.attr_timeout),
+            "--write-cache-kib", str(a.write_cache_kib)]
+    if a.strict:
+        argv.append("--strict")
+    if a.stats_file:
+        argv += ["--stats-file", str(Path(a.stats_file).resolve())]
     if a.options:
         argv += ["-o", ",".join(a.options)]
     argv += ["--config", str(Path(a.config).resolve())] if a.config else ["--unreplicated", a.unreplicated]
@@ -150,6 +170,12 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _kib(text: str) -> int:
+    if not text.isdigit() or int(text) > 1 << 30:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of KiB from 0 to {1 << 30}")
+    return int(text)
+
+
 def _kernel_options(text: str) -> list[str]:
     options = [o for o in text.split(",") if o]
     unknown = [o for o in options if o not in KERNEL_OPTIONS]
@@ -171,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the cluster")
     m.add_argument("--attr-timeout", type=_seconds, default=1.0, help="seconds the kernel caches attributes and names")
+    m.add_argument("--strict", action="store_true",
+                   help="order every operation (the paper's BFS-strict); by default lookups, attributes, "
+                        "access, readlink, readdir, reads and statfs take PBFT's read-only path")
+    m.add_argument("--write-cache-kib", type=_kib, default=WRITE_CACHE_KIB, metavar="KIB",
+                   help="written data the mount holds until close, fsync or this bound sends it "
+                        f"(default {WRITE_CACHE_KIB}; 0: every write sent at once)")
+    m.add_argument("--stats-file", help="on SIGUSR1, write the operations sent so far here (JSON)")
     m.add_argument("-o", dest="options", type=_kernel_options, default=[], metavar="OPT,...",
                    help="kernel mount options: ro, nodev, nosuid, noexec, allow_other, ...")
     m.add_argument("--log-file")
@@ -182,7 +215,8 @@ def helper_argv(argv: list[str]) -> list[str]:
     """``mount -t fuse.bfs SOURCE DIR -o OPTS`` (and fstab) runs ``mount.fuse.bfs SOURCE DIR [-sfnv]
     [-o OPTS]``: the ``bfs mount`` arguments that mean the same. The options are ``config=PATH``
     (else SOURCE, when it is a file, is the cluster.toml), ``client=N``, ``attr_timeout=S``,
-    ``unreplicated=HOST:PORT``, ``log_file=PATH`` and kernel options; mount(8)'s own are ignored."""
+    ``unreplicated=HOST:PORT``, ``log_file=PATH``, ``write_cache_kib=N``, ``strict`` and kernel
+    options; mount(8)'s own are ignored."""
     positional, options = [], []
     it = iter(argv)
     for arg in it:
@@ -199,16 +233,20 @@ def helper_argv(argv: list[str]) -> list[str]:
     source, mountpoint = positional
     out, kernel = ["mount", mountpoint], []
     named = {"config": "--config", "client": "--client", "attr_timeout": "--attr-timeout",
-             "unreplicated": "--unreplicated", "log_file": "--log-file", "timeout": "--timeout"}
+             "unreplicated": "--unreplicated", "log_file": "--log-file", "timeout": "--timeout",
+             "write_cache_kib": "--write-cache-kib"}
     for option in filter(None, options):
         key, eq, value = option.partition("=")
         if key in named and eq:
             out += [named[key], value]
+        elif option == "strict":
+            out.append("--strict")
         elif option in KERNEL_OPTIONS:
             kernel.append(option)
         elif option not in MOUNT_ONLY_OPTIONS and not option.startswith(("x-", "comment=")):
             raise MountError(f"unknown mount option {option!r} (bfs takes config=, client=, attr_timeout=, "
-                             f"unreplicated=, log_file=, timeout= and {', '.join(sorted(KERNEL_OPTIONS))})")
+                             f"unreplicated=, log_file=, timeout=, write_cache_kib=, strict and "
+                             f"{', '.join(sorted(KERNEL_OPTIONS))})")
     if "--config" not in out and "--unreplicated" not in out and Path(source).is_file():
         out += ["--config", source]
     return out + (["-o", ",".join(kernel)] if kernel else [])

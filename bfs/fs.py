@@ -41,6 +41,7 @@ KIND_BITS = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, LNK: stat.S_IFLNK, FIFO: stat
 SPECIAL = frozenset({FIFO, SOCK, CHR, BLK})  # what mknod makes
 SUID_SGID = stat.S_ISUID | stat.S_ISGID
 KEEP_MAX = 1024  # open files a mount may name in one remove or rename
+WRITEV_EXTENTS_MAX = 65536  # ranges in one writev (the request size bounds their bytes)
 XATTR_NAME_MAX = 255
 XATTR_VALUE_MAX = 65536
 XATTR_INODE_MAX = 65536 + 4096  # names and values of one inode: one largest value and more
@@ -509,9 +510,11 @@ class FileSystem:
             raise FsError(errno.ENOENT)
         return self.inodes[entry[0]].attrs()
 
-    def op_access(self, creds: Creds, ino: object, mask: object) -> int:
-        self._check(creds, self._node(ino), _uint(mask) & 7)
-        return 0
+    def op_access(self, creds: Creds, ino: object, mask: object) -> list:
+        """The attributes, once allowed: a mount opening a file learns them without a getattr."""
+        node = self._node(ino)
+        self._check(creds, node, _uint(mask) & 7)
+        return node.attrs()
 
     def op_readlink(self, creds: Creds, ino: object) -> bytes:
         node = self._node(ino)
@@ -531,31 +534,43 @@ class FileSystem:
         return [bytes(out), end >= node.size]
 
     def op_write(self, creds: Creds, ino: object, offset: object, data: object) -> list:
+        return self.op_writev(creds, ino, [[offset, data]])
+
+    def op_writev(self, creds: Creds, ino: object, extents: object) -> list:
+        """Write ``[[offset, data], ...]`` in order, all or nothing (a mount's cached writes of
+        one file); returns the attributes after them."""
         node = self._regular(ino)
-        if type(data) is not bytes:
+        if type(extents) is not list or not extents or len(extents) > WRITEV_EXTENTS_MAX:
             raise FsError(errno.EINVAL)
+        for extent in extents:
+            if type(extent) is not list or len(extent) != 2 or type(extent[1]) is not bytes:
+                raise FsError(errno.EINVAL)
+            _uint(extent[0])
         self._check_write(creds, node)
-        offset = _uint(offset)
-        end = offset + len(data)
-        if end > self.limits.file_bytes_max:
+        if max(o + len(d) for o, d in extents) > self.limits.file_bytes_max:
             raise FsError(errno.EFBIG)
-        if not data:
+        extents = [(o, d) for o, d in extents if d]
+        if not extents:
             return node.attrs()
-        # Check the space first: a refused write must change nothing.
-        spans = list(_spans(offset, end))
-        growth = sum(max(0, within + take - len(self.blocks.get((node.ino, index), b"")))
-                     for index, within, take, _ in spans)
+        # Check the space first: a refused write must change nothing. Growth is counted per
+        # block, the largest length each block reaches over all the extents.
+        reach: dict[int, int] = {}
+        for offset, data in extents:
+            for index, within, take, _ in _spans(offset, offset + len(data)):
+                reach[index] = max(reach.get(index, 0), within + take)
+        growth = sum(max(0, n - len(self.blocks.get((node.ino, i), b""))) for i, n in reach.items())
         if self.bytes_used + growth > self.limits.bytes_max:
             raise FsError(errno.ENOSPC)
-        for index, within, take, pos in spans:
-            key = (node.ino, index)
-            old = self.blocks.get(key, b"")
-            new = bytearray(old) + bytes(max(0, within - len(old)))
-            new[within:within + take] = data[pos - offset:pos - offset + take]
-            self.blocks[key] = bytes(new)
-            self.bytes_used += len(new) - len(old)
-            self._touch_block(key)
-        node.size = max(node.size, end)
+        for offset, data in extents:
+            for index, within, take, pos in _spans(offset, offset + len(data)):
+                key = (node.ino, index)
+                old = self.blocks.get(key, b"")
+                new = bytearray(old) + bytes(max(0, within - len(old)))
+                new[within:within + take] = data[pos - offset:pos - offset + take]
+                self.blocks[key] = bytes(new)
+                self.bytes_used += len(new) - len(old)
+                self._touch_block(key)
+            node.size = max(node.size, offset + len(data))
         node.mtime = node.ctime = self.now
         if creds.uid != 0:
             node.mode &= ~(stat.S_ISUID | stat.S_ISGID)
@@ -797,7 +812,7 @@ class FileSystem:
 
     def op_commit(self, creds: Creds, ino: object) -> int:
         self._node(ino)
-        return 0  # every write is committed when its reply is agreed
+        return 0  # every write is committed when its reply is agreed (a mount's cache is its own)
 
 
 def _is_uint(v: object) -> bool:

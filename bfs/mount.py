@@ -5,25 +5,31 @@ and a renamed open file just works; its handlers are coroutines that await the a
 directly, many in flight at once. Read-only operations (getattr, lookup, read, readdir, readlink,
 access, statfs) take the read-only path.
 
-Caching is NFS-like: the kernel keeps attributes and name lookups for ``attr_timeout`` seconds,
-and drops a file's cached pages when it is opened, so a file written and closed through one mount
-is read afresh through another once its attributes expire (close-to-open consistency).
+Caching is NFS-like (README, "Caching and consistency"): written data waits in a bounded
+write-back cache (bfs/writeback.py) until close, fsync or the bound sends it; the kernel keeps
+attributes and names for ``attr_timeout`` seconds; an open asks the replicas for the file's
+attributes and drops the kernel's cached pages, so what another mount wrote and closed before
+the open is what it reads (close-to-open consistency).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
 import stat
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import msgpack
 import pyfuse3
 
+from bfs.attrcache import AttrCache
 from bfs.fs import BLK, BLOCK, CHR, FIFO, KEEP_MAX, KIND_BITS, SOCK
+from bfs.writeback import WRITE_CACHE_BYTES, FlushError, WriteBack
 from client import Client, QuorumTimeout
 
 log = logging.getLogger("bfs.mount")
@@ -35,6 +41,8 @@ OP_TIMEOUT_S = 60.0
 # owner do it; an explicit time that close to now differs from the agreed one by as little.
 NOW_WINDOW_NS = 100_000_000
 SPECIAL_KINDS = {stat.S_IFIFO: FIFO, stat.S_IFSOCK: SOCK, stat.S_IFCHR: CHR, stat.S_IFBLK: BLK}
+# A writev's bytes besides its data: the name, credentials (up to 32 groups), inode and headers.
+WRITEV_HEADER_BYTES = 1024
 
 
 @dataclass(slots=True)
@@ -46,14 +54,22 @@ class Handle:
     # call and asks again from the last one it took: [name, attrs, cookie] in cookie order.
     page: list = field(default_factory=list)
     page_eof: bool = False
+    attrs: list | None = None  # a directory's, from opendir: readdir's "." without a getattr
 
 
 class BfsOperations(pyfuse3.Operations):
-    def __init__(self, client: Client, attr_timeout: float = 1.0, read_only_path: bool = True) -> None:
+    def __init__(self, client: Client, attr_timeout: float = 1.0, read_only_path: bool = True,
+                 write_cache_bytes: int = WRITE_CACHE_BYTES) -> None:
         super().__init__()
         self.client = client
         self.attr_timeout = attr_timeout
+        # False: every operation ordered (the paper's BFS-strict); True: READ_ONLY's on PBFT's
+        # read-only path (its "read-only lookups").
         self.read_only_path = read_only_path
+        self.write_cache_bytes = write_cache_bytes
+        self.cache: WriteBack | None = None  # made by start(), which learns the file size limit
+        self.calls: Counter[str] = Counter()  # "name" ordered, "name ro" on the read-only path
+        self.attrs = AttrCache(attr_timeout)
         self.handles: dict[int, Handle] = {}
         self.next_handle = 1
         self.open_count: dict[int, int] = {}  # inode -> handles open on it
@@ -95,10 +111,32 @@ class BfsOperations(pyfuse3.Operations):
     def _keep(self) -> list[int]:
         return sorted(self.open_count)[:KEEP_MAX]
 
+    async def start(self, creds: list) -> None:
+        """Make the write-back cache, which refuses writes past the file size limit itself."""
+        file_bytes_max = (await self._call("fsinfo", creds))[3]
+        writev_bytes_max = self.client.core.params.op_bytes_max - WRITEV_HEADER_BYTES
+        self.cache = WriteBack(self._writev, self.write_cache_bytes, writev_bytes_max, file_bytes_max)
+
+    async def _writev(self, creds: list, inode: int, extents: list[tuple[int, bytes]]) -> None:
+        try:
+            self._note(await self._call("writev", creds, inode, extents))
+        except pyfuse3.FUSEError as exc:
+            raise FlushError(exc.errno) from None
+
+    async def _flush(self, inode: int) -> None:
+        try:
+            await self.cache.flush(inode)
+        except FlushError as exc:
+            raise pyfuse3.FUSEError(exc.code) from None
+
+    def _note(self, attrs: list) -> None:
+        self.attrs.note(attrs, time.monotonic())
+
     async def _call(self, name: str, ctx: pyfuse3.RequestContext | list, *args: object) -> object:
         creds = ctx if isinstance(ctx, list) else self._creds(ctx)
         op = msgpack.packb([name, creds, *args])
         read_only = self.read_only_path and name in READ_ONLY
+        self.calls[f"{name} ro" if read_only else name] += 1
         try:
             result = await self.client.invoke(op, read_only, timeout=OP_TIMEOUT_S)
         except QuorumTimeout:
@@ -109,7 +147,7 @@ class BfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(code)
         return value
 
-    def _entry(self, attrs: list) -> pyfuse3.EntryAttributes:
+    def _entry(self, attrs: list, cached: bool = False) -> pyfuse3.EntryAttributes:
         ino, kind, mode, nlink, uid, gid, size, atime, mtime, ctime, gen, rdev = attrs
         e = pyfuse3.EntryAttributes()
         e.st_rdev = rdev
@@ -118,6 +156,10 @@ class BfsOperations(pyfuse3.Operations):
         e.st_mode = KIND_BITS[kind] | mode
         e.st_nlink = nlink
         e.st_uid, e.st_gid = uid, gid
+        if not cached:
+            self._note(attrs)
+        if self.cache is not None:
+            size = self.cache.size(ino, size)  # with this mount's unsent writes
         e.st_size = size
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = atime, mtime, ctime
         e.st_blksize = BLOCK
@@ -129,12 +171,27 @@ class BfsOperations(pyfuse3.Operations):
     # -- names and attributes ---------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self._call("lookup", ctx, parent_inode, name))
+        try:
+            return self._entry(await self._call("lookup", ctx, parent_inode, name))
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+        # The kernel keeps "no such name" as long as a name (compilers look for many headers
+        # where they are not); a create through this mount replaces it at once.
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.attr_timeout
+        return e
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        attrs = self.attrs.get(inode, time.monotonic())
+        if attrs is not None:
+            return self._entry(attrs, cached=True)
         return self._entry(await self._call("getattr", ctx, inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        # Cached writes go first: a truncation, chmod, chown or utimes after them stays after.
+        await self._flush(inode)
         clock = time.time_ns()
 
         def when(update: bool, ns: int) -> int | None:
@@ -179,15 +236,27 @@ class BfsOperations(pyfuse3.Operations):
     # -- extended attributes (pyfuse3 does XATTR_CREATE and XATTR_REPLACE with getxattr) ----
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self._call("getxattr", ctx, inode, name)
+        now = time.monotonic()
+        if self.attrs.xattr_absent(inode, name, now):
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        try:
+            return await self._call("getxattr", ctx, inode, name)
+        except pyfuse3.FUSEError as exc:
+            if exc.errno == errno.ENODATA:
+                self.attrs.note_no_xattr(inode, name, now)
+            raise
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return await self._call("listxattr", ctx, inode)
 
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.attrs.drop_xattrs(inode)
+        self.attrs.drop(inode)
         await self._call("setxattr", ctx, inode, name, bytes(value))
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.attrs.drop_xattrs(inode)
+        self.attrs.drop(inode)
         await self._call("removexattr", ctx, inode, name)
 
     # -- creating and removing --------------------------------------------------------------
@@ -195,32 +264,44 @@ class BfsOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         creds = self._creds(ctx)
         attrs = await self._call("create", creds, parent_inode, name, stat.S_IMODE(mode), bool(flags & os.O_EXCL))
+        self.attrs.drop(parent_inode)
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         return pyfuse3.FileInfo(fh=self._handle(attrs[0], creds, writable)), self._entry(attrs)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
-        return self._entry(await self._call("mkdir", ctx, parent_inode, name, stat.S_IMODE(mode)))
+        attrs = await self._call("mkdir", ctx, parent_inode, name, stat.S_IMODE(mode))
+        self.attrs.drop(parent_inode)
+        return self._entry(attrs)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         if stat.S_ISREG(mode):
-            return self._entry(await self._call("create", ctx, parent_inode, name, stat.S_IMODE(mode), True))
-        kind = SPECIAL_KINDS.get(stat.S_IFMT(mode))
-        if kind is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        return self._entry(await self._call("mknod", ctx, parent_inode, name, kind, stat.S_IMODE(mode), rdev))
+            attrs = await self._call("create", ctx, parent_inode, name, stat.S_IMODE(mode), True)
+        else:
+            kind = SPECIAL_KINDS.get(stat.S_IFMT(mode))
+            if kind is None:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            attrs = await self._call("mknod", ctx, parent_inode, name, kind, stat.S_IMODE(mode), rdev)
+        self.attrs.drop(parent_inode)
+        return self._entry(attrs)
 
     async def symlink(self, parent_inode, name, target, ctx):
-        return self._entry(await self._call("symlink", ctx, parent_inode, name, target))
+        attrs = await self._call("symlink", ctx, parent_inode, name, target)
+        self.attrs.drop(parent_inode)
+        return self._entry(attrs)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self._entry(await self._call("link", ctx, inode, new_parent_inode, new_name))
+        attrs = await self._call("link", ctx, inode, new_parent_inode, new_name)
+        self.attrs.drop(new_parent_inode)
+        return self._entry(attrs)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.attrs.drop_all()
         kept = await self._call("remove", ctx, parent_inode, name, self._keep())
         if kept is not None:
             self.kept.add(kept)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.attrs.drop_all()
         await self._call("rmdir", ctx, parent_inode, name)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -234,6 +315,7 @@ class BfsOperations(pyfuse3.Operations):
                     raise
             else:
                 raise pyfuse3.FUSEError(errno.EEXIST)
+        self.attrs.drop_all()
         kept = await self._call("rename", ctx, parent_inode_old, name_old, parent_inode_new, name_new, self._keep())
         if kept is not None:
             self.kept.add(kept)
@@ -245,46 +327,70 @@ class BfsOperations(pyfuse3.Operations):
         mask = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(flags & os.O_ACCMODE)
         if mask is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        await self._call("access", creds, inode, mask)
+        attrs = await self._call("access", creds, inode, mask)
         if flags & os.O_TRUNC:
             # libfuse 3 passes O_TRUNC on to open (atomic_o_trunc) instead of a setattr first.
-            await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
+            await self._flush(inode)
+            attrs = await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
+        changed = self.attrs.changed(attrs)
+        self._note(attrs)
+        if changed:
+            # Changed since the kernel last heard (through another mount): it must ask again
+            # before it trusts its size, or it would read what was written only up to the old.
+            with contextlib.suppress(OSError):  # raised when the kernel holds nothing of it
+                pyfuse3.invalidate_inode(inode, attr_only=True)
         # keep_cache=False drops the kernel's cached pages: close-to-open consistency.
         return pyfuse3.FileInfo(fh=self._handle(inode, creds, mask != 4), keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
-        data, _eof = await self._call("read", h.creds, h.inode, off, size)
+        data, eof = await self._call("read", h.creds, h.inode, off, size)
+        if h.inode in self.cache.files:  # read your own writes
+            data = self.cache.overlay(h.inode, off, size, data, off + len(data) if eof else off + size)
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
-        await self._call("write", h.creds, h.inode, off, bytes(buf))
+        try:
+            await self.cache.write(h.inode, h.creds, off, bytes(buf))
+        except FlushError as exc:
+            raise pyfuse3.FUSEError(exc.code) from None
         return len(buf)
 
     async def flush(self, fh: int) -> None:
-        return None  # every write's reply was agreed by a quorum: nothing is buffered here
+        # Every close(2) of a descriptor open for writing, as NFS clients do: its errors are close's.
+        h = self.handles[fh]
+        if h.writable:
+            await self._flush(h.inode)
 
     async def release(self, fh: int) -> None:
+        h = self.handles.get(fh)
+        if h is not None and h.writable:
+            try:
+                await self._flush(h.inode)  # written through mmap after the last close(2)
+            except pyfuse3.FUSEError as exc:
+                log.warning("writing inode %d at its last close: %s", h.inode, os.strerror(exc.errno))
         await self._close(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
+        await self._flush(self.handles[fh].inode)  # returns once the replicas agreed on it
 
     # -- directories ------------------------------------------------------------------------
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         creds = self._creds(ctx)
-        await self._call("access", creds, inode, 4)
-        return self._handle(inode, creds)
+        attrs = await self._call("access", creds, inode, 4)
+        fh = self._handle(inode, creds)
+        self.handles[fh].attrs = attrs
+        return fh
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Offsets 1 and 2 follow "." and ".."; an entry with BFS cookie c ends at offset c + 2.
         h = self.handles[fh]
         inode, creds = h.inode, h.creds
         if start_id < 2:
-            # The kernel takes only the type from these; getattr needs no search permission.
-            attrs = await self._call("getattr", creds, inode)
+            # The kernel takes only the type from these (opendir's attributes will do).
+            attrs = h.attrs or await self._call("getattr", creds, inode)
             for offset, name in ((1, b"."), (2, b"..")):
                 if start_id < offset and not pyfuse3.readdir_reply(token, name, self._entry(attrs), offset):
                     return

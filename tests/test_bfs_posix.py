@@ -180,6 +180,7 @@ def test_an_open_file_outlives_unlink_and_rename_over(work: Path) -> None:
     with open(work / "big", "w+b") as fh:
         fh.write(data)
         fh.flush()
+        os.fsync(fh.fileno())  # out of the mount's write-back cache: the replicas hold its space
         os.unlink(work / "big")
         assert os.fstat(fh.fileno()).st_nlink == 0 and os.fstat(fh.fileno()).st_size == len(data)
         assert os.pread(fh.fileno(), 100, 5000) == data[5000:5100]

@@ -1,0 +1,61 @@
+"""What a mount knows of attributes without asking the replicas, as an NFS client's attribute
+cache: the attributes every reply carries, kept for the mount's attribute timeout, and the
+extended attributes a file was found not to have (the kernel asks for ``security.capability``
+before every write). The kernel caches attributes for the same time, but forgets them after each
+write through it; answering those getattrs here saves a round of replies each.
+
+The clock is passed in: ``now`` is ``time.monotonic()`` in the mount, anything in tests.
+"""
+
+from __future__ import annotations
+
+ENTRIES_MAX = 65536  # per table; past it a table starts again empty (only costs some asking)
+
+
+class AttrCache:
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.fresh: dict[int, tuple[list, float]] = {}  # inode -> (attributes, when received)
+        # inode -> (size, mtime) as the kernel was last told, to see another mount's change
+        self.seen: dict[int, tuple[int, int]] = {}
+        self.no_xattr: dict[tuple[int, bytes], float] = {}  # (inode, name) -> when found absent
+
+    def note(self, attrs: list, now: float) -> None:
+        """Attributes from a reply (``bfs.fs.Inode.attrs``: inode first, size 7th, mtime 9th)."""
+        for table in (self.fresh, self.seen):
+            if len(table) >= ENTRIES_MAX:
+                table.clear()
+        self.fresh[attrs[0]] = (attrs, now)
+        self.seen[attrs[0]] = (attrs[6], attrs[8])
+
+    def get(self, ino: int, now: float) -> list | None:
+        hit = self.fresh.get(ino)
+        if hit is None or now - hit[1] >= self.timeout_s:
+            return None
+        return hit[0]
+
+    def changed(self, attrs: list) -> bool:
+        """Whether size or mtime differ from what the kernel was last told."""
+        return self.seen.get(attrs[0]) != (attrs[6], attrs[8])
+
+    def drop(self, *inos: int) -> None:
+        """These inodes changed in ways their replies did not show (a directory's entries)."""
+        for ino in inos:
+            self.fresh.pop(ino, None)
+
+    def drop_all(self) -> None:
+        """A remove or rename: some inode not named in it lost a link."""
+        self.fresh.clear()
+
+    def xattr_absent(self, ino: int, name: bytes, now: float) -> bool:
+        when = self.no_xattr.get((ino, name))
+        return when is not None and now - when < self.timeout_s
+
+    def note_no_xattr(self, ino: int, name: bytes, now: float) -> None:
+        if len(self.no_xattr) >= ENTRIES_MAX:
+            self.no_xattr.clear()
+        self.no_xattr[(ino, name)] = now
+
+    def drop_xattrs(self, ino: int) -> None:
+        for key in [k for k in self.no_xattr if k[0] == ino]:
+            del self.no_xattr[key]

@@ -1,0 +1,203 @@
+"""The mount's write-back cache, as an NFSv3 client keeps one: written bytes stay here, per file,
+until ``close``, ``fsync`` or the bound on cached bytes sends them, as few ordered ``writev``
+operations as the request size limit allows (adjacent and overlapping writes coalesced).
+
+``Extents`` is the pure part (byte ranges of one file); ``WriteBack`` owns every file's dirty
+ranges, the bound, and the order of flushes, and leaves sending to the ``send`` it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import errno
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+# What one extent adds to a writev besides its bytes: msgpack's array header, offset and bin
+# header are at most 1 + 9 + 5.
+EXTENT_OVERHEAD_BYTES = 16
+WRITE_CACHE_BYTES = 64 * 1024 * 1024  # a mount's default bound
+
+
+class FlushError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(errno.errorcode.get(code, str(code)))
+        self.code = code
+
+
+@dataclass(slots=True)
+class Extents:
+    """Byte ranges of one file, sorted, neither overlapping nor touching; a later write wins."""
+
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    datas: list[bytearray] = field(default_factory=list)
+    nbytes: int = 0
+
+    def add(self, offset: int, data: bytes) -> int:
+        """Cache ``data`` at ``offset``; returns how many more bytes are held now."""
+        if not data:
+            return 0
+        end = offset + len(data)
+        i = bisect.bisect_left(self.ends, offset)  # the first range ending at or after offset
+        j = bisect.bisect_right(self.starts, end) - 1  # the last starting at or before end
+        before = self.nbytes
+        if i > j:
+            self.starts.insert(i, offset)
+            self.ends.insert(i, end)
+            self.datas.insert(i, bytearray(data))
+            self.nbytes += len(data)
+            return len(data)
+        start = min(self.starts[i], offset)
+        if i == j and self.starts[i] <= offset:
+            # Appending to or overwriting inside one range, the common case: no copy of it.
+            buf = self.datas[i]
+            rel = offset - start
+            buf[rel:rel + len(data)] = data
+        else:
+            buf = bytearray(max(self.ends[j], end) - start)
+            for k in range(i, j + 1):
+                buf[self.starts[k] - start:self.ends[k] - start] = self.datas[k]
+            buf[offset - start:end - start] = data
+        held = sum(len(self.datas[k]) for k in range(i, j + 1))
+        self.starts[i:j + 1] = [start]
+        self.ends[i:j + 1] = [start + len(buf)]
+        self.datas[i:j + 1] = [buf]
+        self.nbytes += len(buf) - held
+        return self.nbytes - before
+
+    @property
+    def end(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def overlay(self, offset: int, buf: bytearray) -> None:
+        """Copy the cached bytes that fall in [offset, offset + len(buf)) over ``buf``."""
+        stop = offset + len(buf)
+        k = bisect.bisect_right(self.ends, offset)
+        while k < len(self.starts) and self.starts[k] < stop:
+            lo, hi = max(offset, self.starts[k]), min(stop, self.ends[k])
+            buf[lo - offset:hi - offset] = self.datas[k][lo - self.starts[k]:hi - self.starts[k]]
+            k += 1
+
+    def groups(self, capacity: int) -> list[list[tuple[int, bytes]]]:
+        """The ranges as writev argument lists, each costing at most ``capacity`` bytes (data
+        plus EXTENT_OVERHEAD_BYTES a piece); a range is split where a list fills, so every list
+        but the last is full and their number is the fewest the capacity allows."""
+        if capacity <= EXTENT_OVERHEAD_BYTES:
+            raise ValueError(f"a writev of {capacity} bytes holds no data")
+        out: list[list[tuple[int, bytes]]] = [[]]
+        room = capacity
+        for start, data in zip(self.starts, self.datas, strict=True):
+            pos = 0
+            while pos < len(data):
+                if room <= EXTENT_OVERHEAD_BYTES:
+                    out.append([])
+                    room = capacity
+                take = min(len(data) - pos, room - EXTENT_OVERHEAD_BYTES)
+                out[-1].append((start + pos, bytes(data[pos:pos + take])))
+                room -= take + EXTENT_OVERHEAD_BYTES
+                pos += take
+        return out if out[0] else []
+
+
+Send = Callable[[list, int, list[tuple[int, bytes]]], Awaitable[list]]
+
+
+@dataclass(slots=True)
+class _File:
+    creds: list  # the writer's: the replicas check its permission at each writev
+    dirty: Extents = field(default_factory=Extents)
+    sending: list[Extents] = field(default_factory=list)  # taken by a flush, not yet answered
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    error: int = 0  # a background flush's failure, reported at the next write, fsync or close
+
+
+class WriteBack:
+    """Dirty data of every open file, at most ``bytes_max`` in all (0: every write at once)."""
+
+    def __init__(self, send: Send, bytes_max: int, writev_bytes_max: int, file_bytes_max: int) -> None:
+        self.send = send
+        self.bytes_max = bytes_max
+        self.writev_bytes_max = writev_bytes_max
+        self.file_bytes_max = file_bytes_max
+        self.files: dict[int, _File] = {}
+        self.nbytes = 0  # dirty, across files (what is being sent is not counted)
+
+    async def write(self, ino: int, creds: list, offset: int, data: bytes) -> None:
+        """Cache a write, or raise FlushError with what is known now: a file size past the
+        limit, or an earlier background flush of this file that failed."""
+        if offset + len(data) > self.file_bytes_max:
+            raise FlushError(errno.EFBIG)
+        f = self.files.get(ino)
+        if f is not None and f.error:
+            code, f.error = f.error, 0
+            raise FlushError(code)
+        while f is not None and f.creds != creds:  # one writer's credentials per writev
+            if not f.dirty.nbytes and not f.sending:
+                f.creds = creds
+                break
+            await self.flush(ino)
+            f = self.files.get(ino)
+        if f is None:
+            f = self.files[ino] = _File(creds)
+        self.nbytes += f.dirty.add(offset, data)
+        if self.nbytes > self.bytes_max:
+            await self._relieve(ino)
+
+    async def _relieve(self, writing: int) -> None:
+        """Memory pressure: send the largest files' data until the cache is within its bound."""
+        while self.nbytes > self.bytes_max:
+            ino = max(self.files, key=lambda i: self.files[i].dirty.nbytes)
+            if not self.files[ino].dirty.nbytes:
+                return  # what is left is being sent already
+            try:
+                await self.flush(ino)
+            except FlushError as exc:
+                if ino == writing:
+                    raise
+                f = self.files.get(ino)
+                if f is not None:
+                    f.error = exc.code
+
+    async def flush(self, ino: int) -> None:
+        """Send the file's dirty data and return once the replicas committed it; a failure
+        drops the data (as NFS clients do) and raises, once, with the replicas' errno."""
+        f = self.files.get(ino)
+        if f is None:
+            return
+        async with f.lock:  # flushes of one file go in order: a later write wins at the replicas
+            if f.error:
+                code, f.error = f.error, 0
+                raise FlushError(code)
+            taken, f.dirty = f.dirty, Extents()
+            self.nbytes -= taken.nbytes
+            f.sending.append(taken)
+            try:
+                for group in taken.groups(self.writev_bytes_max):
+                    await self.send(f.creds, ino, group)
+            finally:
+                f.sending.remove(taken)
+        # Forgotten once clean; a flush still waiting for the lock then finds nothing to send.
+        if not f.dirty.nbytes and not f.sending and not f.error and self.files.get(ino) is f and not f.lock.locked():
+            del self.files[ino]
+
+    def size(self, ino: int, size: int) -> int:
+        """The file's size with its cached data, from the replicas' ``size``."""
+        f = self.files.get(ino)
+        if f is None:
+            return size
+        return max(size, f.dirty.end, *(e.end for e in f.sending))
+
+    def overlay(self, ino: int, offset: int, count: int, data: bytes, size: int) -> bytes:
+        """What a read of ``count`` bytes at ``offset`` sees: the replicas' ``data`` (of a file
+        of ``size`` bytes there) with this mount's unsent writes over it."""
+        f = self.files.get(ino)
+        if f is None:
+            return data
+        length = max(0, min(offset + count, self.size(ino, size)) - offset)
+        buf = bytearray(data[:length])
+        buf += bytes(length - len(buf))
+        for extents in (*f.sending, f.dirty):
+            extents.overlay(offset, buf)
+        return bytes(buf)
