@@ -22,10 +22,14 @@ class AttrCache:
 
     def note(self, attrs: list, now: float) -> None:
         """Attributes from a reply (``bfs.fs.Inode.attrs``: inode first, size 7th, mtime 9th)."""
-        for table in (self.fresh, self.seen):
-            if len(table) >= ENTRIES_MAX:
-                table.clear()
+        if len(self.fresh) >= ENTRIES_MAX:
+            self.fresh.clear()
         self.fresh[attrs[0]] = (attrs, now)
+
+    def told(self, attrs: list) -> None:
+        """Attributes handed to the kernel."""
+        if len(self.seen) >= ENTRIES_MAX:
+            self.seen.clear()
         self.seen[attrs[0]] = (attrs[6], attrs[8])
 
     def get(self, ino: int, now: float) -> list | None:
@@ -35,8 +39,13 @@ class AttrCache:
         return hit[0]
 
     def changed(self, attrs: list) -> bool:
-        """Whether size or mtime differ from what the kernel was last told."""
+        """Whether size or mtime differ from what the kernel was last told: its cached pages
+        of the file may be out of date (as NFSv3 clients judge theirs at open)."""
         return self.seen.get(attrs[0]) != (attrs[6], attrs[8])
+
+    def distrust(self, ino: int) -> None:
+        """The kernel's pages of this file hold writes the replicas refused."""
+        self.seen.pop(ino, None)
 
     def drop(self, *inos: int) -> None:
         """These inodes changed in ways their replies did not show (a directory's entries)."""

@@ -121,6 +121,7 @@ class BfsOperations(pyfuse3.Operations):
         try:
             self._note(await self._call("writev", creds, inode, extents))
         except pyfuse3.FUSEError as exc:
+            self.attrs.distrust(inode)  # the next open drops the kernel's pages of it
             raise FlushError(exc.errno) from None
 
     async def _flush(self, inode: int) -> None:
@@ -158,6 +159,7 @@ class BfsOperations(pyfuse3.Operations):
         e.st_uid, e.st_gid = uid, gid
         if not cached:
             self._note(attrs)
+        self.attrs.told(attrs)
         if self.cache is not None:
             size = self.cache.size(ino, size)  # with this mount's unsent writes
         e.st_size = size
@@ -332,15 +334,16 @@ class BfsOperations(pyfuse3.Operations):
             # libfuse 3 passes O_TRUNC on to open (atomic_o_trunc) instead of a setattr first.
             await self._flush(inode)
             attrs = await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
-        changed = self.attrs.changed(attrs)
         self._note(attrs)
+        changed = self.attrs.changed(attrs)
         if changed:
             # Changed since the kernel last heard (through another mount): it must ask again
             # before it trusts its size, or it would read what was written only up to the old.
             with contextlib.suppress(OSError):  # raised when the kernel holds nothing of it
                 pyfuse3.invalidate_inode(inode, attr_only=True)
-        # keep_cache=False drops the kernel's cached pages: close-to-open consistency.
-        return pyfuse3.FileInfo(fh=self._handle(inode, creds, mask != 4), keep_cache=False)
+        # Close-to-open consistency: the kernel's cached pages are kept only while the file's
+        # size and mtime are what the kernel last heard.
+        return pyfuse3.FileInfo(fh=self._handle(inode, creds, mask != 4), keep_cache=not changed)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]

@@ -42,13 +42,13 @@ class Extents:
         end = offset + len(data)
         i = bisect.bisect_left(self.ends, offset)  # the first range ending at or after offset
         j = bisect.bisect_right(self.starts, end) - 1  # the last starting at or before end
-        before = self.nbytes
         if i > j:
             self.starts.insert(i, offset)
             self.ends.insert(i, end)
             self.datas.insert(i, bytearray(data))
             self.nbytes += len(data)
             return len(data)
+        held = sum(len(self.datas[k]) for k in range(i, j + 1))
         start = min(self.starts[i], offset)
         if i == j and self.starts[i] <= offset:
             # Appending to or overwriting inside one range, the common case: no copy of it.
@@ -60,12 +60,11 @@ class Extents:
             for k in range(i, j + 1):
                 buf[self.starts[k] - start:self.ends[k] - start] = self.datas[k]
             buf[offset - start:end - start] = data
-        held = sum(len(self.datas[k]) for k in range(i, j + 1))
         self.starts[i:j + 1] = [start]
         self.ends[i:j + 1] = [start + len(buf)]
         self.datas[i:j + 1] = [buf]
         self.nbytes += len(buf) - held
-        return self.nbytes - before
+        return len(buf) - held
 
     @property
     def end(self) -> int:
@@ -146,41 +145,42 @@ class WriteBack:
             await self._relieve(ino)
 
     async def _relieve(self, writing: int) -> None:
-        """Memory pressure: send the largest files' data until the cache is within its bound."""
+        """Memory pressure: send the largest files' data until the cache is within its bound.
+        A failure is this write's error if it is this file's, else kept for that file."""
         while self.nbytes > self.bytes_max:
             ino = max(self.files, key=lambda i: self.files[i].dirty.nbytes)
             if not self.files[ino].dirty.nbytes:
                 return  # what is left is being sent already
-            try:
-                await self.flush(ino)
-            except FlushError as exc:
-                if ino == writing:
-                    raise
-                f = self.files.get(ino)
-                if f is not None:
-                    f.error = exc.code
+            await self.flush(ino, background=ino != writing)
 
-    async def flush(self, ino: int) -> None:
-        """Send the file's dirty data and return once the replicas committed it; a failure
-        drops the data (as NFS clients do) and raises, once, with the replicas' errno."""
+    async def flush(self, ino: int, background: bool = False) -> None:
+        """Send the file's dirty data and return once the replicas committed it. A failure
+        drops the data (as NFS clients do) and raises, once, with the replicas' errno; in the
+        background it is kept for the file's next write, fsync or close instead."""
         f = self.files.get(ino)
         if f is None:
             return
-        async with f.lock:  # flushes of one file go in order: a later write wins at the replicas
-            if f.error:
-                code, f.error = f.error, 0
-                raise FlushError(code)
-            taken, f.dirty = f.dirty, Extents()
-            self.nbytes -= taken.nbytes
-            f.sending.append(taken)
-            try:
-                for group in taken.groups(self.writev_bytes_max):
-                    await self.send(f.creds, ino, group)
-            finally:
-                f.sending.remove(taken)
-        # Forgotten once clean; a flush still waiting for the lock then finds nothing to send.
-        if not f.dirty.nbytes and not f.sending and not f.error and self.files.get(ino) is f and not f.lock.locked():
-            del self.files[ino]
+        try:
+            async with f.lock:  # one file's flushes go in order: a later write wins at the replicas
+                if f.error:
+                    code, f.error = f.error, 0
+                    raise FlushError(code)
+                taken, f.dirty = f.dirty, Extents()
+                self.nbytes -= taken.nbytes
+                f.sending.append(taken)
+                try:
+                    for group in taken.groups(self.writev_bytes_max):
+                        await self.send(f.creds, ino, group)
+                finally:
+                    f.sending.remove(taken)
+        except FlushError as exc:
+            if not background:
+                raise
+            f.error = exc.code
+        finally:
+            # Forgotten once clean; a flush still waiting for the lock then finds nothing to send.
+            if not (f.dirty.nbytes or f.sending or f.error or f.lock.locked()) and self.files.get(ino) is f:
+                del self.files[ino]
 
     def size(self, ino: int, size: int) -> int:
         """The file's size with its cached data, from the replicas' ``size``."""
