@@ -18,7 +18,7 @@ class AttrCache:
         self.fresh: dict[int, tuple[list, float]] = {}  # inode -> (attributes, when received)
         # inode -> (size, mtime) as the kernel was last told, to see another mount's change
         self.seen: dict[int, tuple[int, int]] = {}
-        self.no_xattr: dict[tuple[int, bytes], float] = {}  # (inode, name) -> when found absent
+        self.no_xattr: dict[tuple[int, bytes | None], float] = {}  # (inode, name) -> when found absent
 
     def note(self, attrs: list, now: float) -> None:
         """Attributes from a reply (``bfs.fs.Inode.attrs``: inode first, size 7th, mtime 9th)."""
@@ -57,10 +57,11 @@ class AttrCache:
         self.fresh.clear()
 
     def xattr_absent(self, ino: int, name: bytes, now: float) -> bool:
-        when = self.no_xattr.get((ino, name))
+        when = self.no_xattr.get((ino, name), self.no_xattr.get((ino, None)))
         return when is not None and now - when < self.timeout_s
 
-    def note_no_xattr(self, ino: int, name: bytes, now: float) -> None:
+    def note_no_xattr(self, ino: int, name: bytes | None, now: float) -> None:
+        """``name`` None: the file has none at all (this mount just created it)."""
         if len(self.no_xattr) >= ENTRIES_MAX:
             self.no_xattr.clear()
         self.no_xattr[(ino, name)] = now

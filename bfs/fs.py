@@ -579,6 +579,9 @@ class FileSystem:
         return node.attrs()
 
     def op_create(self, creds: Creds, dir_ino: object, name: object, mode: object, exclusive: object) -> list:
+        """The file's attributes; 13th, whether it is new (a mount then knows it has no extended
+        attributes); 14th, the directory's attributes after (NFSv3's post-operation attributes:
+        the mount need not ask for them)."""
         directory = self._dir(dir_ino)
         self._check(creds, directory, X_OK)
         entry = directory.entries.get(name) if type(name) is bytes else None
@@ -589,11 +592,11 @@ class FileSystem:
             if node.kind == DIR:
                 raise FsError(errno.EISDIR)
             self._check_write(creds, node)
-            return node.attrs()
+            return [*node.attrs(), False, directory.attrs()]
         directory, name = self._prepare_create(creds, dir_ino, name)
         node = self._new_inode(creds, directory, REG, _uint(mode))
         self._link_entry(directory, name, node.ino)
-        return node.attrs()
+        return [*node.attrs(), True, directory.attrs()]
 
     def op_mkdir(self, creds: Creds, dir_ino: object, name: object, mode: object) -> list:
         directory, name = self._prepare_create(creds, dir_ino, name)
@@ -603,7 +606,7 @@ class FileSystem:
             node.mode |= stat.S_ISGID
         directory.nlink += 1
         self._link_entry(directory, name, node.ino)
-        return node.attrs()
+        return [*node.attrs(), directory.attrs()]  # and the directory's after, as create
 
     def op_symlink(self, creds: Creds, dir_ino: object, name: object, target: object) -> list:
         if type(target) is not bytes or not target or len(target) > SYMLINK_MAX:

@@ -265,25 +265,29 @@ class BfsOperations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         creds = self._creds(ctx)
-        attrs = await self._call("create", creds, parent_inode, name, stat.S_IMODE(mode), bool(flags & os.O_EXCL))
-        self.attrs.drop(parent_inode)
+        *attrs, new, parent = await self._call("create", creds, parent_inode, name, stat.S_IMODE(mode),
+                                               bool(flags & os.O_EXCL))
+        self._note(parent)
+        if new:  # the kernel asks for security.capability before the first write
+            self.attrs.note_no_xattr(attrs[0], None, time.monotonic())
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         return pyfuse3.FileInfo(fh=self._handle(attrs[0], creds, writable)), self._entry(attrs)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
-        attrs = await self._call("mkdir", ctx, parent_inode, name, stat.S_IMODE(mode))
-        self.attrs.drop(parent_inode)
+        *attrs, parent = await self._call("mkdir", ctx, parent_inode, name, stat.S_IMODE(mode))
+        self._note(parent)
         return self._entry(attrs)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         if stat.S_ISREG(mode):
-            attrs = await self._call("create", ctx, parent_inode, name, stat.S_IMODE(mode), True)
+            *attrs, _, parent = await self._call("create", ctx, parent_inode, name, stat.S_IMODE(mode), True)
+            self._note(parent)
         else:
             kind = SPECIAL_KINDS.get(stat.S_IFMT(mode))
             if kind is None:
                 raise pyfuse3.FUSEError(errno.EINVAL)
             attrs = await self._call("mknod", ctx, parent_inode, name, kind, stat.S_IMODE(mode), rdev)
-        self.attrs.drop(parent_inode)
+            self.attrs.drop(parent_inode)
         return self._entry(attrs)
 
     async def symlink(self, parent_inode, name, target, ctx):

@@ -168,7 +168,12 @@ def test_flushes_of_one_file_keep_their_order_and_reads_see_what_is_in_flight() 
 
 def test_writev_is_all_or_nothing_and_checks_its_arguments() -> None:
     fs = Fs(Limits(bytes_max=40_000, file_bytes_max=100_000))
-    f = ino(fs("create", 1, b"f", 0o644, True))
+    made = fs("create", 1, b"f", 0o644, True)
+    assert made[12] is True and fs("create", 1, b"f", 0o644, False)[12] is False  # new, or not
+    assert made[13] == fs("getattr", 1)  # with the directory's attributes after
+    d = fs("mkdir", 1, b"d", 0o755)
+    assert d[12] == fs("getattr", 1) and d[12][3] == 3  # its new ".." counted
+    f = ino(made)
     attrs = fs("writev", f, [[0, b"abc"], [10, b"xyz"], [1, b"B"]])
     assert attrs[6] == 13 and fs("read", f, 0, 20) == [b"aBc" + bytes(7) + b"xyz", True]
     before = fs("getattr", f)
@@ -198,6 +203,10 @@ def test_attribute_cache_expires_and_forgets_what_changed() -> None:
     assert not cache.xattr_absent(5, b"security.capability", 101.0)
     cache.drop_xattrs(5)
     assert not cache.xattr_absent(5, b"security.capability", 100.1)
+    cache.note_no_xattr(5, None, 100.0)  # created by this mount: none at all
+    assert cache.xattr_absent(5, b"user.any", 100.5)
+    cache.drop_xattrs(5)
+    assert not cache.xattr_absent(5, b"user.any", 100.5)
     assert AttrCache(0.0).get(5, 0.0) is None  # --attr-timeout 0 caches nothing
 
 
