@@ -33,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.micro import RESULTS, machine, pyplot, save
+from bfs.cli import ATTR_TIMEOUT_S, WRITE_CACHE_KIB
 from bft import config as cfg
 from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES
 from bft.launch import start_replicas, stop_replicas
@@ -223,8 +224,10 @@ def main() -> None:
     ap.add_argument("--nfs", type=Path, help="a directory on an NFS mount to run the phases in as well")
     ap.add_argument("--durability", choices=DURABILITY_MODES, default="memory",
                     help="the replicas' (default memory: the paper's setting, and bft serve has no disk either)")
-    ap.add_argument("--attr-timeout", type=float, default=1.0, help="the mounts' attribute and name cache, s")
-    ap.add_argument("--write-cache-kib", type=int, default=65536, help="the mounts' write-back cache (0: none)")
+    ap.add_argument("--attr-timeout", type=float, default=ATTR_TIMEOUT_S,
+                    help=f"the mounts' attribute and name cache, s (default bfs mount's, {ATTR_TIMEOUT_S:g})")
+    ap.add_argument("--write-cache-kib", type=int, default=WRITE_CACHE_KIB,
+                    help=f"the mounts' write-back cache (default bfs mount's, {WRITE_CACHE_KIB}; 0: none)")
     ap.add_argument("--only", help="comma-separated targets to run: bfs,strict,unreplicated,local (default all)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()

@@ -2,8 +2,8 @@
 
 pyfuse3's low-level API is inode-based, like NFS handles, so inode numbers pass through unchanged
 and a renamed open file just works; its handlers are coroutines that await the asyncio client
-directly, many in flight at once. Read-only operations (getattr, lookup, read, readdir, readlink,
-access, statfs) take the read-only path.
+directly, many in flight at once. Read-only operations (READ_ONLY below) take PBFT's read-only
+path unless the mount is strict (``read_only_path`` False: every operation ordered).
 
 Caching is NFS-like (README, "Caching and consistency"): written data waits in a bounded
 write-back cache (bfs/writeback.py) until close, fsync or the bound sends it; the kernel keeps
@@ -14,7 +14,6 @@ the open is what it reads (close-to-open consistency).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import logging
@@ -22,13 +21,13 @@ import os
 import stat
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 import msgpack
 import pyfuse3
 
 from bfs.attrcache import AttrCache
 from bfs.fs import BLK, BLOCK, CHR, FIFO, KEEP_MAX, KIND_BITS, SOCK
+from bfs.mountdirs import DirsAndXattrs, Handle
 from bfs.writeback import WRITE_CACHE_BYTES, FlushError, WriteBack
 from client import Client, QuorumTimeout
 
@@ -45,19 +44,7 @@ SPECIAL_KINDS = {stat.S_IFIFO: FIFO, stat.S_IFSOCK: SOCK, stat.S_IFCHR: CHR, sta
 WRITEV_HEADER_BYTES = 1024
 
 
-@dataclass(slots=True)
-class Handle:
-    inode: int
-    creds: list  # the opener's: FUSE does not say who reads or writes through a handle
-    writable: bool
-    # A directory's readdir page not yet taken by the kernel, which takes a few dozen entries per
-    # call and asks again from the last one it took: [name, attrs, cookie] in cookie order.
-    page: list = field(default_factory=list)
-    page_eof: bool = False
-    attrs: list | None = None  # a directory's, from opendir: readdir's "." without a getattr
-
-
-class BfsOperations(pyfuse3.Operations):
+class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
     def __init__(self, client: Client, attr_timeout: float = 1.0, read_only_path: bool = True,
                  write_cache_bytes: int = WRITE_CACHE_BYTES) -> None:
         super().__init__()
@@ -235,32 +222,6 @@ class BfsOperations(pyfuse3.Operations):
         s.f_namemax = name_max
         return s
 
-    # -- extended attributes (pyfuse3 does XATTR_CREATE and XATTR_REPLACE with getxattr) ----
-
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        now = time.monotonic()
-        if self.attrs.xattr_absent(inode, name, now):
-            raise pyfuse3.FUSEError(errno.ENODATA)
-        try:
-            return await self._call("getxattr", ctx, inode, name)
-        except pyfuse3.FUSEError as exc:
-            if exc.errno == errno.ENODATA:
-                self.attrs.note_no_xattr(inode, name, now)
-            raise
-
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return await self._call("listxattr", ctx, inode)
-
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.attrs.drop_xattrs(inode)
-        self.attrs.drop(inode)
-        await self._call("setxattr", ctx, inode, name, bytes(value))
-
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self.attrs.drop_xattrs(inode)
-        self.attrs.drop(inode)
-        await self._call("removexattr", ctx, inode, name)
-
     # -- creating and removing --------------------------------------------------------------
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -381,50 +342,6 @@ class BfsOperations(pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._flush(self.handles[fh].inode)  # returns once the replicas agreed on it
-
-    # -- directories ------------------------------------------------------------------------
-
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        creds = self._creds(ctx)
-        attrs = await self._call("access", creds, inode, 4)
-        fh = self._handle(inode, creds)
-        self.handles[fh].attrs = attrs
-        return fh
-
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # Offsets 1 and 2 follow "." and ".."; an entry with BFS cookie c ends at offset c + 2.
-        h = self.handles[fh]
-        inode, creds = h.inode, h.creds
-        if start_id < 2:
-            # The kernel takes only the type from these (opendir's attributes will do).
-            attrs = h.attrs or await self._call("getattr", creds, inode)
-            for offset, name in ((1, b"."), (2, b"..")):
-                if start_id < offset and not pyfuse3.readdir_reply(token, name, self._entry(attrs), offset):
-                    return
-        cookie = max(0, start_id - 2)
-        while True:
-            entries, eof = await self._readdir_page(h, cookie)
-            for name, attrs, next_cookie in entries:
-                if not pyfuse3.readdir_reply(token, name, self._entry(attrs), next_cookie + 2):
-                    return
-                cookie = next_cookie
-            if eof or not entries:
-                return
-
-    async def _readdir_page(self, h: Handle, cookie: int) -> tuple[list, bool]:
-        """The entries after ``cookie``: the rest of the page fetched last if it reaches that
-        far (the kernel goes on from where it stopped), else a new page from the replicas; from
-        the start (opendir, rewinddir) always a new one."""
-        cookies = [c for _, _, c in h.page]
-        at = bisect.bisect_right(cookies, cookie)
-        if cookie and h.page and at and cookies[at - 1] == cookie and (at < len(cookies) or h.page_eof):
-            return h.page[at:], h.page_eof
-        h.page, h.page_eof = await self._call("readdir", h.creds, h.inode, cookie, 512)
-        return h.page, h.page_eof
-
-    async def releasedir(self, fh: int) -> None:
-        await self._close(fh)
-
 
 def _result(name: str, result: bytes) -> tuple[int, object]:
     """``[errno, value]``, as BFS answers. Anything else (a cluster running another service)
