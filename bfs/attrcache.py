@@ -32,11 +32,12 @@ class AttrCache:
             self.seen.clear()
         self.seen[attrs[0]] = (attrs[6], attrs[8])
 
-    def get(self, ino: int, now: float) -> list | None:
+    def get(self, ino: int, now: float) -> tuple[list, float] | None:
+        """The attributes and the seconds they stay fresh, if they still do."""
         hit = self.fresh.get(ino)
         if hit is None or now - hit[1] >= self.timeout_s:
             return None
-        return hit[0]
+        return hit[0], self.timeout_s - (now - hit[1])
 
     def changed(self, attrs: list) -> bool:
         """Whether size or mtime differ from what the kernel was last told: its cached pages

@@ -135,7 +135,9 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             raise pyfuse3.FUSEError(code)
         return value
 
-    def _entry(self, attrs: list, cached: bool = False) -> pyfuse3.EntryAttributes:
+    def _entry(self, attrs: list, fresh_s: float | None = None) -> pyfuse3.EntryAttributes:
+        """``fresh_s``: the attributes are this mount's cached ones, good for that much longer
+        (the kernel must not keep them past the mount's timeout); else they come from a reply."""
         ino, kind, mode, nlink, uid, gid, size, atime, mtime, ctime, gen, rdev = attrs
         e = pyfuse3.EntryAttributes()
         e.st_rdev = rdev
@@ -144,7 +146,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         e.st_mode = KIND_BITS[kind] | mode
         e.st_nlink = nlink
         e.st_uid, e.st_gid = uid, gid
-        if not cached:
+        if fresh_s is None:
             self._note(attrs)
         self.attrs.told(attrs)
         if self.cache is not None:
@@ -153,7 +155,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = atime, mtime, ctime
         e.st_blksize = BLOCK
         e.st_blocks = (size + 511) // 512
-        e.attr_timeout = self.attr_timeout
+        e.attr_timeout = self.attr_timeout if fresh_s is None else fresh_s
         e.entry_timeout = self.attr_timeout
         return e
 
@@ -173,9 +175,9 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         return e
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        attrs = self.attrs.get(inode, time.monotonic())
-        if attrs is not None:
-            return self._entry(attrs, cached=True)
+        hit = self.attrs.get(inode, time.monotonic())
+        if hit is not None:
+            return self._entry(*hit)
         return self._entry(await self._call("getattr", ctx, inode))
 
     async def setattr(self, inode, attr, fields, fh, ctx):

@@ -190,7 +190,7 @@ def test_attribute_cache_expires_and_forgets_what_changed() -> None:
     cache = AttrCache(1.0)
     attrs = [5, "f", 0o644, 1, 0, 0, 10, 0, 77, 0, 1, 0]
     cache.note(attrs, now=100.0)
-    assert cache.get(5, 100.5) == attrs and cache.get(5, 101.0) is None
+    assert cache.get(5, 100.25) == (attrs, 0.75) and cache.get(5, 101.0) is None
     assert cache.changed(attrs)  # the kernel was never told
     cache.told(attrs)
     assert not cache.changed(attrs) and cache.changed([*attrs[:6], 11, *attrs[7:]])
