@@ -100,7 +100,7 @@ class Extents:
         return out if out[0] else []
 
 
-Send = Callable[[list, int, list[tuple[int, bytes]]], Awaitable[list]]
+Send = Callable[[list, int, list[tuple[int, bytes]]], Awaitable[None]]  # raises FlushError
 
 
 @dataclass(slots=True)
