@@ -161,6 +161,19 @@ def test_f_plus_1_view_changes_pull_a_replica_along() -> None:
     assert r3.view == 2 and r3.view_changing  # joins the smallest view of the f+1
 
 
+def test_a_replica_that_moved_on_still_counts_for_the_view_change_timer() -> None:
+    """Seed 1050 (all faults): replica 1 saw 2f+1 VIEW-CHANGEs for view 2 and timed out there
+    while view 2's primary was cut off; 0 and 2 had only their own for view 2, and 1's for view 3,
+    which replaced its view-2 one. Counting view 2 alone, no timer ran anywhere, for ever."""
+    r0 = Link().replicas[0]
+    r0.step(vc(2, view=2), NOW)
+    r0.step(vc(1, view=3), NOW)  # f+1 want a later view: 0 joins view 2, the smallest
+    assert r0.view == 2 and r0.view_changing
+    assert r0.timer.deadline_ms is not None  # its own and 2's for view 2, and 1's for view 3
+    r0.tick(r0.timer.deadline_ms)
+    assert r0.view == 3 and r0.view_changing
+
+
 def test_byzantine_new_primary_cannot_reorder_below_the_new_view_checkpoint() -> None:
     """Found in review: replicas that lack the NEW-VIEW's checkpoint kept their old low mark,
     and a Byzantine new primary could order a different batch at a sequence number the

@@ -117,9 +117,13 @@ class ViewChanges:
         r = self.r
         if not r.view_changing:
             return
-        if len(self.view_changes.get(r.view, {})) >= r.quorum.strong:
+        if sum(len(by) for v, by in self.view_changes.items() if v >= r.view) >= r.quorum.strong:
             # Only once 2f+1 replicas are changing too does waiting for the new primary make
-            # sense; if it does not deliver in time, move on (the paper's liveness rule).
+            # sense; if it does not deliver in time, move on (the paper's liveness rule). A
+            # replica whose latest VIEW-CHANGE is for a later view counts: it has left ours too,
+            # and will not send one for ours again. Counting ours alone, one that timed out here
+            # before the others' VIEW-CHANGEs reached each other left them short of 2f+1 for our
+            # view and of f+1 to join it, and no timer ran anywhere (simulator seed 1050).
             r.timer.start_for_view_change()
         if r.is_primary():
             self.try_new_view()
@@ -156,7 +160,7 @@ class ViewChanges:
             if len(latest) >= r.quorum.weak:
                 r.stats["view-changes-joined"] += 1
                 self.start(min(latest.values()))
-            return
+                return
         self._progress()
 
     # -- the new primary --------------------------------------------------------------------
