@@ -438,6 +438,25 @@ def test_read_only_client_falls_back_on_timeout() -> None:
     assert dest == 0 and not ordered.read_only
 
 
+def test_a_read_only_fallback_goes_before_new_operations() -> None:
+    """Seed 241 (Byzantine): a read that could not agree waited for room in the timestamp window
+    to fall back, and its busy client took the room each time it opened, for 8 s."""
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    client.submit(KVService.get(b"k"), 0, read_only=True)
+    for i in range(PARAMS.client_window):
+        client.submit(KVService.put(b"k", b"%d" % i), 0)
+    client.take_outbox()
+    assert not client.can_submit()
+    resent = client.tick(PARAMS.request_timeout_ms)
+    assert [e.msg.timestamp for e in resent] == list(range(101, 101 + PARAMS.client_window))  # writes only:
+    assert not client.can_submit()  # the read waits to fall back, and nothing goes before it
+    for r in range(3):
+        client.on_reply(Reply(0, 101, 5, r, b"ok"), PARAMS.request_timeout_ms + 1)
+    [sent] = client.take_outbox()  # the write's completion made room: the fallback takes it
+    assert not sent.msg.read_only and sent.msg.timestamp == 100 + PARAMS.client_window + 1
+    assert client.stats["read-only-fallbacks"] == 1
+
+
 def test_stable_checkpoints_are_persisted_and_a_restart_resumes_from_them() -> None:
     link = Link()
     for ts in range(1, 11):

@@ -36,6 +36,10 @@ REGRESSIONS = [
     (14, 1, "all", 60, None),
     (26, 1, "all", 60, None),
     (28, 1, "all", 60, None),
+    # A read-only operation that could not agree (a liar's reply among them) waited for room in
+    # the timestamp window to fall back to the ordered path, and its busy client took the room
+    # for new operations each time it opened: the read waited as long as the client had work.
+    (241, 1, "byzantine", 150, None),
     # A replica that timed out in view 2 (its primary cut off) moved to view 3, and its VIEW-CHANGE
     # for view 2 went with it: the others, short of 2f+1 for view 2 and of f+1 for view 3, ran no
     # timer, and neither did it (liveness, for ever).
@@ -145,7 +149,7 @@ def test_the_promise_check_catches_a_replica_that_forgot_what_it_said() -> None:
 
     def run(durability: str) -> str:
         params = replace(SIM_PARAMS, durability=durability)
-        sim = Simulation(7, faults=Faults.named("network"), ops_per_client=60, params=params)
+        sim = Simulation(4, faults=Faults.named("network"), ops_per_client=60, params=params)
         sim.bounces = [(1_500, 1_510, 0)]
         result = sim.run()
         return result.error if not result.ok else ""

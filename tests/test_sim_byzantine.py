@@ -34,7 +34,7 @@ SPLIT = frozenset({("replica", 2), ("replica", 3), ("client", 1), ("client", 2)}
 
 
 def _twins() -> Schedule:
-    return Schedule(byzantine={0: TWINS}, twin_splits=[(0, 1_500, SPLIT)])
+    return Schedule(byzantine={0: TWINS}, twin_splits=[(0, 1_200, SPLIT)])
 
 
 class _CountsOnlyFPlusOne(Quorum):
@@ -110,9 +110,9 @@ def test_replayed_frames_reach_the_replicas_and_are_turned_down() -> None:
 
 
 def _bounce_with_a_slow_disk() -> Schedule:
-    """Replica 1's checkpoint writes take up to 1.5 s, and it restarts at 1.5 s: a write in flight
+    """Replica 1's checkpoint writes take up to 1.5 s, and it goes down at 1.4 s: a write in flight
     is lost, and it comes back from an older checkpoint than its promise log's Stable records."""
-    return Schedule(bounces=[(1_500, 1_700, 1)], slow_disks={1: 1_500})
+    return Schedule(bounces=[(1_400, 1_600, 1)], slow_disks={1: 1_500})
 
 
 def test_a_checkpoint_write_lost_in_a_restart_is_survived() -> None:

@@ -63,6 +63,7 @@ class Pending:
     resent: bool = False  # sent again to every replica (which hold it for their view timers)
     replies: dict[int, Reply] = field(default_factory=dict)
     sent_ms: int = 0  # when it was first sent (the adaptive timer's sample)
+    falls_back: bool = False  # read-only, due to go the ordered way once the timestamp window has room
 
 
 class ClientCore:
@@ -94,7 +95,14 @@ class ClientCore:
         return self.view % self.n
 
     def can_submit(self) -> bool:
-        return len(self.inflight) < 2 * self.params.client_window and self._timestamp_window_open()
+        # A read-only operation waiting to fall back goes first: a busy caller refills the
+        # window the moment it opens, and the fallback, tried at its deadline only, would find
+        # it full for as long as the caller has work (simulator seed 241).
+        return (
+            len(self.inflight) < 2 * self.params.client_window
+            and self._timestamp_window_open()
+            and not any(p.falls_back for p in self.inflight.values())
+        )
 
     def _timestamp_window_open(self) -> bool:
         # The replicas' exactly-once window is a range of timestamps, not a count: a request
@@ -148,6 +156,7 @@ class ClientCore:
     def _fall_back(self, pending: Pending, now_ms: int) -> None:
         """Re-issue a read-only operation as an ordered one (new timestamp, same caller id)."""
         if not self._timestamp_window_open():
+            pending.falls_back = True  # goes as soon as an ordered request completes (``on_reply``)
             pending.deadline_ms = now_ms + self.params.request_timeout_ms
             return
         del self.inflight[pending.request.timestamp]
@@ -221,6 +230,9 @@ class ClientCore:
             else:
                 self.misses[i] += 1
         self.completed.append((pending.origin, full))
+        if self._timestamp_window_open():
+            for waiting in [p for p in self.inflight.values() if p.falls_back]:
+                self._fall_back(waiting, now_ms)
 
     def tick(self, now_ms: int) -> list[Send | Broadcast]:
         late = [p for p in self.inflight.values() if now_ms >= p.deadline_ms]
