@@ -70,19 +70,22 @@ class LargeRequests:
     def store(self, req: Request) -> None:
         self.forget(req.digest)
         cost = request_bytes(req)
-        # The oldest make room, in count and in bytes: if a pre-prepare still names one, the
-        # batch is fetched instead.
-        while self.bodies and (
-            len(self.bodies) >= REQUEST_STORE_MAX or self.bodies_bytes + cost > self.bodies_bytes_max
-        ):
-            self.forget(next(iter(self.bodies)))
-            self.r.stats["large-requests-evicted"] += 1
+        # If a pre-prepare still names one evicted, the batch is fetched instead.
+        self.bodies_bytes = self._make_room(self.bodies, self.bodies_bytes, cost, "large-requests-evicted")
         self.bodies[req.digest] = req
         self.bodies_bytes += cost
         for pp in [self.unresolved[s] for s in sorted(self.unresolved)]:
             if req.digest in pp.requests:
                 self.r.normal.on_pre_prepare(pp, self.r.now_ms)
         self.r.learner.execute()
+
+    def _make_room(self, store: dict[bytes, Request], used: int, cost: int, evicted: str) -> int:
+        """The oldest bodies of ``store`` go until one of ``cost`` bytes fits, in count and in
+        bytes; what the store holds then."""
+        while store and (len(store) >= REQUEST_STORE_MAX or used + cost > self.bodies_bytes_max):
+            used -= request_bytes(store.pop(next(iter(store))))
+            self.r.stats[evicted] += 1
+        return used
 
     def offer(self, reqs: list[Request]) -> None:
         """Bodies the runtime could not authenticate; kept (bounded, the oldest make room) for
@@ -93,12 +96,9 @@ class LargeRequests:
                 continue
             new.add(req.digest)
             cost = request_bytes(req)
-            while self.unverified and (
-                len(self.unverified) >= REQUEST_STORE_MAX or self.unverified_bytes + cost > self.bodies_bytes_max
-            ):
-                d = next(iter(self.unverified))
-                self.unverified_bytes -= request_bytes(self.unverified.pop(d))
-                self.r.stats["unverified-requests-evicted"] += 1
+            self.unverified_bytes = self._make_room(
+                self.unverified, self.unverified_bytes, cost, "unverified-requests-evicted"
+            )
             self.unverified[req.digest] = req
             self.unverified_bytes += cost
         # Only those: a faulty primary's every pre-prepare may carry such bodies, and each

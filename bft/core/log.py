@@ -38,9 +38,12 @@ class Slot:
         self.prepared = False
         self.committed = False
 
-    def support(self, d: bytes) -> int:
+    def voters(self, d: bytes) -> set[int]:
         """Replicas that sent a PREPARE or a COMMIT for digest ``d``."""
-        return len({r for r, v in self.prepares.items() if v == d} | {r for r, v in self.commits.items() if v == d})
+        return {r for r, v in self.prepares.items() if v == d} | {r for r, v in self.commits.items() if v == d}
+
+    def support(self, d: bytes) -> int:
+        return len(self.voters(d))
 
     def matching(self, votes: dict[int, bytes]) -> int:
         d = self.pre_prepare.digest if self.pre_prepare else None
@@ -265,15 +268,12 @@ class NormalCase:
         """f+1 replicas took batch ``d`` (the primary proposed it, the others prepared or
         committed it), or a NEW-VIEW decided it: a correct one checked its requests
         (``LargeRequests.resolve``)."""
-        if slot.expected == d:
-            return True
-        voters = {self.r.primary} | {i for i, v in slot.prepares.items() if v == d}
-        return len(voters | {i for i, v in slot.commits.items() if v == d}) >= self.r.quorum.weak
+        return slot.expected == d or len(slot.voters(d) | {self.r.primary}) >= self.r.quorum.weak
 
     def retry_held(self, seq: int) -> None:
         """A vote came for a slot whose pre-prepare we hold for bodies: it may now resolve."""
         pp = self.r.large.unresolved.get(seq)
-        if pp is not None and self.log.get(seq) is not None and self.vouched(self.log[seq], pp.digest):
+        if pp is not None and (slot := self.log.get(seq)) is not None and self.vouched(slot, pp.digest):
             self.on_pre_prepare(pp, self.r.now_ms)
 
     def check_prepared(self, seq: int) -> None:
