@@ -43,23 +43,51 @@ def test_a_read_falls_back_at_once_when_the_replica_that_could_agree_is_known_de
     assert not fallback.msg.read_only and client.stats["read-only-fallbacks"] == 1
 
 
-def test_a_dead_designated_replica_costs_one_resend_not_a_timeout() -> None:
-    """Digest replies: the designated replica sends the full result, the others its digest. When
-    every other replica has answered with the digest, the client resends at once (everyone answers
-    a retransmission in full) instead of waiting."""
+def test_a_late_designated_replica_is_waited_for_a_little_and_a_dead_one_costs_one_resend() -> None:
+    """Digest replies: the designated replica sends the full result, the others its digest. Once
+    a quorum agrees on the digest, a designated replica that has been answering is waited for a
+    tenth of the request timeout (a resend makes every replica send the full result); one that
+    missed the last SILENT_AFTER results is resent past at once."""
     client = ClientCore(5, 1, PARAMS, first_timestamp=100)
-    req = client.submit(KVService.put(b"k", b"v"), 0)
-    client.take_outbox()
     result = b"x" * 1000
-    designated = (5 + req.timestamp) % 4
-    others = [r for r in range(4) if r != designated]
-    for r in others[:2]:
-        client.on_reply(Reply(0, req.timestamp, 5, r, digest(result), False, True), 1)
-    assert client.take_outbox() == []  # two digests: the third may still come, and the full one
-    client.on_reply(Reply(0, req.timestamp, 5, others[2], digest(result), False, True), 1)
-    assert client.take_outbox() == [Broadcast(req)] and client.stats["resent-for-full-result"] == 1
-    client.on_reply(Reply(0, req.timestamp, 5, others[0], result), 2)
+    now = 0
+
+    def digests_from_all_but_designated() -> tuple[Request, int]:
+        req = client.submit(KVService.put(b"k", b"v"), now)
+        client.take_outbox()
+        designated = (5 + req.timestamp) % 4
+        for r in range(4):
+            if r != designated:
+                client.on_reply(Reply(0, req.timestamp, 5, r, digest(result), False, True), now + 1)
+        return req, designated
+
+    req, designated = digests_from_all_but_designated()
+    assert client.take_outbox() == []  # it has been answering: wait for it
+    wait = PARAMS.request_timeout_ms // 10
+    assert client.tick(now + wait) == []
+    assert client.tick(now + 1 + wait) == [Broadcast(req)]
+    assert client.stats["resent-for-full-result"] == 1 and client.stats["retransmissions"] == 0
+    assert client.timeout_ms() == PARAMS.request_timeout_ms  # no backoff: a quorum answered
+    client.on_reply(Reply(0, req.timestamp, 5, (designated + 1) % 4, result), now + 2 + wait)
     assert client.take_completed() == [(100, result)]
+
+    # Requests 101-103 are designated to replicas 2, 3 and 0; replica 1 answers none of them
+    # (nor request 100, answered in full by replica 2 after the resend).
+    for ts in range(101, 104):
+        now += PARAMS.request_timeout_ms
+        client.submit(KVService.put(b"k", b"v"), now)
+        for r in (0, 2, 3):
+            full = (5 + ts) % 4 == r
+            client.on_reply(Reply(0, ts, 5, r, result if full else digest(result), False, not full), now + 1)
+    assert len(client.take_completed()) == 3 and client.misses[1] == 4
+    client.take_outbox()
+    now += PARAMS.request_timeout_ms
+    req = client.submit(KVService.put(b"k", b"v"), now)  # 104: designated to replica 1
+    client.take_outbox()
+    for r in (0, 2, 3):
+        client.on_reply(Reply(0, req.timestamp, 5, r, digest(result), False, True), now + 1)
+    assert client.take_outbox() == [Broadcast(req)]  # at once, no tenth of a timeout
+    assert client.stats["resent-for-full-result"] == 2
 
 
 def test_a_client_signs_only_where_a_tag_may_not_do_and_for_a_while_after_each_resend() -> None:

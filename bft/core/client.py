@@ -60,6 +60,7 @@ class Pending:
     timeout_ms: int
     origin: int  # the timestamp the caller knows the operation by
     resent_for_full: bool = False
+    awaits_full: bool = False  # a write agreed on by digest, its designated replica's reply not in
     resent: bool = False  # sent again to every replica (which hold it for their view timers)
     replies: dict[int, Reply] = field(default_factory=dict)
     sent_ms: int = 0  # when it was first sent (the adaptive timer's sample)
@@ -194,16 +195,18 @@ class ClientCore:
             enough = committed >= self.f + 1 or len(matching) >= 2 * self.f + 1
         full = next((r.result for r in matching if not r.digest_only), None)
         if enough and full is None:
-            # Agreed on a digest; the full result comes from the designated replica. Once every
-            # other live replica has answered and it has not, it is slow or down: resend to all
-            # at once (a retransmission is answered in full); until then, wait a little for it.
+            # Agreed on a digest; the full result comes from the designated replica. One that has
+            # been answering is most likely a moment behind the others: wait a little for it, as
+            # a resend makes every replica send its full result. One that missed the last
+            # SILENT_AFTER results is most likely down: resend to all at once (a retransmission
+            # is answered in full) rather than wait.
             designated = (self.id + pending.request.timestamp) % self.n
-            others_done = designated not in pending.replies and not self._awaited(pending) - {designated}
-            if others_done and not pending.request.read_only and not pending.resent_for_full:
-                pending.resent_for_full = pending.resent = True
-                self.stats["resent-for-full-result"] += 1
-                self.outbox.append(Broadcast(pending.request))
-                return
+            silent = self.misses[designated] >= SILENT_AFTER
+            if not pending.request.read_only and not pending.resent_for_full:
+                pending.awaits_full = True
+                if silent:
+                    self._resend_for_full(pending)
+                    return
             pending.deadline_ms = min(pending.deadline_ms, now_ms + self.params.request_timeout_ms // 10)
             return
         if not enough:
@@ -234,6 +237,11 @@ class ClientCore:
             for waiting in [p for p in self.inflight.values() if p.falls_back]:
                 self._fall_back(waiting, now_ms)
 
+    def _resend_for_full(self, pending: Pending) -> None:
+        pending.resent_for_full = pending.resent = True
+        self.stats["resent-for-full-result"] += 1
+        self.outbox.append(Broadcast(pending.request))
+
     def tick(self, now_ms: int) -> list[Send | Broadcast]:
         late = [p for p in self.inflight.values() if now_ms >= p.deadline_ms]
         if late:
@@ -241,6 +249,10 @@ class ClientCore:
         for pending in late:
             if pending.request.read_only:
                 self._fall_back(pending, now_ms)
+            elif pending.awaits_full and not pending.resent_for_full:
+                # Not a sign of a slow cluster (a quorum answered): no backoff, no suspicion.
+                pending.deadline_ms = now_ms + pending.timeout_ms
+                self._resend_for_full(pending)
             else:
                 pending.timeout_ms = min(
                     pending.timeout_ms * 2, self.params.request_timeout_ms * TIMEOUT_BACKOFF_MAX
