@@ -54,7 +54,12 @@ def test_twins_make_the_primary_equivocate_and_the_correct_replicas_stay_safe() 
     assert r.ok, r.error
     assert r.completed == 3 * OPS
     assert r.events["slots and views in which twins equivocated"] > 0  # unmodified code, two stories
-    assert all(replica.view > 0 for replica in sim.replicas), "the equivocating primary was replaced"
+    # Whether the twin is voted out depends on timing: a quorum (the twin's second instance and
+    # replicas 2 and 3) may keep view 0 going, and replica 1, lied to, may change view alone. Either
+    # way every correct replica, that one included, must end up having executed the same history.
+    correct = sim.replicas[1:]
+    assert len({(rep.executed, rep.stable) for rep in correct}) == 1, "the replica lied to caught up"
+    assert correct[0].executed > 0
 
 
 def test_twins_break_replicas_that_take_f_plus_one_votes_for_a_certificate() -> None:
