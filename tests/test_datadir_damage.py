@@ -63,22 +63,29 @@ def flip_bytes_in_the_log(d: Path) -> Path:
     return path
 
 
-def delete_a_partition(d: Path) -> Path:
+def _manifest(d: Path) -> tuple[Path, list[list[int]]]:
+    """The manifest and where each partition lies: (pack, offset, length), format 3."""
     manifest = d / "checkpoint.msgpack"
-    digests = msgpack.unpackb(manifest.read_bytes())[3]
-    victim = d / "parts" / bytes(digests[len(digests) // 2]).hex()
-    victim.unlink()
+    version, *_, where = msgpack.unpackb(manifest.read_bytes())
+    assert version == 3
+    return manifest, where
+
+
+def delete_a_partition(d: Path) -> Path:
+    manifest, where = _manifest(d)
+    pack = where[len(where) // 2][0]
+    (d / "packs" / str(pack)).unlink()  # the pack that holds a partition in the middle
     return manifest
 
 
 def flip_bytes_in_a_partition(d: Path) -> Path:
-    """The file is there under its digest's name, with other bytes: the core finds it out."""
-    manifest = d / "checkpoint.msgpack"
-    digests = msgpack.unpackb(manifest.read_bytes())[3]
-    part = d / "parts" / bytes(digests[0]).hex()  # partition 0 stays as it is: never rewritten
-    data = bytearray(part.read_bytes() or b"\0")
-    data[len(data) // 2] ^= 0xFF
-    part.write_bytes(bytes(data))
+    """The pack is there under its name, with other bytes: the core finds it out."""
+    manifest, where = _manifest(d)
+    pack, offset, length = next(w for w in where if w[2] > 0)  # an early partition: rarely rewritten
+    path = d / "packs" / str(pack)
+    data = bytearray(path.read_bytes())
+    data[offset + length // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
     return manifest
 
 
