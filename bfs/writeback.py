@@ -14,6 +14,8 @@ import errno
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bfs.fs import WRITEV_EXTENTS_MAX
+
 # What one extent adds to a writev besides its bytes: msgpack's array header, offset and bin
 # header are at most 1 + 9 + 5.
 EXTENT_OVERHEAD_BYTES = 16
@@ -81,8 +83,10 @@ class Extents:
 
     def groups(self, capacity: int) -> list[list[tuple[int, bytes]]]:
         """The ranges as writev argument lists, each costing at most ``capacity`` bytes (data
-        plus EXTENT_OVERHEAD_BYTES a piece); a range is split where a list fills, so every list
-        but the last is full and their number is the fewest the capacity allows."""
+        plus EXTENT_OVERHEAD_BYTES a piece) and holding at most WRITEV_EXTENTS_MAX ranges (the
+        replicas refuse more: many small scattered writes reach that long before the bytes); a
+        range is split where a list fills, so every list but the last is full and their number
+        is the fewest the limits allow."""
         if capacity <= EXTENT_OVERHEAD_BYTES:
             raise ValueError(f"a writev of {capacity} bytes holds no data")
         out: list[list[tuple[int, bytes]]] = [[]]
@@ -90,7 +94,7 @@ class Extents:
         for start, data in zip(self.starts, self.datas, strict=True):
             pos = 0
             while pos < len(data):
-                if room <= EXTENT_OVERHEAD_BYTES:
+                if room <= EXTENT_OVERHEAD_BYTES or len(out[-1]) == WRITEV_EXTENTS_MAX:
                     out.append([])
                     room = capacity
                 take = min(len(data) - pos, room - EXTENT_OVERHEAD_BYTES)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bfs.attrcache import AttrCache
 from bfs.cli import helper_argv
-from bfs.fs import Limits
+from bfs.fs import WRITEV_EXTENTS_MAX, Limits
 from bfs.writeback import EXTENT_OVERHEAD_BYTES, Extents, FlushError, WriteBack
 
 from .test_bfs_state import ALICE, BOB, Fs, ino
@@ -164,6 +164,23 @@ def test_flushes_of_one_file_keep_their_order_and_reads_see_what_is_in_flight() 
         assert sent == [[(0, b"old!")], [(2, b"NEW")]]
 
     asyncio.run(run())
+
+
+def test_many_scattered_small_writes_go_in_writevs_the_replicas_accept() -> None:
+    """70,000 two-byte writes four bytes apart are 70,000 ranges in far fewer bytes than a
+    request holds: they must still go in writevs of at most WRITEV_EXTENTS_MAX ranges, and the
+    file the replicas then hold must have every one (second reader's finding: EINVAL, all lost)."""
+    ext = Extents()
+    for k in range(70_000):
+        ext.add(4 * k, b"xy")
+    groups = ext.groups(8 * 1024 * 1024)
+    assert [len(g) for g in groups] == [WRITEV_EXTENTS_MAX, 70_000 - WRITEV_EXTENTS_MAX]
+    fs = Fs(Limits(bytes_max=10_000_000, file_bytes_max=1_000_000))
+    f = ino(fs("create", 1, b"f", 0o644, True))
+    for g in groups:
+        fs("writev", f, [[o, d] for o, d in g])
+    data, _ = fs("read", f, 0, 280_000)
+    assert len(data) == 279_998 and data[::4] == b"x" * 70_000 and data[1::4] == b"y" * 70_000
 
 
 def test_writev_is_all_or_nothing_and_checks_its_arguments() -> None:
