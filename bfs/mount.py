@@ -117,6 +117,12 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         except FlushError as exc:
             raise pyfuse3.FUSEError(exc.code) from None
 
+    async def _flush_before(self, inode: int) -> None:
+        """Send the cached writes before a change that must follow them (setattr, O_TRUNC). Their
+        failure is the writer's, kept for its next write, fsync or close: the change goes on,
+        and its caller, maybe another user, does not get the writer's error."""
+        await self.cache.flush(inode, background=True)
+
     def _note(self, attrs: list) -> None:
         self.attrs.note(attrs, time.monotonic())
 
@@ -182,7 +188,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         # Cached writes go first: a truncation, chmod, chown or utimes after them stays after.
-        await self._flush(inode)
+        await self._flush_before(inode)
         clock = time.time_ns()
 
         def when(update: bool, ns: int) -> int | None:
@@ -299,7 +305,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         attrs = await self._call("access", creds, inode, mask)
         if flags & os.O_TRUNC:
             # libfuse 3 passes O_TRUNC on to open (atomic_o_trunc) instead of a setattr first.
-            await self._flush(inode)
+            await self._flush_before(inode)
             attrs = await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
         self._note(attrs)
         changed = self.attrs.changed(attrs)
