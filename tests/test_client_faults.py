@@ -102,14 +102,16 @@ def test_a_client_signs_only_where_a_tag_may_not_do_and_for_a_while_after_each_r
     (first,) = c.take_outbox()
     assert not c.must_sign(first, 0)
     c.submit(KVService.get(b"k"), 0, read_only=True)
-    (read,) = c.take_outbox()
-    assert isinstance(read, Broadcast) and not c.must_sign(read, 0)
+    reads = c.take_outbox()  # to 2f+1 replicas, each answering on its own session
+    assert len(reads) == 3 and all(isinstance(e, Send) and not c.must_sign(e, 0) for e in reads)
     c.submit(KVService.put(b"big", bytes(PARAMS.large_request_bytes + 1)), 0)
     (large,) = c.take_outbox()  # its first copies go to all, each kept by its replica alone
     assert isinstance(large, Broadcast) and not c.must_sign(large, 0)
     late = PARAMS.request_timeout_ms + 1
-    sent = c.tick(late)  # the writes resent to all, the read again as an ordered request
+    sent = c.tick(late)  # the writes resent to all, the read sent to the fourth replica too
     assert len(sent) == 3 and all(c.must_sign(e, late) for e in sent)
+    fourth = ({0, 1, 2, 3} - {e.to for e in reads}).pop()
+    assert Send(fourth, reads[0].msg) in sent and c.stats["read-only-widened"] == 1
     hold = c.sign_until_ms - late
     assert hold > 0 and c.must_sign(first, late + hold - 1) and not c.must_sign(first, late + hold)
     # Resent again right after the period: still suspect, most likely; sign twice as long.

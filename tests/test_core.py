@@ -413,11 +413,12 @@ def test_read_only_request_runs_at_once_outside_the_order() -> None:
 def test_read_only_client_needs_2f_plus_1_and_falls_back_when_replies_disagree() -> None:
     client = ClientCore(5, 1, PARAMS, first_timestamp=100)
     req = client.submit(KVService.get(b"k"), 0, read_only=True)
-    assert client.take_outbox() == [Broadcast(req)]
+    assert client.take_outbox() == [Send(i, req) for i in range(3)]  # 2f+1 replicas, in turn
     client.on_reply(Reply(0, 100, 5, 0, b"a"), 1)
     client.on_reply(Reply(0, 100, 5, 1, b"a"), 1)
     assert client.take_completed() == []  # f+1 is not enough for a read-only result
-    client.on_reply(Reply(0, 100, 5, 2, b"b"), 1)
+    client.on_reply(Reply(0, 100, 5, 2, b"b"), 1)  # those three cannot agree: ask the fourth
+    assert client.take_outbox() == [Send(3, req)] and client.stats["read-only-widened"] == 1
     client.on_reply(Reply(0, 100, 5, 3, b"c"), 1)  # now no 2f+1 can agree: fall back
     [sent] = client.take_outbox()
     dest, ordered = sent.to, sent.msg
@@ -431,9 +432,12 @@ def test_read_only_client_needs_2f_plus_1_and_falls_back_when_replies_disagree()
 
 def test_read_only_client_falls_back_on_timeout() -> None:
     client = ClientCore(5, 1, PARAMS, first_timestamp=100)
-    client.submit(KVService.get(b"k"), 0, read_only=True)
+    req = client.submit(KVService.get(b"k"), 0, read_only=True)
     client.take_outbox()
-    [sent] = client.tick(PARAMS.request_timeout_ms)
+    widen = PARAMS.request_timeout_ms // 10  # the three asked first are slow: ask the fourth
+    assert client.tick(widen - 1) == [] and client.tick(widen) == [Send(3, req)]
+    assert client.sign_until_ms < widen  # not a resend: no signing period
+    [sent] = client.tick(widen + PARAMS.request_timeout_ms)
     dest, ordered = sent.to, sent.msg
     assert dest == 0 and not ordered.read_only
 
@@ -447,11 +451,14 @@ def test_a_read_only_fallback_goes_before_new_operations() -> None:
         client.submit(KVService.put(b"k", b"%d" % i), 0)
     client.take_outbox()
     assert not client.can_submit()
-    resent = client.tick(PARAMS.request_timeout_ms)
+    [widened] = client.tick(PARAMS.request_timeout_ms // 10)  # the read to the fourth replica too
+    assert widened.msg.timestamp == 100 and widened.msg.read_only
+    late = PARAMS.request_timeout_ms // 10 + PARAMS.request_timeout_ms
+    resent = client.tick(late)
     assert [e.msg.timestamp for e in resent] == list(range(101, 101 + PARAMS.client_window))  # writes only:
     assert not client.can_submit()  # the read waits to fall back, and nothing goes before it
     for r in range(3):
-        client.on_reply(Reply(0, 101, 5, r, b"ok"), PARAMS.request_timeout_ms + 1)
+        client.on_reply(Reply(0, 101, 5, r, b"ok"), late + 1)
     [sent] = client.take_outbox()  # the write's completion made room: the fallback takes it
     assert not sent.msg.read_only and sent.msg.timestamp == 100 + PARAMS.client_window + 1
     assert client.stats["read-only-fallbacks"] == 1

@@ -34,6 +34,7 @@ class Params:
     frame_bytes_max: int = 16 * 1024 * 1024
     # The paper's optimisations, each switchable so its worth can be measured.
     read_only: bool = True  # execute read-only requests at once, 2f+1 matching replies
+    read_only_to_quorum: bool = True  # clients send them to 2f+1 replicas, to the rest if those disagree
     tentative: bool = False  # execute once prepared, 2f+1 matching tentative replies
     digest_replies: bool = True  # one replica sends a large result, the others its digest
     separate_large_requests: bool = True  # clients send large requests to all; batches carry digests
