@@ -121,3 +121,20 @@ def test_a_client_signs_only_where_a_tag_may_not_do_and_for_a_while_after_each_r
     again = late + hold + PARAMS.request_timeout_ms + 1
     c.tick(again)
     assert c.sign_until_ms - again == 2 * hold
+
+
+def test_reads_go_to_2f_plus_1_replicas_in_turn_and_leave_a_silent_one_out() -> None:
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    left_out = []
+    for _ in range(4):
+        req = client.submit(KVService.get(b"k"), 0, read_only=True)
+        sent = client.take_outbox()
+        assert len(sent) == 3 and all(isinstance(e, Send) and e.msg == req for e in sent)
+        left_out.append(({0, 1, 2, 3} - {e.to for e in sent}).pop())
+        client.abandon(req.timestamp)
+    assert sorted(left_out) == [0, 1, 2, 3]  # each replica spared a quarter of the reads
+    client.misses[2] = 3  # replica 2 missed its last three results: likely down
+    for _ in range(4):
+        req = client.submit(KVService.get(b"k"), 0, read_only=True)
+        assert 2 not in {e.to for e in client.take_outbox()}
+        client.abandon(req.timestamp)
