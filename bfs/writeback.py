@@ -166,9 +166,9 @@ class WriteBack:
             return
         try:
             async with f.lock:  # one file's flushes go in order: a later write wins at the replicas
-                if f.error:
-                    code, f.error = f.error, 0
-                    raise FlushError(code)
+                # An earlier background failure is reported, but after what is cached now is
+                # sent: an fsync writes everything back, then says what went wrong (as Linux's).
+                earlier, f.error = f.error, 0
                 taken, f.dirty = f.dirty, Extents()
                 self.nbytes -= taken.nbytes
                 f.sending.append(taken)
@@ -177,6 +177,8 @@ class WriteBack:
                         await self.send(f.creds, ino, group)
                 finally:
                     f.sending.remove(taken)
+                if earlier:
+                    raise FlushError(earlier)
         except FlushError as exc:
             if not background:
                 raise

@@ -132,6 +132,13 @@ def test_the_bound_flushes_the_largest_file_and_errors_come_once() -> None:
         await wb.flush(5)
         await wb.flush(1)
         assert r.sent[-2:] == [(5, [(0, b"e")]), (1, [(0, b"a" * 45)])]
+        # an fsync that finds a background failure (one that raced with later writes: poked in
+        # here) still sends what is cached now, then reports it
+        await wb.write(6, ALICE, 0, b"f" * 20)
+        wb.files[6].error = errno.ENOSPC
+        with pytest.raises(FlushError) as exc:
+            await wb.flush(6)
+        assert exc.value.code == errno.ENOSPC and r.sent[-1] == (6, [(0, b"f" * 20)]) and 6 not in wb.files
         # another writer's bytes are sent first: a writev carries one writer's credentials
         await wb.write(4, ALICE, 0, b"d" * 20)
         await wb.write(4, BOB, 20, b"e")
