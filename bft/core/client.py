@@ -137,7 +137,7 @@ class ClientCore:
         normal case. The one left out takes turns; one that missed the last SILENT_AFTER
         results is left out first. The rest get it if the first do not agree in time."""
         n = self.n
-        order = sorted(range(n), key=lambda i: (self.misses[i] >= SILENT_AFTER, (i - timestamp) % n))
+        order = sorted(range(n), key=lambda i: (self._silent(i), (i - timestamp) % n))
         return order[: 2 * self.f + 1], tuple(order[2 * self.f + 1 :])
 
     def _send_to_the_rest(self, pending: Pending, now_ms: int) -> None:
@@ -194,7 +194,14 @@ class ClientCore:
     def _awaited(self, pending: Pending) -> set[int]:
         """Replicas that have not answered this request and are worth waiting for: not those
         that missed the last ``SILENT_AFTER`` results (a crashed one soon is not)."""
-        return {i for i in range(self.n) if i not in pending.replies and self.misses[i] < SILENT_AFTER}
+        return {i for i in range(self.n) if i not in pending.replies and not self._silent(i)}
+
+    def _silent(self, replica: int) -> bool:
+        return self.misses[replica] >= SILENT_AFTER
+
+    def _shortly(self, pending: Pending, now_ms: int) -> None:
+        """Give the replies still due a tenth of the request timeout, no more."""
+        pending.deadline_ms = min(pending.deadline_ms, now_ms + self.params.request_timeout_ms // 10)
 
     def on_reply(self, reply: Reply, now_ms: int) -> None:
         pending = self.inflight.get(reply.timestamp)
@@ -224,13 +231,12 @@ class ClientCore:
             # SILENT_AFTER results is most likely down: resend to all at once (a retransmission
             # is answered in full) rather than wait.
             designated = (self.id + pending.request.timestamp) % self.n
-            silent = self.misses[designated] >= SILENT_AFTER
             if not pending.request.read_only and not pending.resent_for_full:
                 pending.awaits_full = True
-                if silent:
+                if self._silent(designated):
                     self._resend_for_full(pending)
                     return
-            pending.deadline_ms = min(pending.deadline_ms, now_ms + self.params.request_timeout_ms // 10)
+            self._shortly(pending, now_ms)
             return
         if not enough:
             if pending.request.read_only:
@@ -245,7 +251,7 @@ class ClientCore:
                 elif pending.unsent and best + len(awaited - set(pending.unsent)) < 2 * self.f + 1:
                     self._send_to_the_rest(pending, now_ms)
                 elif len(pending.replies) >= 2 * self.f + 1:
-                    pending.deadline_ms = min(pending.deadline_ms, now_ms + self.params.request_timeout_ms // 10)
+                    self._shortly(pending, now_ms)
             return
         # f+1 replicas vouch for this view or a later one; a single liar cannot push us ahead.
         views = sorted((r.view for r in matching), reverse=True)
@@ -270,10 +276,10 @@ class ClientCore:
 
     def tick(self, now_ms: int) -> list[Send | Broadcast]:
         late = [p for p in self.inflight.values() if now_ms >= p.deadline_ms]
-        if any(not (p.request.read_only and p.unsent) for p in late):
+        if any(not p.unsent for p in late):
             self._resent(now_ms)  # (a read sent to the rest of the replicas is not a resend)
         for pending in late:
-            if pending.request.read_only and pending.unsent:
+            if pending.unsent:  # a read not yet sent to every replica
                 self._send_to_the_rest(pending, now_ms)
             elif pending.request.read_only:
                 self._fall_back(pending, now_ms)

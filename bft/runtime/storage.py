@@ -82,6 +82,7 @@ class CheckpointStore:
         # False once a checkpoint read back was damaged, or read in the old format: the next
         # checkpoint is written whole.
         self._parts_trusted = True
+        self._legacy = self.legacy_dir.exists()  # format 2's parts/: goes at the next checkpoint
         # Pack numbers only grow: a new pack never takes the name of one a manifest may name.
         names = [e.name for e in os.scandir(self.packs_dir)]
         self._last_pack = max((int(n) for n in names if n.isdigit()), default=0)
@@ -165,12 +166,15 @@ class CheckpointStore:
                     [where[d] for d in snap.digests])
         _write_atomically(self.path, [msgpack.packb(manifest)])
         _fsync_dir(self.directory)
-        sizes = {p: self._pack_bytes.get(p, offset) for p in {p for p, _, _ in where.values()}}
+        known = {**self._pack_bytes, pack: offset}
+        sizes = {p: known[p] for p in {p for p, _, _ in where.values()}}
         self._where, self._pack_bytes, self._parts_trusted = where, sizes, True
         for entry in os.scandir(self.packs_dir):
             if not entry.name.isdigit() or int(entry.name) not in sizes:
                 os.unlink(entry.path)
-        shutil.rmtree(self.legacy_dir, ignore_errors=True)
+        if self._legacy:
+            shutil.rmtree(self.legacy_dir, ignore_errors=True)
+            self._legacy = False
 
     async def flush(self) -> None:
         if self._writing is not None:
