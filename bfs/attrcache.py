@@ -19,6 +19,9 @@ class AttrCache:
         # inode -> (size, mtime) as the kernel was last told, to see another mount's change
         self.seen: dict[int, tuple[int, int]] = {}
         self.no_xattr: dict[tuple[int, bytes | None], float] = {}  # (inode, name) -> when found absent
+        # Files whose write-back the replicas refused since their last open here: the kernel's
+        # pages of them hold the refused bytes whatever the attributes say (insertion order).
+        self.refused: dict[int, None] = {}
 
     def note(self, attrs: list, now: float) -> None:
         """Attributes from a reply (``bfs.fs.Inode.attrs``: inode first, size 7th, mtime 9th)."""
@@ -39,14 +42,20 @@ class AttrCache:
             return None
         return hit[0], self.timeout_s - (now - hit[1])
 
-    def changed(self, attrs: list) -> bool:
-        """Whether size or mtime differ from what the kernel was last told: its cached pages
-        of the file may be out of date (as NFSv3 clients judge theirs at open)."""
+    def stale(self, attrs: list) -> bool:
+        """At an open: whether the kernel's cached pages of the file may be out of date, as
+        NFSv3 clients judge theirs (size or mtime differ from what the kernel was last told), or
+        hold bytes the replicas refused (once: this open drops them)."""
+        if attrs[0] in self.refused:
+            del self.refused[attrs[0]]
+            return True
         return self.seen.get(attrs[0]) != (attrs[6], attrs[8])
 
     def distrust(self, ino: int) -> None:
         """The kernel's pages of this file hold writes the replicas refused."""
-        self.seen.pop(ino, None)
+        if len(self.refused) >= ENTRIES_MAX:
+            del self.refused[next(iter(self.refused))]
+        self.refused[ino] = None
 
     def drop(self, *inos: int) -> None:
         """These inodes changed in ways their replies did not show (a directory's entries)."""

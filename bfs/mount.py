@@ -28,7 +28,7 @@ import pyfuse3
 from bfs.attrcache import AttrCache
 from bfs.fs import BLK, BLOCK, CHR, FIFO, KEEP_MAX, KIND_BITS, SOCK
 from bfs.mountdirs import DirsAndXattrs, Handle
-from bfs.writeback import WRITE_CACHE_BYTES, FlushError, WriteBack
+from bfs.writeback import WRITE_CACHE_BYTES, FlushError, WriteBack, overlay
 from client import Client, QuorumTimeout
 
 log = logging.getLogger("bfs.mount")
@@ -75,7 +75,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
     def _handle(self, inode: int, creds: list, writable: bool = False) -> int:
         fh = self.next_handle
         self.next_handle += 1
-        self.handles[fh] = Handle(inode, creds, writable)
+        self.handles[fh] = Handle(inode, creds, writable, heard=self.cache.sample())
         self.open_count[inode] = self.open_count.get(inode, 0) + 1
         return fh
 
@@ -88,6 +88,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             self.open_count[handle.inode] = left
             return
         del self.open_count[handle.inode]
+        self.cache.forget(handle.inode)
         if handle.inode in self.kept:
             self.kept.discard(handle.inode)
             try:
@@ -111,17 +112,22 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             self.attrs.distrust(inode)  # the next open drops the kernel's pages of it
             raise FlushError(exc.errno) from None
 
-    async def _flush(self, inode: int) -> None:
-        try:
-            await self.cache.flush(inode)
-        except FlushError as exc:
-            raise pyfuse3.FUSEError(exc.code) from None
+    async def _flush(self, h: Handle) -> None:
+        """Send the file's cached writes; raise a write-back failure this handle has not
+        heard of (this flush's, or an earlier one's while it was open)."""
+        await self.cache.flush(h.inode)
+        self._report(h)
+
+    def _report(self, h: Handle) -> None:
+        code, h.heard = self.cache.check(h.inode, h.heard)
+        if code:
+            raise pyfuse3.FUSEError(code)
 
     async def _flush_before(self, inode: int) -> None:
         """Send the cached writes before a change that must follow them (setattr, O_TRUNC). Their
-        failure is the writer's, kept for its next write, fsync or close: the change goes on,
-        and its caller, maybe another user, does not get the writer's error."""
-        await self.cache.flush(inode, background=True)
+        failure is the writers', reported to their handles: the change goes on, and its caller,
+        maybe another user, does not get a writer's error."""
+        await self.cache.flush(inode)
 
     def _note(self, attrs: list) -> None:
         self.attrs.note(attrs, time.monotonic())
@@ -184,7 +190,11 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         hit = self.attrs.get(inode, time.monotonic())
         if hit is not None:
             return self._entry(*hit)
-        return self._entry(await self._call("getattr", ctx, inode))
+        attrs = await self._call("getattr", ctx, inode)
+        # A reply noted while this one was awaited (a writev's, say) may be the newer: this
+        # getattr may have been answered before that writev, and its size would shrink the file.
+        hit = self.attrs.get(inode, time.monotonic())
+        return self._entry(*hit) if hit is not None else self._entry(attrs)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         # Cached writes go first: a truncation, chmod, chown or utimes after them stays after.
@@ -308,7 +318,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             await self._flush_before(inode)
             attrs = await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
         self._note(attrs)
-        changed = self.attrs.changed(attrs)
+        changed = self.attrs.stale(attrs)
         if changed:
             # Changed since the kernel last heard (through another mount): it must ask again
             # before it trusts its size, or it would read what was written only up to the old.
@@ -320,36 +330,40 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
+        before = self.cache.pending(h.inode)
         data, eof = await self._call("read", h.creds, h.inode, off, size)
-        if h.inode in self.cache.files:  # read your own writes
-            data = self.cache.overlay(h.inode, off, size, data, off + len(data) if eof else off + size)
+        pending = (*before, *self.cache.pending(h.inode))
+        if pending:  # read your own writes
+            data = overlay(pending, off, size, data, off + len(data) if eof else off + size)
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
+        self._report(h)  # before the data is taken: a write that fails writes nothing
         try:
             await self.cache.write(h.inode, h.creds, off, bytes(buf))
         except FlushError as exc:
             raise pyfuse3.FUSEError(exc.code) from None
+        self._report(h)  # a flush this write made, of this file, failed: its bytes are lost too
         return len(buf)
 
     async def flush(self, fh: int) -> None:
         # Every close(2) of a descriptor open for writing, as NFS clients do: its errors are close's.
         h = self.handles[fh]
         if h.writable:
-            await self._flush(h.inode)
+            await self._flush(h)
 
     async def release(self, fh: int) -> None:
         h = self.handles.get(fh)
         if h is not None and h.writable:
             try:
-                await self._flush(h.inode)  # written through mmap after the last close(2)
+                await self._flush(h)  # written through mmap after the last close(2)
             except pyfuse3.FUSEError as exc:
                 log.warning("writing inode %d at its last close: %s", h.inode, os.strerror(exc.errno))
         await self._close(fh)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self._flush(self.handles[fh].inode)  # returns once the replicas agreed on it
+        await self._flush(self.handles[fh])  # returns once the replicas agreed on it
 
 def _result(name: str, result: bytes) -> tuple[int, object]:
     """``[errno, value]``, as BFS answers. Anything else (a cluster running another service)

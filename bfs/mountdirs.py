@@ -25,6 +25,7 @@ class Handle:
     page: list = field(default_factory=list)
     page_eof: bool = False
     attrs: list | None = None  # a directory's, from opendir: readdir's "." without a getattr
+    heard: int = 0  # the number of the last write-back failure of its file reported to it
 
 
 class DirsAndXattrs:

@@ -113,11 +113,15 @@ class _File:
     dirty: Extents = field(default_factory=Extents)
     sending: list[Extents] = field(default_factory=list)  # taken by a flush, not yet answered
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    error: int = 0  # a background flush's failure, reported at the next write, fsync or close
 
 
 class WriteBack:
-    """Dirty data of every open file, at most ``bytes_max`` in all (0: every write at once)."""
+    """Dirty data of every open file, at most ``bytes_max`` in all (0: every write at once).
+
+    A failed write-back drops its data, as NFS clients do, and is reported as Linux reports one
+    (an error sequence per file): to every handle open on the file when it failed, once each, at
+    that handle's next write, fsync or close. The caller's handle keeps the sequence number of
+    the last failure it heard of: ``sample`` at open, ``check`` after each flush."""
 
     def __init__(self, send: Send, bytes_max: int, writev_bytes_max: int, file_bytes_max: int) -> None:
         self.send = send
@@ -125,17 +129,30 @@ class WriteBack:
         self.writev_bytes_max = writev_bytes_max
         self.file_bytes_max = file_bytes_max
         self.files: dict[int, _File] = {}
-        self.nbytes = 0  # dirty, across files (what is being sent is not counted)
+        self.nbytes = 0  # cached, across files: dirty and being sent
+        self.failed = 0  # failures so far, numbering them
+        self.failures: dict[int, tuple[int, int]] = {}  # inode -> (number, errno) of its latest
+
+    def sample(self) -> int:
+        """What a handle opened now has heard: it reports no failure from before its open."""
+        return self.failed
+
+    def check(self, ino: int, heard: int) -> tuple[int, int]:
+        """(errno, heard now) for a handle that heard of failures up to number ``heard``:
+        errno 0 when the file's write-back failed at no time since."""
+        number, code = self.failures.get(ino, (0, 0))
+        return (code, number) if number > heard else (0, heard)
+
+    def forget(self, ino: int) -> None:
+        """The file's last handle closed: no one is left to hear of its failures."""
+        self.failures.pop(ino, None)
 
     async def write(self, ino: int, creds: list, offset: int, data: bytes) -> None:
-        """Cache a write, or raise FlushError with what is known now: a file size past the
-        limit, or an earlier background flush of this file that failed."""
+        """Cache a write; raise FlushError(EFBIG) for one past the file size limit. A flush
+        this makes (a writer change, or the bound) that fails is recorded, for ``check``."""
         if offset + len(data) > self.file_bytes_max:
             raise FlushError(errno.EFBIG)
         f = self.files.get(ino)
-        if f is not None and f.error:
-            code, f.error = f.error, 0
-            raise FlushError(code)
         while f is not None and f.creds != creds:  # one writer's credentials per writev
             if not f.dirty.nbytes and not f.sending:
                 f.creds = creds
@@ -145,65 +162,53 @@ class WriteBack:
         if f is None:
             f = self.files[ino] = _File(creds)
         self.nbytes += f.dirty.add(offset, data)
-        if self.nbytes > self.bytes_max:
-            await self._relieve(ino)
+        # Memory pressure: the largest files' data goes until the cache is within its bound,
+        # counting what is being sent; when all of it is, the writer waits for the replicas.
+        while self.nbytes > self.bytes_max and self.files:
+            ino = max(self.files, key=lambda i: (self.files[i].dirty.nbytes, bool(self.files[i].sending)))
+            await self.flush(ino)
 
-    async def _relieve(self, writing: int) -> None:
-        """Memory pressure: send the largest files' data until the cache is within its bound.
-        A failure is this write's error if it is this file's, else kept for that file."""
-        while self.nbytes > self.bytes_max:
-            ino = max(self.files, key=lambda i: self.files[i].dirty.nbytes)
-            if not self.files[ino].dirty.nbytes:
-                return  # what is left is being sent already
-            await self.flush(ino, background=ino != writing)
-
-    async def flush(self, ino: int, background: bool = False) -> None:
-        """Send the file's dirty data and return once the replicas committed it. A failure
-        drops the data (as NFS clients do) and raises, once, with the replicas' errno; in the
-        background it is kept for the file's next write, fsync or close instead."""
+    async def flush(self, ino: int) -> None:
+        """Send the file's dirty data and return once the replicas committed it, or failed:
+        then the data is dropped and the failure recorded."""
         f = self.files.get(ino)
         if f is None:
             return
         try:
             async with f.lock:  # one file's flushes go in order: a later write wins at the replicas
-                # An earlier background failure is reported, but after what is cached now is
-                # sent: an fsync writes everything back, then says what went wrong (as Linux's).
-                earlier, f.error = f.error, 0
                 taken, f.dirty = f.dirty, Extents()
-                self.nbytes -= taken.nbytes
                 f.sending.append(taken)
                 try:
                     for group in taken.groups(self.writev_bytes_max):
                         await self.send(f.creds, ino, group)
                 finally:
                     f.sending.remove(taken)
-                if earlier:
-                    raise FlushError(earlier)
+                    self.nbytes -= taken.nbytes
         except FlushError as exc:
-            if not background:
-                raise
-            f.error = exc.code
+            self.failed += 1
+            self.failures[ino] = (self.failed, exc.code)
         finally:
             # Forgotten once clean; a flush still waiting for the lock then finds nothing to send.
-            if not (f.dirty.nbytes or f.sending or f.error or f.lock.locked()) and self.files.get(ino) is f:
+            if not (f.dirty.nbytes or f.sending or f.lock.locked()) and self.files.get(ino) is f:
                 del self.files[ino]
 
     def size(self, ino: int, size: int) -> int:
         """The file's size with its cached data, from the replicas' ``size``."""
-        f = self.files.get(ino)
-        if f is None:
-            return size
-        return max(size, f.dirty.end, *(e.end for e in f.sending))
+        return max((size, *(e.end for e in self.pending(ino))))
 
-    def overlay(self, ino: int, offset: int, count: int, data: bytes, size: int) -> bytes:
-        """What a read of ``count`` bytes at ``offset`` sees: the replicas' ``data`` (of a file
-        of ``size`` bytes there) with this mount's unsent writes over it."""
+    def pending(self, ino: int) -> tuple[Extents, ...]:
+        """The file's cached data, oldest first: a read takes it before it asks the replicas
+        and again after, as a flush may commit and drop some in between."""
         f = self.files.get(ino)
-        if f is None:
-            return data
-        length = max(0, min(offset + count, self.size(ino, size)) - offset)
-        buf = bytearray(data[:length])
-        buf += bytes(length - len(buf))
-        for extents in (*f.sending, f.dirty):
-            extents.overlay(offset, buf)
-        return bytes(buf)
+        return () if f is None else (*f.sending, f.dirty)
+
+
+def overlay(pending: tuple[Extents, ...], offset: int, count: int, data: bytes, size: int) -> bytes:
+    """What a read of ``count`` bytes at ``offset`` sees: the replicas' ``data`` (of a file of
+    ``size`` bytes there) with this mount's ``pending`` writes over it, later ones winning."""
+    length = max(0, min(offset + count, max((size, *(e.end for e in pending)))) - offset)
+    buf = bytearray(data[:length])
+    buf += bytes(length - len(buf))
+    for extents in pending:
+        extents.overlay(offset, buf)
+    return bytes(buf)

@@ -1,6 +1,7 @@
-"""Which caller a failed write-back reports to, through the mount's handlers (bfs.mount) over a
-real bfs.fs.FileSystem, with the PBFT client replaced by one that executes at once: a unit test
-of the mount alone. (The same through a real FUSE mount and replicas: test_bfs_cache_mount.py.)"""
+"""Which caller a failed write-back reports to, and what replies that cross a flush leave, through
+the mount's handlers (bfs.mount) over a real bfs.fs.FileSystem, with the PBFT client replaced by
+one that executes at once (and may hold a reply back): a unit test of the mount alone. (The same
+through a real FUSE mount and replicas: test_bfs_cache_mount.py.)"""
 
 from __future__ import annotations
 
@@ -25,10 +26,15 @@ class Executes:
     def __init__(self, fs: FileSystem) -> None:
         self.fs, self.t = fs, 1000
         self.core = types.SimpleNamespace(params=types.SimpleNamespace(op_bytes_max=8 << 20))
+        self.hold: dict[str, asyncio.Event] = {}  # name -> released: executed now, answered then
 
     async def invoke(self, op: bytes, read_only: bool, timeout: float) -> bytes:
         self.t += 1
-        return self.fs.execute(op, 7, self.t)
+        result = self.fs.execute(op, 7, self.t)
+        name = msgpack.unpackb(op)[0]
+        if name in self.hold:
+            await self.hold[name].wait()
+        return result
 
 
 def elsewhere(fs: FileSystem, name: str, *args: object) -> list:
@@ -72,5 +78,94 @@ def test_a_chmod_after_a_refused_write_back_goes_on_and_the_writer_hears_of_it()
             await ops.flush(bob)
         assert refused.value.errno == errno.EACCES
         assert elsewhere(fs, "getattr", entry.st_ino)[1][6] == 0  # nothing was written
+
+    asyncio.run(run())
+
+
+async def _mounted(fs: FileSystem) -> mount.BfsOperations:
+    ops = mount.BfsOperations(Executes(fs), attr_timeout=3.0)
+    await ops.start(ROOT_CREDS)
+    elsewhere(fs, "setattr", ROOT, [0o777, None, None, None, None, None])
+    return ops
+
+
+def test_a_refused_write_back_reaches_every_handle_open_then_once_each() -> None:
+    """Two handles on a file whose write-back the replicas refuse: each one's close reports it,
+    once (Linux's error sequence per file), and a handle opened after it hears nothing (second
+    reader's finding: the second close reported success for the lost data)."""
+
+    async def run() -> None:
+        fs = FileSystem()
+        ops = await _mounted(fs)
+        alice, entry = await ops.create(ROOT, b"f", 0o666, os.O_RDWR, ctx(1000))
+        bob = [1001, 1001, []]
+        first, second = (ops._handle(entry.st_ino, bob, True) for _ in range(2))  # Bob's opens
+        elsewhere(fs, "setattr", entry.st_ino, [0o644, None, None, None, None, None])
+        await ops.write(first, 0, b"data")
+        with pytest.raises(pyfuse3.FUSEError) as refused:
+            await ops.fsync(first, False)
+        assert refused.value.errno == errno.EACCES
+        later = ops._handle(entry.st_ino, bob, True)
+        await ops.flush(first)  # heard already
+        await ops.flush(later)  # opened after it
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.flush(alice.fh)  # open then: as on Linux, every descriptor on the file hears
+        with pytest.raises(pyfuse3.FUSEError) as refused:
+            await ops.write(second, 0, b"more")
+        assert refused.value.errno == errno.EACCES  # and that write wrote nothing
+        await ops.flush(second)
+        assert ops.cache.files == {} and elsewhere(fs, "getattr", entry.st_ino)[1][6] == 0
+        for fh in (alice.fh, first, second, later):
+            await ops.release(fh)
+        assert ops.cache.failures == {}  # forgotten with the last handle
+
+    asyncio.run(run())
+
+
+def test_the_next_open_after_a_refused_write_back_drops_the_kernels_pages() -> None:
+    """A getattr after the refusal tells the kernel the same size and mtime it heard before; the
+    next open must still not keep the pages that hold the refused bytes."""
+
+    async def run() -> None:
+        fs = FileSystem()
+        ops = await _mounted(fs)
+        info, entry = await ops.create(ROOT, b"f", 0o666, os.O_RDWR, ctx(1000))
+        await ops.write(info.fh, 0, b"kept")
+        await ops.flush(info.fh)
+        await ops.release(info.fh)
+        fh = (await ops.open(entry.st_ino, os.O_RDWR, ctx(1001))).fh  # Bob's
+        elsewhere(fs, "setattr", entry.st_ino, [0o644, None, None, None, None, None])
+        await ops.write(fh, 0, b"lost")
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.flush(fh)
+        await ops.release(fh)
+        ops.attrs.drop_all()
+        await ops.getattr(entry.st_ino, ctx(1000))
+        assert (await ops.open(entry.st_ino, os.O_RDONLY, ctx(1000))).keep_cache is False
+        assert (await ops.open(entry.st_ino, os.O_RDONLY, ctx(1000))).keep_cache is True
+
+    asyncio.run(run())
+
+
+def test_replies_that_cross_a_flush_keep_this_mounts_own_writes() -> None:
+    """A read and a getattr answered before a flush of the file committed, but handled after it:
+    the read still sees this mount's bytes and the getattr does not shrink the file (second
+    reader's finding: the overlay was taken when the cache entry was gone)."""
+
+    async def run() -> None:
+        fs = FileSystem()
+        ops = await _mounted(fs)
+        info, entry = await ops.create(ROOT, b"f", 0o666, os.O_RDWR, ctx(1000))
+        await ops.write(info.fh, 0, b"new bytes")
+        ops.attrs.drop_all()
+        released = asyncio.Event()
+        ops.client.hold = {"read": released, "getattr": released}
+        read = asyncio.create_task(ops.read(info.fh, 0, 100))
+        stat = asyncio.create_task(ops.getattr(entry.st_ino, ctx(1000)))
+        await asyncio.sleep(0)
+        await ops.fsync(info.fh, False)  # committed, and gone from the cache
+        assert ops.cache.files == {}
+        released.set()
+        assert await read == b"new bytes" and (await stat).st_size == 9
 
     asyncio.run(run())

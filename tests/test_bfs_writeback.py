@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from bfs.attrcache import AttrCache
 from bfs.cli import helper_argv
 from bfs.fs import WRITEV_EXTENTS_MAX, Limits
-from bfs.writeback import EXTENT_OVERHEAD_BYTES, Extents, FlushError, WriteBack
+from bfs.writeback import EXTENT_OVERHEAD_BYTES, Extents, FlushError, WriteBack, overlay
 
 from .test_bfs_state import ALICE, BOB, Fs, ino
 
@@ -101,7 +101,7 @@ class Replicas:
         self.sent.append((ino, extents))
 
 
-def test_the_bound_flushes_the_largest_file_and_errors_come_once() -> None:
+def test_the_bound_flushes_the_largest_file_and_failures_reach_each_handle_once() -> None:
     async def run() -> None:
         r = Replicas()
         wb = WriteBack(r.send, bytes_max=100, writev_bytes_max=1000, file_bytes_max=10_000)
@@ -109,42 +109,66 @@ def test_the_bound_flushes_the_largest_file_and_errors_come_once() -> None:
         await wb.write(2, ALICE, 0, b"b" * 60)
         await wb.write(1, ALICE, 30, b"a" * 5)  # adjacent: one range
         assert r.sent == [] and wb.nbytes == 95 and wb.size(1, 0) == 35
-        assert wb.overlay(1, 30, 10, b"", 0) == b"aaaaa"
+        assert overlay(wb.pending(1), 30, 10, b"", 0) == b"aaaaa"
         await wb.write(3, ALICE, 0, b"c" * 10)  # past the bound: file 2, the largest, goes
         assert r.sent == [(2, [(0, b"b" * 60)])] and wb.nbytes == 45
         with pytest.raises(FlushError) as exc:
             await wb.write(1, ALICE, 9_999, b"xx")
         assert exc.value.code == errno.EFBIG
-        # a flush of the file being written that fails is that write's error
+        # Two handles on file 3, and one opened after its failure.
+        first, second = wb.sample(), wb.sample()
         r.fail = errno.EACCES
-        with pytest.raises(FlushError) as exc:
-            await wb.write(3, ALICE, 10, b"c" * 80)  # over the bound: file 3 (90 bytes) is sent
-        assert exc.value.code == errno.EACCES and wb.nbytes == 35
-        # one that fails in the background is reported at that file's next write, once
-        await wb.write(5, ALICE, 0, b"e" * 60)
-        await wb.write(1, ALICE, 35, b"a" * 10)  # over the bound: file 5, the largest, fails
-        assert wb.nbytes == 45
-        with pytest.raises(FlushError) as exc:
-            await wb.write(5, ALICE, 0, b"e")
-        assert exc.value.code == errno.EACCES
+        await wb.write(3, ALICE, 10, b"c" * 80)  # over the bound: file 3 (90 bytes) is sent, fails
+        assert wb.nbytes == 35 and 3 not in wb.files
+        late = wb.sample()
+        code, first = wb.check(3, first)
+        assert code == errno.EACCES and wb.check(3, first) == (0, first)  # once for each handle
+        assert wb.check(3, second)[0] == errno.EACCES
+        assert wb.check(3, late) == (0, late)  # not to one opened after it
+        assert wb.check(1, 0) == (0, 0)  # nor to another file's
         r.fail = 0
-        await wb.write(5, ALICE, 0, b"e")
-        await wb.flush(5)
         await wb.flush(1)
-        assert r.sent[-2:] == [(5, [(0, b"e")]), (1, [(0, b"a" * 45)])]
-        # an fsync that finds a background failure (one that raced with later writes: poked in
-        # here) still sends what is cached now, then reports it
-        await wb.write(6, ALICE, 0, b"f" * 20)
-        wb.files[6].error = errno.ENOSPC
-        with pytest.raises(FlushError) as exc:
-            await wb.flush(6)
-        assert exc.value.code == errno.ENOSPC and r.sent[-1] == (6, [(0, b"f" * 20)]) and 6 not in wb.files
+        assert r.sent[-1] == (1, [(0, b"a" * 35)]) and wb.check(3, first) == (0, first)
+        # a later failure of the same file reaches the handles again
+        await wb.write(3, ALICE, 0, b"c")
+        r.fail = errno.ENOSPC
+        await wb.flush(3)
+        assert wb.check(3, first)[0] == errno.ENOSPC and wb.check(3, late)[0] == errno.ENOSPC
+        wb.forget(3)
+        assert wb.check(3, 0) == (0, 0) and wb.failures == {}
+        r.fail = 0
         # another writer's bytes are sent first: a writev carries one writer's credentials
         await wb.write(4, ALICE, 0, b"d" * 20)
         await wb.write(4, BOB, 20, b"e")
         assert r.sent[-1] == (4, [(0, b"d" * 20)])
         await wb.flush(4)
         assert r.sent[-1] == (4, [(20, b"e")]) and wb.files == {} and wb.nbytes == 0
+
+    asyncio.run(run())
+
+
+def test_bytes_being_sent_count_against_the_bound() -> None:
+    """A writer past the bound while everything cached is being sent waits for the replicas
+    instead of caching more (second reader's finding: up to twice the bound was held)."""
+
+    async def run() -> None:
+        gate = asyncio.Event()
+
+        async def send(creds: list, ino: int, extents: list) -> None:
+            await gate.wait()
+
+        wb = WriteBack(send, bytes_max=100, writev_bytes_max=1000, file_bytes_max=10_000)
+        await wb.write(1, ALICE, 0, b"a" * 90)
+        sending = asyncio.create_task(wb.flush(1))
+        await asyncio.sleep(0)
+        assert wb.nbytes == 90 and wb.files[1].sending
+        writer = asyncio.create_task(wb.write(2, ALICE, 0, b"b" * 30))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert not writer.done() and wb.nbytes == 120
+        gate.set()
+        await asyncio.gather(sending, writer)
+        assert wb.nbytes <= 100
 
     asyncio.run(run())
 
@@ -165,7 +189,7 @@ def test_flushes_of_one_file_keep_their_order_and_reads_see_what_is_in_flight() 
         await wb.write(7, ALICE, 2, b"NEW")
         second = asyncio.create_task(wb.flush(7))
         await asyncio.sleep(0)
-        assert wb.overlay(7, 0, 10, b"", 0) == b"olNEW" and wb.size(7, 0) == 5
+        assert overlay(wb.pending(7), 0, 10, b"", 0) == b"olNEW" and wb.size(7, 0) == 5
         gate.set()
         await asyncio.gather(first, second)
         assert sent == [[(0, b"old!")], [(2, b"NEW")]]
@@ -215,11 +239,12 @@ def test_attribute_cache_expires_and_forgets_what_changed() -> None:
     attrs = [5, "f", 0o644, 1, 0, 0, 10, 0, 77, 0, 1, 0]
     cache.note(attrs, now=100.0)
     assert cache.get(5, 100.25) == (attrs, 0.75) and cache.get(5, 101.0) is None
-    assert cache.changed(attrs)  # the kernel was never told
+    assert cache.stale(attrs)  # the kernel was never told
     cache.told(attrs)
-    assert not cache.changed(attrs) and cache.changed([*attrs[:6], 11, *attrs[7:]])
+    assert not cache.stale(attrs) and cache.stale([*attrs[:6], 11, *attrs[7:]])
     cache.distrust(5)  # a refused flush: the kernel's pages of it are not the replicas'
-    assert cache.changed(attrs)
+    cache.told(attrs)  # a getattr since says the same size and mtime: still stale, once
+    assert cache.stale(attrs) and not cache.stale(attrs)
     cache.drop(5)
     assert cache.get(5, 100.1) is None
     cache.note_no_xattr(5, b"security.capability", 100.0)
