@@ -341,11 +341,11 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         h = self.handles[fh]
         self._report(h)  # before the data is taken: a write that fails writes nothing
         try:
-            await self.cache.write(h.inode, h.creds, off, bytes(buf))
+            taken = await self.cache.write(h.inode, h.creds, off, bytes(buf))
         except FlushError as exc:
             raise pyfuse3.FUSEError(exc.code) from None
         self._report(h)  # a flush this write made, of this file, failed: its bytes are lost too
-        return len(buf)
+        return taken
 
     async def flush(self, fh: int) -> None:
         # Every close(2) of a descriptor open for writing, as NFS clients do: its errors are close's.

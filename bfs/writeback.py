@@ -147,11 +147,13 @@ class WriteBack:
         """The file's last handle closed: no one is left to hear of its failures."""
         self.failures.pop(ino, None)
 
-    async def write(self, ino: int, creds: list, offset: int, data: bytes) -> None:
-        """Cache a write; raise FlushError(EFBIG) for one past the file size limit. A flush
-        this makes (a writer change, or the bound) that fails is recorded, for ``check``."""
-        if offset + len(data) > self.file_bytes_max:
+    async def write(self, ino: int, creds: list, offset: int, data: bytes) -> int:
+        """Cache a write and return how many bytes it took: as Linux does, one straddling the
+        file size limit takes what fits, and one at or past it raises FlushError(EFBIG). A
+        flush this makes (a writer change, or the bound) that fails is recorded, for ``check``."""
+        if data and offset >= self.file_bytes_max:
             raise FlushError(errno.EFBIG)
+        data = data[:self.file_bytes_max - offset]
         f = self.files.get(ino)
         while f is not None and f.creds != creds:  # one writer's credentials per writev
             if not f.dirty.nbytes and not f.sending:
@@ -167,6 +169,7 @@ class WriteBack:
         while self.nbytes > self.bytes_max and self.files:
             ino = max(self.files, key=lambda i: (self.files[i].dirty.nbytes, bool(self.files[i].sending)))
             await self.flush(ino)
+        return len(data)
 
     async def flush(self, ino: int) -> None:
         """Send the file's dirty data and return once the replicas committed it, or failed:

@@ -113,8 +113,9 @@ def test_the_bound_flushes_the_largest_file_and_failures_reach_each_handle_once(
         await wb.write(3, ALICE, 0, b"c" * 10)  # past the bound: file 2, the largest, goes
         assert r.sent == [(2, [(0, b"b" * 60)])] and wb.nbytes == 45
         with pytest.raises(FlushError) as exc:
-            await wb.write(1, ALICE, 9_999, b"xx")
+            await wb.write(1, ALICE, 10_000, b"xx")
         assert exc.value.code == errno.EFBIG
+        assert await wb.write(1, ALICE, 10_000, b"") == 0
         # Two handles on file 3, and one opened after its failure.
         first, second = wb.sample(), wb.sample()
         r.fail = errno.EACCES
@@ -137,6 +138,8 @@ def test_the_bound_flushes_the_largest_file_and_failures_reach_each_handle_once(
         wb.forget(3)
         assert wb.check(3, 0) == (0, 0) and wb.failures == {}
         r.fail = 0
+        assert await wb.write(9, ALICE, 9_998, b"xyz") == 2 and wb.size(9, 0) == 10_000  # what fits
+        await wb.flush(9)
         # another writer's bytes are sent first: a writev carries one writer's credentials
         await wb.write(4, ALICE, 0, b"d" * 20)
         await wb.write(4, BOB, 20, b"e")
