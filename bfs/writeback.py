@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import errno
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from bfs.fs import WRITEV_EXTENTS_MAX
@@ -81,27 +81,28 @@ class Extents:
             buf[lo - offset:hi - offset] = self.datas[k][lo - self.starts[k]:hi - self.starts[k]]
             k += 1
 
-    def groups(self, capacity: int) -> list[list[tuple[int, bytes]]]:
+    def groups(self, capacity: int) -> Iterator[list[tuple[int, bytes]]]:
         """The ranges as writev argument lists, each costing at most ``capacity`` bytes (data
         plus EXTENT_OVERHEAD_BYTES a piece) and holding at most WRITEV_EXTENTS_MAX ranges (the
         replicas refuse more: many small scattered writes reach that long before the bytes); a
         range is split where a list fills, so every list but the last is full and their number
-        is the fewest the limits allow."""
+        is the fewest the limits allow. One at a time: only the writev being sent is a copy."""
         if capacity <= EXTENT_OVERHEAD_BYTES:
             raise ValueError(f"a writev of {capacity} bytes holds no data")
-        out: list[list[tuple[int, bytes]]] = [[]]
+        group: list[tuple[int, bytes]] = []
         room = capacity
         for start, data in zip(self.starts, self.datas, strict=True):
             pos = 0
             while pos < len(data):
-                if room <= EXTENT_OVERHEAD_BYTES or len(out[-1]) == WRITEV_EXTENTS_MAX:
-                    out.append([])
-                    room = capacity
+                if room <= EXTENT_OVERHEAD_BYTES or len(group) == WRITEV_EXTENTS_MAX:
+                    yield group
+                    group, room = [], capacity
                 take = min(len(data) - pos, room - EXTENT_OVERHEAD_BYTES)
-                out[-1].append((start + pos, bytes(data[pos:pos + take])))
+                group.append((start + pos, bytes(data[pos:pos + take])))
                 room -= take + EXTENT_OVERHEAD_BYTES
                 pos += take
-        return out if out[0] else []
+        if group:
+            yield group
 
 
 Send = Callable[[list, int, list[tuple[int, bytes]]], Awaitable[None]]  # raises FlushError
