@@ -96,8 +96,18 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             except pyfuse3.FUSEError as exc:
                 log.warning("forget %d: %s (its space is freed when this mount starts again)", handle.inode, exc)
 
-    def _keep(self) -> list[int]:
-        return sorted(self.open_count)[:KEEP_MAX]
+    async def _keep(self, ctx: pyfuse3.RequestContext, parent_inode: int, name: bytes) -> list[int]:
+        """The files open here that a remove or rename of ``name`` must not free. Past KEEP_MAX
+        open files, the one the name is looked up as (if open) and as many others as fit: a
+        rename elsewhere between that lookup and the remove is the only way to miss it."""
+        if len(self.open_count) <= KEEP_MAX:
+            return list(self.open_count)
+        try:
+            ino = (await self._call("lookup", ctx, parent_inode, name))[0]
+        except pyfuse3.FUSEError:
+            ino = None  # the remove or rename itself reports what is wrong with the name
+        first = [ino] if ino in self.open_count else []
+        return first + [i for i in self.open_count if i != ino][:KEEP_MAX - len(first)]
 
     async def start(self, creds: list) -> None:
         """Make the write-back cache, which refuses writes past the file size limit itself."""
@@ -281,7 +291,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.attrs.drop_all()
-        kept = await self._call("remove", ctx, parent_inode, name, self._keep())
+        kept = await self._call("remove", ctx, parent_inode, name, await self._keep(ctx, parent_inode, name))
         if kept is not None:
             self.kept.add(kept)
 
@@ -301,7 +311,8 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             else:
                 raise pyfuse3.FUSEError(errno.EEXIST)
         self.attrs.drop_all()
-        kept = await self._call("rename", ctx, parent_inode_old, name_old, parent_inode_new, name_new, self._keep())
+        keep = await self._keep(ctx, parent_inode_new, name_new)
+        kept = await self._call("rename", ctx, parent_inode_old, name_old, parent_inode_new, name_new, keep)
         if kept is not None:
             self.kept.add(kept)
 

@@ -169,3 +169,26 @@ def test_replies_that_cross_a_flush_keep_this_mounts_own_writes() -> None:
         assert await read == b"new bytes" and (await stat).st_size == 9
 
     asyncio.run(run())
+
+
+def test_an_unlink_with_more_files_open_than_a_remove_names_keeps_the_one_removed() -> None:
+    """With more than KEEP_MAX files open on the mount, the one unlinked (or renamed over) is
+    still among those the remove asks the replicas to keep (second reader's finding: past the
+    first KEEP_MAX inode numbers it was freed under its open handle)."""
+
+    async def run() -> None:
+        fs = FileSystem()
+        ops = await _mounted(fs)
+        handles = [(await ops.create(ROOT, b"f%d" % k, 0o644, os.O_RDWR, ctx(0)))[0].fh
+                   for k in range(mount.KEEP_MAX + 20)]
+        last = ops.handles[handles[-1]].inode
+        await ops.unlink(ROOT, b"f%d" % (len(handles) - 1), ctx(0))
+        await ops.rename(ROOT, b"f0", ROOT, b"f%d" % (len(handles) - 2), 0, ctx(0))
+        over = ops.handles[handles[-2]].inode
+        assert {last, over} <= ops.kept
+        for ino in (last, over):
+            assert elsewhere(fs, "getattr", ino)[0] == 0  # still there for its handle
+        await ops.release(handles[-1])
+        assert elsewhere(fs, "getattr", last)[0] == errno.ESTALE  # freed at the last close
+
+    asyncio.run(run())
