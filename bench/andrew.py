@@ -13,6 +13,7 @@ difference against BFS unreplicated) as Markdown, the ratios and the issue's flo
 ``bench/results/andrew.{md,json,png}``. A measurement, not a test.
 
     python -m bench.andrew [--scale 1] [--nfs /mnt/nfs] [--durability memory|log|strict]
+                           [--param tentative=true ...]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
@@ -35,7 +37,7 @@ from pathlib import Path
 from bench.micro import RESULTS, machine, pyplot, save
 from bfs.cli import ATTR_TIMEOUT_S, WRITE_CACHE_KIB
 from bft import config as cfg
-from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES
+from bft.core.params import DEFAULT_PARAMS, DURABILITY_MODES, Params
 from bft.launch import start_replicas, stop_replicas
 from bft.local import free_base_port, wait_for_port
 
@@ -218,12 +220,32 @@ def ratios(results: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def protocol(durability: str, settings: list[str]) -> Params:
+    """The replicas' parameters: the defaults with ``durability`` and each ``KEY=VALUE`` (a TOML
+    value, as in cluster.toml's [protocol]); a bad one ends the benchmark with one line."""
+    values: dict[str, object] = {"durability": durability}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {text}")["v"] if sep else None
+        except tomllib.TOMLDecodeError as exc:
+            raise SystemExit(f"bench.andrew: --param {setting}: {exc}") from None
+        if not sep:
+            raise SystemExit(f"bench.andrew: --param {setting}: not KEY=VALUE")
+    try:
+        return replace(DEFAULT_PARAMS, **values)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"bench.andrew: --param: {exc}") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=int, default=1, help="copies of the source tree (Andrew100 is 100)")
     ap.add_argument("--nfs", type=Path, help="a directory on an NFS mount to run the phases in as well")
     ap.add_argument("--durability", choices=DURABILITY_MODES, default="memory",
                     help="the replicas' (default memory: the paper's setting, and bft serve has no disk either)")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a replica protocol parameter, as in cluster.toml's [protocol] (repeatable)")
     ap.add_argument("--attr-timeout", type=float, default=ATTR_TIMEOUT_S,
                     help=f"the mounts' attribute and name cache, s (default bfs mount's, {ATTR_TIMEOUT_S:g})")
     ap.add_argument("--write-cache-kib", type=int, default=WRITE_CACHE_KIB,
@@ -240,10 +262,12 @@ def main() -> None:
         raise SystemExit("bench.andrew: phase 5 needs cc and make (Debian: apt-get install build-essential)")
     if args.nfs is not None and not args.nfs.is_dir():
         raise SystemExit(f"bench.andrew: --nfs {args.nfs} is not a directory")
+    params = protocol(args.durability, args.param)
     mount_options = ["--attr-timeout", str(args.attr_timeout), "--write-cache-kib", str(args.write_cache_kib)]
     results: dict[str, dict[str, float]] = {}
     calls: dict[str, dict[str, dict[str, int]]] = {}
-    print(f"machine: {machine()}; scale {args.scale}; replicas' durability {args.durability}; "
+    print(f"machine: {machine()}; scale {args.scale}; replicas' durability {args.durability}"
+          f"{''.join(', ' + p for p in args.param)}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -269,7 +293,6 @@ def main() -> None:
 
         def replicated(name: str, extra: list[str]) -> None:
             where = tmp / name.split()[1].strip("()")
-            params = replace(DEFAULT_PARAMS, durability=args.durability)
             cfg.keygen(where, 1, 2, base_port=free_base_port(4), params=params)
             cluster = cfg.load(where / "cluster.toml")
             procs = start_replicas(cluster, "bfs", where / "logs", "warning")
@@ -327,12 +350,13 @@ def main() -> None:
     print("\n".join(summary))
     args.out.mkdir(parents=True, exist_ok=True)
     info = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "scale": args.scale,
-            "durability": args.durability, "load_average": os.getloadavg()[0], "seconds": results,
+            "durability": args.durability, "params": args.param, "load_average": os.getloadavg()[0], "seconds": results,
             "operations": calls}
     (args.out / "andrew.json").write_text(json.dumps(info, indent=2) + "\n")
     (args.out / "andrew.md").write_text(
-        f"Machine: {info['machine']}, {info['date']}, scale {args.scale}, replicas' durability {args.durability}; "
-        f"percentages against {baseline}\n\n{md}\n\n" + "\n".join(f"- {line}" for line in summary) + "\n"
+        f"Machine: {info['machine']}, {info['date']}, scale {args.scale}, replicas' durability {args.durability}"
+        f"{''.join(', ' + p for p in args.param)}; percentages against {baseline}\n\n{md}\n\n"
+        + "\n".join(f"- {line}" for line in summary) + "\n"
     )
     if plot(results, args.out / "andrew.png", f"Andrew benchmark, scale {args.scale} ({info['machine']})"):
         print(f"\nwrote {args.out / 'andrew.md'}, andrew.json and andrew.png")
