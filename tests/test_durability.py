@@ -74,6 +74,8 @@ async def test_kill_every_replica_loses_no_acknowledged_write(tmp_path, durabili
             {k: s[k] for k in ("replica", "view", "executed", "stable_checkpoint", "log_slots", "dropped")}
             for s in statuses
         ]
-        assert all(s["stats"].get("replayed-batches", 0) > 0 for s in statuses)  # from the log, not refetched
+        # From their own disks, not refetched: a replica killed just after a checkpoint has no
+        # batch to replay (CI hit it: three of four resumed at checkpoint 96, executed 96).
+        assert not any(s["stats"].get("state-transfers", 0) for s in statuses), [s["stats"] for s in statuses]
     finally:
         lc.stop()
