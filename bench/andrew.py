@@ -226,12 +226,12 @@ def protocol(durability: str, settings: list[str]) -> Params:
     values: dict[str, object] = {"durability": durability}
     for setting in settings:
         key, sep, text = setting.partition("=")
-        try:
-            values[key.strip()] = tomllib.loads(f"v = {text}")["v"] if sep else None
-        except tomllib.TOMLDecodeError as exc:
-            raise SystemExit(f"bench.andrew: --param {setting}: {exc}") from None
         if not sep:
             raise SystemExit(f"bench.andrew: --param {setting}: not KEY=VALUE")
+        try:
+            values[key.strip()] = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise SystemExit(f"bench.andrew: --param {setting}: {exc}") from None
     try:
         return replace(DEFAULT_PARAMS, **values)
     except (ValueError, TypeError) as exc:
@@ -263,12 +263,11 @@ def main() -> None:
     if args.nfs is not None and not args.nfs.is_dir():
         raise SystemExit(f"bench.andrew: --nfs {args.nfs} is not a directory")
     params = protocol(args.durability, args.param)
+    replicas = f"replicas' durability {args.durability}" + "".join(", " + p for p in args.param)
     mount_options = ["--attr-timeout", str(args.attr_timeout), "--write-cache-kib", str(args.write_cache_kib)]
     results: dict[str, dict[str, float]] = {}
     calls: dict[str, dict[str, dict[str, int]]] = {}
-    print(f"machine: {machine()}; scale {args.scale}; replicas' durability {args.durability}"
-          f"{''.join(', ' + p for p in args.param)}; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"machine: {machine()}; scale {args.scale}; {replicas}; load average {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         source = tmp / "source"
@@ -354,8 +353,8 @@ def main() -> None:
             "operations": calls}
     (args.out / "andrew.json").write_text(json.dumps(info, indent=2) + "\n")
     (args.out / "andrew.md").write_text(
-        f"Machine: {info['machine']}, {info['date']}, scale {args.scale}, replicas' durability {args.durability}"
-        f"{''.join(', ' + p for p in args.param)}; percentages against {baseline}\n\n{md}\n\n"
+        f"Machine: {info['machine']}, {info['date']}, scale {args.scale}, {replicas}; "
+        f"percentages against {baseline}\n\n{md}\n\n"
         + "\n".join(f"- {line}" for line in summary) + "\n"
     )
     if plot(results, args.out / "andrew.png", f"Andrew benchmark, scale {args.scale} ({info['machine']})"):
