@@ -446,6 +446,7 @@ OPTIMISATIONS = [
     ("tentative execution", "tentative", (0, 0)),
     ("digest replies", "digest_replies", (0, 4096)),
     ("separate large requests", "separate_large_requests", (4096, 0)),
+    ("replies from a quorum", "replies_from_quorum", (0, 0)),
 ]
 
 

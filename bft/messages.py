@@ -82,6 +82,10 @@ class Request:
     timestamp: int
     op: bytes
     read_only: bool
+    # The replicas asked to reply, one bit each (0: all). A client needs only 2f+1 matching
+    # replies (f+1 without the read-only and tentative optimisations); the others' replies
+    # cost them a frame each and the client one to read. A resent request is answered by all.
+    repliers: int
     # Encoded body, its digest and the client's authenticator travel with the request.
     raw: bytes = field(compare=False, repr=False)
     digest: bytes = field(compare=False, repr=False)
@@ -90,12 +94,24 @@ class Request:
     TYPE = 1
 
     @staticmethod
-    def make(client: int, timestamp: int, op: bytes, read_only: bool = False) -> Request:
-        raw = msgpack.packb((client, timestamp, op, read_only))
-        return Request(client, timestamp, op, read_only, raw, digest(raw))
+    def make(client: int, timestamp: int, op: bytes, read_only: bool = False, repliers: int = 0) -> Request:
+        raw = msgpack.packb((client, timestamp, op, read_only, repliers))
+        return Request(client, timestamp, op, read_only, repliers, raw, digest(raw))
 
     def with_auth(self, auth: bytes) -> Request:
-        return Request(self.client, self.timestamp, self.op, self.read_only, self.raw, self.digest, auth)
+        return Request(
+            self.client, self.timestamp, self.op, self.read_only, self.repliers, self.raw, self.digest, auth
+        )
+
+    def asks(self, replica: int) -> bool:
+        """Whether ``replica`` is to reply to it."""
+        return not self.repliers or bool(self.repliers >> replica & 1)
+
+    def designated(self, n: int) -> int:
+        """The replica that sends a large result in full (the others send its digest): taking
+        turns with the timestamp, among those asked to reply (TOCS 2002, 5.1.1)."""
+        start = (self.client + self.timestamp) % n
+        return next((i % n for i in range(start, start + n) if self.asks(i % n)), start)
 
     @property
     def sender(self) -> int:
@@ -442,16 +458,18 @@ def _bounds(limits: Limits) -> tuple[dict[int, int], int]:
     return {t: f(limits) for t, f in _PAYLOAD_BYTES_MAX.items()}, auth_bytes_max(limits)
 
 
-_REQUEST = fields_decoder(UINT, UINT, bytes, bool)
+_REQUEST = fields_decoder(UINT, UINT, bytes, bool, UINT)
 _VOTE = fields_decoder(UINT, UINT, DIGEST, UINT)  # a PREPARE's or a COMMIT's
 _REPLY = fields_decoder(UINT, UINT, UINT, UINT, bytes, bool, bool)
 
 
 def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
-    client, timestamp, op, read_only = typed_fields(_REQUEST, raw)
+    client, timestamp, op, read_only, repliers = typed_fields(_REQUEST, raw)
     if len(op) > limits.op_bytes_max:
         raise DecodeError("bad-bytes")
-    return Request(client, timestamp, op, read_only, raw, digest(raw), auth)
+    if repliers >> limits.replicas_max:
+        raise DecodeError("bad-repliers")
+    return Request(client, timestamp, op, read_only, repliers, raw, digest(raw), auth)
 
 
 def _reply(payload: bytes, lim: Limits) -> Reply:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bft.core.client import ClientCore
+from bft.core.client import SILENT_AFTER, ClientCore
 from bft.core.effects import Broadcast, Send
 from bft.messages import Reply, Request, digest
 from bft.service import KVService
@@ -79,7 +79,33 @@ def test_a_late_designated_replica_is_waited_for_a_little_and_a_dead_one_costs_o
         for r in (0, 2, 3):
             full = (5 + ts) % 4 == r
             client.on_reply(Reply(0, ts, 5, r, result if full else digest(result), False, not full), now + 1)
-    assert len(client.take_completed()) == 3 and client.misses[1] == 4
+    # Missed: 100 (resent to all), and 102 and 103, which asked it (101 asked 2, 3 and 0).
+    assert len(client.take_completed()) == 3 and client.misses[1] == SILENT_AFTER
+    client.take_outbox()
+    now += PARAMS.request_timeout_ms
+    req = client.submit(KVService.put(b"k", b"v"), now)  # 104: its turn would be replica 1's
+    assert not req.asks(1) and req.designated(4) == 2  # a silent replica is neither asked nor designated
+    client.take_outbox()
+    for r in (0, 2, 3):
+        full = r == 2
+        client.on_reply(Reply(0, req.timestamp, 5, r, result if full else digest(result), False, not full), now + 1)
+    assert client.take_completed() == [(104, result)] and client.take_outbox() == []
+    assert client.stats["resent-for-full-result"] == 1
+
+
+def test_a_silent_designated_replica_is_resent_past_at_once_when_all_replicas_reply() -> None:
+    """Without ``replies_from_quorum`` every replica replies and the designated one takes its
+    turn: one that missed the last SILENT_AFTER results is resent past at once."""
+    client = ClientCore(5, 1, replace(PARAMS, replies_from_quorum=False), first_timestamp=101)
+    result = b"x" * 1000
+    now = 0
+    for ts in range(101, 104):  # designated to replicas 2, 3 and 0; replica 1 answers none
+        now += PARAMS.request_timeout_ms
+        assert client.submit(KVService.put(b"k", b"v"), now).repliers == 0
+        for r in (0, 2, 3):
+            full = (5 + ts) % 4 == r
+            client.on_reply(Reply(0, ts, 5, r, result if full else digest(result), False, not full), now + 1)
+    assert len(client.take_completed()) == 3 and client.misses[1] == SILENT_AFTER
     client.take_outbox()
     now += PARAMS.request_timeout_ms
     req = client.submit(KVService.put(b"k", b"v"), now)  # 104: designated to replica 1
@@ -87,7 +113,37 @@ def test_a_late_designated_replica_is_waited_for_a_little_and_a_dead_one_costs_o
     for r in (0, 2, 3):
         client.on_reply(Reply(0, req.timestamp, 5, r, digest(result), False, True), now + 1)
     assert client.take_outbox() == [Broadcast(req)]  # at once, no tenth of a timeout
-    assert client.stats["resent-for-full-result"] == 2
+    assert client.stats["resent-for-full-result"] == 1
+
+
+def test_writes_ask_2f_plus_1_replicas_in_turn_and_a_disagreement_asks_all_at_once() -> None:
+    """A write asks the replies its result needs (2f+1 with the read-only optimisation), the
+    replica left out taking turns; if those asked all answer and disagree (a liar among them)
+    the request goes to every replica at once, not at the time-out, and the liar counts as
+    missing: after SILENT_AFTER such results it is no longer asked."""
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    asked = [client.submit(KVService.put(b"k", b"v"), 0) for _ in range(4)]
+    assert [[r for r in range(4) if req.asks(r)] for req in asked] == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+    assert [req.designated(4) for req in asked] == [1, 2, 3, 0]
+    f1 = ClientCore(5, 1, replace(PARAMS, read_only=False))
+    assert bin(f1.submit(b"op", 0).repliers).count("1") == 2  # f+1 suffice without read-only
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    lied = 0
+    while client.misses[3] < SILENT_AFTER:  # replica 3 lies whenever it is asked
+        req = client.submit(KVService.put(b"k", b"v"), 0)
+        client.take_outbox()
+        for r in range(4):
+            if req.asks(r):
+                client.on_reply(Reply(0, req.timestamp, 5, r, b"lie" if r == 3 else b"ok"), 1)
+        if req.asks(3):
+            lied += 1
+            assert client.take_outbox() == [Broadcast(req)]
+            unasked = next(r for r in range(4) if not req.asks(r))  # answers the resend
+            client.on_reply(Reply(0, req.timestamp, 5, unasked, b"ok"), 2)
+        assert client.take_completed() == [(req.timestamp, b"ok")]
+    assert lied == SILENT_AFTER
+    assert client.stats["resent-for-disagreement"] == SILENT_AFTER and client.misses[3] == SILENT_AFTER
+    assert [r for r in range(4) if client.submit(KVService.put(b"k", b"v"), 3).asks(r)] == [0, 1, 2]
 
 
 def test_a_client_signs_only_where_a_tag_may_not_do_and_for_a_while_after_each_resend() -> None:
@@ -138,3 +194,21 @@ def test_reads_go_to_2f_plus_1_replicas_in_turn_and_leave_a_silent_one_out() -> 
         req = client.submit(KVService.get(b"k"), 0, read_only=True)
         assert 2 not in {e.to for e in client.take_outbox()}
         client.abandon(req.timestamp)
+
+
+def test_a_write_f_plus_1_replicas_answered_is_resent_without_back_off() -> None:
+    """Executed (f+1 agree) but short of the 2f+1 it needs: a reply was lost or contradicted,
+    not a sign of a slow cluster, so the resend does not double the time-out."""
+    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
+    req = client.submit(KVService.put(b"k", b"v"), 0)
+    client.take_outbox()
+    asked = [r for r in range(4) if req.asks(r)]
+    for r in asked[:2]:
+        client.on_reply(Reply(0, req.timestamp, 5, r, b"ok"), 1)
+    timeout = client.inflight[req.timestamp].timeout_ms
+    for k in (1, 2, 3):
+        assert client.tick(k * timeout) == [Broadcast(req)]
+        assert client.inflight[req.timestamp].timeout_ms == timeout
+    assert client.stats["resent-for-lost-replies"] == 3 and client.stats["retransmissions"] == 0
+    client.on_reply(Reply(0, req.timestamp, 5, asked[2], b"ok"), 3 * timeout + 1)
+    assert client.take_completed() == [(100, b"ok")]

@@ -194,6 +194,19 @@ def test_retransmitted_request_gets_cached_reply_and_old_one_is_dropped() -> Non
     assert link.replicas[0].stats["executed-requests"] == executed
 
 
+def test_only_the_replicas_a_request_asks_reply_and_one_the_client_sent_it_to() -> None:
+    link = Link()
+    link.request(Request.make(1, 1, KVService.put(b"k", b"v"), repliers=0b0111))
+    assert all(r.executed == 1 for r in link.replicas) and set(results(link, 1, 1)) == {0, 1, 2}
+    # Sent to backup 3 by the client itself (it resends to all after a time-out), which may be
+    # waiting for replicas it did not ask: 3 replies too.
+    link.request(Request.make(1, 2, KVService.put(b"k", b"w"), repliers=0b0011), to=3)
+    assert all(r.executed == 2 for r in link.replicas) and set(results(link, 1, 2)) == {0, 1, 3}
+    link.replies.clear()
+    link.request(Request.make(1, 2, KVService.put(b"k", b"w"), repliers=0b0011), to=2)  # executed: cached
+    assert set(results(link, 1, 2)) == {2}
+
+
 def test_duplicate_in_two_batches_executes_once() -> None:
     link = Link()
     primary = link.replicas[0]

@@ -547,7 +547,7 @@ def _replace(fields: list, index: int, value: object) -> list:
 
 
 PREPARE = [0, 1, bytes(32), 2]
-REQUEST = [1, 2, b"op", False]
+REQUEST = [1, 2, b"op", False, 0]
 REPLY = [0, 2, 5, 1, b"r", True, False]
 VC_FIELDS = [1, 0, [], [], [], 2]
 AUTH_MAX = auth_bytes_max(DEFAULT_LIMITS)  # a tag per replica and a signature
@@ -573,6 +573,8 @@ BAD_PAYLOADS = {
     "bool-sender": (Suspect.TYPE, 1, msgpack.packb([7, True])),
     "bytes-client": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 0, b"\x01"))),
     "int-read-only": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 3, 0))),
+    "bool-repliers": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 4, True))),
+    "request-without-repliers": (Request.TYPE, 1, msgpack.packb(REQUEST[:4])),
     "int-tentative": (Reply.TYPE, 1, msgpack.packb(_replace(REPLY, 5, 1))),
     # wrong shapes
     "short-digest": (Prepare.TYPE, 2, msgpack.packb(_replace(PREPARE, 2, bytes(31)))),
@@ -612,6 +614,21 @@ def test_malformed_payload_is_rejected(case):
     with pytest.raises(DecodeError) as exc_info:
         decode_payload(Envelope(type_, sender, b"", payload))
     assert str(exc_info.value) in {"bad-msgpack", "bad-shape", "bad-int", "bad-bytes", "bad-bool"}
+
+
+def test_request_asking_replicas_beyond_n_is_rejected():
+    four = replace(DEFAULT_LIMITS, replicas_max=4)
+    ok = Request.make(1, 2, b"op", repliers=0b1011)
+    assert decode_payload(Envelope(Request.TYPE, 1, b"", ok.raw), four) == ok
+    assert [ok.asks(i) for i in range(4)] == [True, True, False, True]
+    with pytest.raises(DecodeError, match="bad-repliers"):
+        decode_payload(Envelope(Request.TYPE, 1, b"", msgpack.packb(_replace(REQUEST, 4, 1 << 4))), four)
+
+
+def test_designated_replica_is_one_asked():
+    # Turns with the timestamp among the replicas asked; all asked when none is named.
+    assert [Request.make(0, ts, b"").designated(4) for ts in range(4)] == [0, 1, 2, 3]
+    assert [Request.make(0, ts, b"", repliers=0b1101).designated(4) for ts in range(4)] == [0, 2, 2, 3]
 
 
 def test_bad_payload_controls_are_valid():
@@ -666,7 +683,7 @@ def _widest(obj: object) -> bytes:
 
 
 def _full_request(ts: int) -> list:
-    return [7, ts, b"o" * TIGHT.op_bytes_max, True]
+    return [7, ts, b"o" * TIGHT.op_bytes_max, True, 0]
 
 
 def _vc(replica: int = 2, c: int = 0, p: int = 0, q: int = 0, digests: int = 1) -> list:
@@ -721,7 +738,7 @@ def test_a_message_at_every_bound_decodes_and_a_byte_more_is_refused_unread(cls)
 
 
 def _requests_of(count: int) -> list:
-    return [[msgpack.packb([7, t, b"", False]), b""] for t in range(count)]
+    return [[msgpack.packb([7, t, b"", False, 0]), b""] for t in range(count)]
 
 
 def _new_view_of(count: int) -> list:
@@ -750,7 +767,7 @@ def test_a_list_at_its_bound_decodes_and_one_longer_is_refused_at_its_header(wha
 
 # (type, sender, fields with a byte string of the given length, that string's bound)
 BYTES_BOUNDS = [
-    (Request, 7, lambda k: [7, 1, b"o" * k, False], TIGHT.op_bytes_max),
+    (Request, 7, lambda k: [7, 1, b"o" * k, False, 0], TIGHT.op_bytes_max),
     (Reply, 2, lambda k: [0, 1, 7, 2, b"r" * k, False, False], TIGHT.op_bytes_max),
     (State, 2, lambda k: [128, b"m" * k, 2], TIGHT.snapshot_bytes_max),
     (Partition, 2, lambda k: [128, 3, 0, 99, b"p" * k, 2], TIGHT.chunk_bytes_max),

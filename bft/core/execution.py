@@ -101,8 +101,7 @@ class Execution:
         timestamp, sends a large result in full; the others send its digest. Retransmitted
         requests always get the full result, so a faulty designated replica only costs time."""
         r = self.r
-        designated = (req.client + req.timestamp) % r.n
-        if r.params.digest_replies and len(result) > DIGEST_REPLY_BYTES_MIN and designated != r.id:
+        if r.params.digest_replies and len(result) > DIGEST_REPLY_BYTES_MIN and req.designated(r.n) != r.id:
             return Reply(r.view, req.timestamp, req.client, r.id, digest(result), tentative, True)
         return Reply(r.view, req.timestamp, req.client, r.id, result, tentative)
 
@@ -141,16 +140,21 @@ class Execution:
             r.monitor.executed += len(pp.requests)
         self.batch_time_ms = max(pp.timestamp, self.batch_time_ms + 1)
         tentative = mode is Mode.TENTATIVE
+        waiting = r.timer.waiting
         for req in pp.requests:
-            r.normal.pending_ids.discard((req.client, req.timestamp))
+            key = (req.client, req.timestamp)
+            r.normal.pending_ids.discard(key)
             r.large.forget(req.digest)
+            # Asked to reply, or the client sent it to us itself: it timed out (or sent a large
+            # request to all), and may be waiting for replies from replicas it did not ask.
+            asked = req.asks(r.id) or key in waiting
             if not tentative:  # a tentative execution may be undone: keep waiting on it
-                r.timer.done((req.client, req.timestamp))
+                r.timer.done(key)
             if not self.clients.is_new(req.client, req.timestamp):
                 continue  # a duplicate ordered twice executes once, the same way everywhere
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
             self.clients.record(req.client, req.timestamp, result)
-            if mode is not Mode.REPLAY:
+            if mode is not Mode.REPLAY and asked:
                 r.outbox.append(ReplyTo(req.client, self.reply(req, result, tentative)))
         r.executed = pp.seq
         self.executed_batches[pp.seq] = pp

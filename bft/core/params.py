@@ -37,6 +37,7 @@ class Params:
     read_only_to_quorum: bool = True  # clients send them to 2f+1 replicas, to the rest if those disagree
     tentative: bool = False  # execute once prepared, 2f+1 matching tentative replies
     digest_replies: bool = True  # one replica sends a large result, the others its digest
+    replies_from_quorum: bool = True  # clients ask only the replies they need (2f+1, or f+1) of writes
     separate_large_requests: bool = True  # clients send large requests to all; batches carry digests
     large_request_bytes: int = 4096  # what "large" means for the line above
     durability: str = "strict"  # memory | log | strict: see DURABILITY_MODES
