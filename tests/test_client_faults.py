@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bft.core.client import SILENT_AFTER, ClientCore
+from bft.core.client import ASK_ALL_HOLD_MS, SILENT_AFTER, ClientCore
 from bft.core.effects import Broadcast, Send
 from bft.messages import Reply, Request, digest
 from bft.service import KVService
@@ -74,7 +74,7 @@ def test_a_late_designated_replica_is_waited_for_a_little_and_a_dead_one_costs_o
     # Requests 101-103 are designated to replicas 2, 3 and 0; replica 1 answers none of them
     # (nor request 100, answered in full by replica 2 after the resend).
     for ts in range(101, 104):
-        now += PARAMS.request_timeout_ms
+        now += ASK_ALL_HOLD_MS + PARAMS.request_timeout_ms  # past the resend's hold: a quorum asked
         client.submit(KVService.put(b"k", b"v"), now)
         for r in (0, 2, 3):
             full = (5 + ts) % 4 == r
@@ -82,7 +82,7 @@ def test_a_late_designated_replica_is_waited_for_a_little_and_a_dead_one_costs_o
     # Missed: 100 (resent to all), and 102 and 103, which asked it (101 asked 2, 3 and 0).
     assert len(client.take_completed()) == 3 and client.misses[1] == SILENT_AFTER
     client.take_outbox()
-    now += PARAMS.request_timeout_ms
+    now += ASK_ALL_HOLD_MS + PARAMS.request_timeout_ms
     req = client.submit(KVService.put(b"k", b"v"), now)  # 104: its turn would be replica 1's
     assert not req.asks(1) and req.designated(4) == 2  # a silent replica is neither asked nor designated
     client.take_outbox()
@@ -119,31 +119,31 @@ def test_a_silent_designated_replica_is_resent_past_at_once_when_all_replicas_re
 def test_writes_ask_2f_plus_1_replicas_in_turn_and_a_disagreement_asks_all_at_once() -> None:
     """A write asks the replies its result needs (2f+1 with the read-only optimisation), the
     replica left out taking turns; if those asked all answer and disagree (a liar among them)
-    the request goes to every replica at once, not at the time-out, and the liar counts as
-    missing: after SILENT_AFTER such results it is no longer asked."""
+    the request goes to every replica at once, not at the time-out, every replica is asked for
+    a while, and the liar counts as missing: after SILENT_AFTER such results it is left out."""
     client = ClientCore(5, 1, PARAMS, first_timestamp=100)
     asked = [client.submit(KVService.put(b"k", b"v"), 0) for _ in range(4)]
     assert [[r for r in range(4) if req.asks(r)] for req in asked] == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
     assert [req.designated(4) for req in asked] == [1, 2, 3, 0]
     f1 = ClientCore(5, 1, replace(PARAMS, read_only=False))
     assert bin(f1.submit(b"op", 0).repliers).count("1") == 2  # f+1 suffice without read-only
-    client = ClientCore(5, 1, PARAMS, first_timestamp=100)
-    lied = 0
+    client = ClientCore(5, 1, PARAMS, first_timestamp=101)  # asks 2, 3 and 0 first
+    now = 0
     while client.misses[3] < SILENT_AFTER:  # replica 3 lies whenever it is asked
-        req = client.submit(KVService.put(b"k", b"v"), 0)
+        req = client.submit(KVService.put(b"k", b"v"), now)
+        assert req.asks(3) and (req.repliers == 0) == (req.timestamp > 101)  # all, once they disagreed
         client.take_outbox()
         for r in range(4):
             if req.asks(r):
-                client.on_reply(Reply(0, req.timestamp, 5, r, b"lie" if r == 3 else b"ok"), 1)
-        if req.asks(3):
-            lied += 1
+                client.on_reply(Reply(0, req.timestamp, 5, r, b"lie" if r == 3 else b"ok"), now + 1)
+        if req.timestamp == 101:
             assert client.take_outbox() == [Broadcast(req)]
-            unasked = next(r for r in range(4) if not req.asks(r))  # answers the resend
-            client.on_reply(Reply(0, req.timestamp, 5, unasked, b"ok"), 2)
+            client.on_reply(Reply(0, req.timestamp, 5, 1, b"ok"), now + 2)  # the one not asked
         assert client.take_completed() == [(req.timestamp, b"ok")]
-    assert lied == SILENT_AFTER
-    assert client.stats["resent-for-disagreement"] == SILENT_AFTER and client.misses[3] == SILENT_AFTER
-    assert [r for r in range(4) if client.submit(KVService.put(b"k", b"v"), 3).asks(r)] == [0, 1, 2]
+        now += 10
+    assert client.stats["resent-for-disagreement"] == 1
+    now += ASK_ALL_HOLD_MS
+    assert [r for r in range(4) if client.submit(KVService.put(b"k", b"v"), now).asks(r)] == [0, 1, 2]
 
 
 def test_a_client_signs_only_where_a_tag_may_not_do_and_for_a_while_after_each_resend() -> None:
