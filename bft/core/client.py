@@ -71,6 +71,7 @@ class Pending:
     awaits_full: bool = False  # a write agreed on by digest, its designated replica's reply not in
     resent: bool = False  # sent again to every replica (which hold it for their view timers)
     replies: dict[int, Reply] = field(default_factory=dict)
+    keys: dict[int, bytes] = field(default_factory=dict)  # each reply's result_key, worked out once
     sent_ms: int = 0  # when it was first sent (the adaptive timer's sample)
     falls_back: bool = False  # read-only, due to go the ordered way once the timestamp window has room
     unsent: tuple[int, ...] = ()  # read-only: replicas not sent it yet (``_read_targets``)
@@ -238,9 +239,10 @@ class ClientCore:
         if not 0 <= reply.replica < self.n:
             self.dropped["unknown-replica"] += 1
             return
+        key = result_key(reply)  # a digest of a large result: once per reply, not per reply seen
         pending.replies[reply.replica] = reply
-        key = result_key(reply)
-        matching = [r for r in pending.replies.values() if result_key(r) == key]
+        pending.keys[reply.replica] = key
+        matching = [pending.replies[i] for i, k in pending.keys.items() if k == key]
         # f+1 committed replies include a correct replica's; tentative results need 2f+1 so
         # they survive a view change (TOCS 2002, 5.1.2). With the read-only optimisation on,
         # every result needs 2f+1 (5.1.3): otherwise a read by 2f+1 replicas, f of them lying
@@ -271,7 +273,7 @@ class ClientCore:
                 # have and those live replicas may still send. A liar or a replica that is
                 # behind among the first 2f+1 does not cost the ordered path when the others
                 # can still agree: their replies come at once; a crashed one is not waited for.
-                best = max(Counter(result_key(r) for r in pending.replies.values()).values())
+                best = max(Counter(pending.keys.values()).values())
                 awaited = self._awaited(pending)
                 if best + len(awaited) < 2 * self.f + 1:
                     self._fall_back(pending, now_ms)
@@ -308,7 +310,7 @@ class ClientCore:
 
     def _executed(self, pending: Pending) -> bool:
         """Whether f+1 replicas, one of them correct, sent the same result for it."""
-        keys = Counter(result_key(r) for r in pending.replies.values())
+        keys = Counter(pending.keys.values())
         return max(keys.values(), default=0) >= self.f + 1
 
     def _resend_for_full(self, pending: Pending) -> None:
