@@ -147,9 +147,13 @@ class ClientCore:
         them a quarter more work (and the client a quarter more frames) for nothing in the
         normal case. The one left out takes turns; one that missed the last SILENT_AFTER
         results is left out first. The rest get it if the first do not agree in time."""
-        n = self.n
-        order = sorted(range(n), key=lambda i: (self._silent(i), (i - timestamp) % n))
+        order = self._turns(timestamp)
         return order[: 2 * self.f + 1], tuple(order[2 * self.f + 1 :])
+
+    def _turns(self, start: int) -> list[int]:
+        """Every replica, from ``start`` round, those that missed the last SILENT_AFTER results
+        last: the order in which a request's replicas are chosen."""
+        return sorted(range(self.n), key=lambda i: (self._silent(i), (i - start) % self.n))
 
     def _repliers(self, timestamp: int, now_ms: int) -> int:
         """The replicas asked to reply to a write (``Request.repliers``): as many as its result
@@ -161,10 +165,8 @@ class ClientCore:
         p = self.params
         if not p.replies_from_quorum or self.n > REPLIERS_N_MAX or now_ms < self.ask_all_until_ms:
             return 0
-        start = self.id + timestamp
-        order = sorted(range(self.n), key=lambda i: (self._silent(i), (i - start) % self.n))
         needed = 2 * self.f + 1 if p.read_only or p.tentative else self.f + 1
-        return sum(1 << i for i in order[:needed])
+        return sum(1 << i for i in self._turns(self.id + timestamp)[:needed])
 
     def _send_to_the_rest(self, pending: Pending, now_ms: int) -> None:
         self.stats["read-only-widened"] += 1
@@ -273,7 +275,7 @@ class ClientCore:
                 # have and those live replicas may still send. A liar or a replica that is
                 # behind among the first 2f+1 does not cost the ordered path when the others
                 # can still agree: their replies come at once; a crashed one is not waited for.
-                best = max(Counter(pending.keys.values()).values())
+                best = self._agreeing(pending)
                 awaited = self._awaited(pending)
                 if best + len(awaited) < 2 * self.f + 1:
                     self._fall_back(pending, now_ms)
@@ -284,11 +286,8 @@ class ClientCore:
             elif not pending.resent and all(i in pending.replies for i in range(self.n) if pending.request.asks(i)):
                 # Every replica we asked answered and they disagree (a liar among them, or one
                 # behind): ask all now rather than at the time-out.
-                self.stats["resent-for-disagreement"] += 1
                 self.ask_all_until_ms = now_ms + ASK_ALL_HOLD_MS
-                pending.resent = True
-                pending.deadline_ms = now_ms + pending.timeout_ms
-                self.outbox.append(Broadcast(pending.request))
+                self._resend_at_once(pending, now_ms, "resent-for-disagreement")
             return
         # f+1 replicas vouch for this view or a later one; a single liar cannot push us ahead.
         views = sorted((r.view for r in matching), reverse=True)
@@ -308,10 +307,17 @@ class ClientCore:
             for waiting in [p for p in self.inflight.values() if p.falls_back]:
                 self._fall_back(waiting, now_ms)
 
-    def _executed(self, pending: Pending) -> bool:
-        """Whether f+1 replicas, one of them correct, sent the same result for it."""
-        keys = Counter(pending.keys.values())
-        return max(keys.values(), default=0) >= self.f + 1
+    @staticmethod
+    def _agreeing(pending: Pending) -> int:
+        """The most replies for it that carry one result."""
+        return max(Counter(pending.keys.values()).values(), default=0)
+
+    def _resend_at_once(self, pending: Pending, now_ms: int, why: str) -> None:
+        """To every replica, with no back-off: replicas answered, the cluster is not slow."""
+        self.stats[why] += 1
+        pending.resent = True
+        pending.deadline_ms = now_ms + pending.timeout_ms
+        self.outbox.append(Broadcast(pending.request))
 
     def _resend_for_full(self, pending: Pending) -> None:
         pending.resent_for_full = pending.resent = True
@@ -331,14 +337,11 @@ class ClientCore:
                 # Not a sign of a slow cluster (a quorum answered): no backoff, no suspicion.
                 pending.deadline_ms = now_ms + pending.timeout_ms
                 self._resend_for_full(pending)
-            elif self._executed(pending):
-                # Executed (f+1 agree), but a reply we need was lost or contradicted: not a slow
-                # cluster either, and each resend is answered from the replicas' caches. A
-                # back-off here let one liar and a lossy link stall a client (seed 127 of "all").
-                pending.deadline_ms = now_ms + pending.timeout_ms
-                pending.resent = True
-                self.stats["resent-for-lost-replies"] += 1
-                self.outbox.append(Broadcast(pending.request))
+            elif self._agreeing(pending) >= self.f + 1:
+                # Executed (f+1 agree, one of them correct), but a reply we need was lost or
+                # contradicted: each resend is answered from the replicas' caches. A back-off
+                # here let one liar and a lossy link stall a client (seed 127 of "all").
+                self._resend_at_once(pending, now_ms, "resent-for-lost-replies")
             else:
                 pending.timeout_ms = min(
                     pending.timeout_ms * 2, self.params.request_timeout_ms * TIMEOUT_BACKOFF_MAX
