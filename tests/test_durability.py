@@ -75,7 +75,12 @@ async def test_kill_every_replica_loses_no_acknowledged_write(tmp_path, durabili
             for s in statuses
         ]
         # From their own disks, not refetched: a replica killed just after a checkpoint has no
-        # batch to replay (CI hit it: three of four resumed at checkpoint 96, executed 96).
-        assert not any(s["stats"].get("state-transfers", 0) for s in statuses), [s["stats"] for s in statuses]
+        # batch to replay (CI hit it: three of four resumed at checkpoint 96, executed 96). One
+        # replica may fetch: one that was behind when killed (CI: the primary at 159 while the
+        # others had executed 161 and certified checkpoint 160), or the last to start, whose
+        # peers passed the next checkpoint before they reconnected to it.
+        fetched = [s for s in statuses if s["stats"].get("state-transfers", 0)]
+        assert len(fetched) <= 1, [(s["replica"], s["resumed"], s["stable_checkpoint"]) for s in statuses]
+        assert all("resumed" in s for s in statuses), statuses
     finally:
         lc.stop()

@@ -36,6 +36,7 @@ class DataDir:
         self.promises = None if durability == "memory" else PromiseLog(directory, fsync=durability == "strict")
         self.truncated_to = 0
         self.problems: list[str] = []  # what was found damaged at start, for /status
+        self.resumed: dict[str, int] = {}  # where the replica stood once it read all this back
 
     def load(self) -> tuple[Persist | None, list[Record]]:
         try:

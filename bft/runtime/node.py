@@ -154,6 +154,7 @@ class Node:
             core = self.core = Replica(core.id, core.f, core.params, core.execution.service_factory)
             core.recover(None, records)
         if saved is not None or records:
+            data.resumed = {"checkpoint": core.stable, "executed": core.executed, "records": len(records)}
             log.info(
                 "%s resumed in %s: checkpoint %d, %d records, executed %d, view %d",
                 self.name, data.directory, core.stable, len(records), core.executed, core.view,
@@ -253,6 +254,8 @@ class Node:
         conns = self.client_conns if kind == CLIENT else self.replica_conns
         if kind == CLIENT:
             self.wire.keyring.use_session_key(conn.peer, conn.session.request_key)
+        elif who in self.peers:
+            self.peers[who].wake()  # it is back: our connection to it need not wait out a back-off
         conn.traffic = self.metrics.peer(f"{kind}-{who}")  # the handshake's bytes stay unauthenticated's
         old = conns.get(who)
         conns[who] = conn
@@ -393,6 +396,8 @@ class Node:
             out["durability"] = core.params.durability if isinstance(core, Replica) else "memory"
             if self.data.problems:
                 out["data_problems"] = self.data.problems
+            if self.data.resumed:
+                out["resumed"] = self.data.resumed
             if self.data.promises is not None:
                 out["promise_log"] = {k: round(v, 6) for k, v in sorted(self.data.promises.stats.items())}
         if isinstance(core, Replica) and self.wire.keyring is not None:

@@ -269,6 +269,21 @@ class Peer:
         self.backlog: deque[bytes] = deque()
         self._task: asyncio.Task | None = None
         self.connected = asyncio.Event()
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """The peer proved it is up (it opened a session to us): retry now, not after the
+        back-off, which after a restart of a few seconds has grown to ``RETRY_S_MAX``."""
+        if self.protocol is None:
+            self._woken.set()
+
+    async def _back_off(self, delay: float) -> float:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._woken.wait(), delay)
+        if self._woken.is_set():
+            self._woken.clear()
+            return self.RETRY_S_MIN
+        return min(delay * 2, self.RETRY_S_MAX)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -296,8 +311,7 @@ class Peer:
                     self.port,
                 )
             except OSError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.RETRY_S_MAX)
+                delay = await self._back_off(delay)
                 continue
             try:
                 ok = await asyncio.wait_for(asyncio.shield(proto.ready), Admission.DEADLINE_S)
@@ -308,10 +322,10 @@ class Peer:
             if not ok:
                 # Closed during the handshake: the peer is restarting, or is not who we expect.
                 self.counters["handshake-failed"] += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.RETRY_S_MAX)
+                delay = await self._back_off(delay)
                 continue
             delay = self.RETRY_S_MIN
+            self._woken.clear()
             self.protocol = proto
             while self.backlog and proto.send(self.backlog[0]):
                 self.backlog.popleft()
