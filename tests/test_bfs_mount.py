@@ -112,9 +112,9 @@ def test_posix_behaviour(bfs) -> None:
     (deep / "leaf").write_text("deep")
     big = mnt / "big"
     big.mkdir()
-    for i in range(1000):
+    for i in range(600):  # two readdir pages of 512 (test_bfs_posix lists one that changes)
         (big / f"entry-{i:04d}").touch()
-    assert sorted(os.listdir(big)) == [f"entry-{i:04d}" for i in range(1000)]
+    assert sorted(os.listdir(big)) == [f"entry-{i:04d}" for i in range(600)]
     shutil.rmtree(mnt / "level0")
     shutil.rmtree(big)
     assert sorted(os.listdir(mnt)) == ["b.txt", "d", "hard", "sym"]
