@@ -147,7 +147,8 @@ class Client:
             # With the read-only optimisation on (the default) every result needs 2f+1 matching
             # replies, as a read-only one always does; without it f+1 committed ones suffice.
             need = 2 * self.f + 1 if read_only or self.core.params.read_only else self.f + 1
-            answered = next((len(p.replies) for p in self.core.inflight.values() if p.origin == origin), 0)
+            ts = self.core.inflight.of_origin(origin)
+            answered = 0 if ts is None else len(self.core.inflight[ts].replies)
             fut.set_exception(QuorumTimeout(
                 f"no {need} matching replies within {timeout:g} s "
                 f"({answered} of {len(self._peers)} replicas answered; is the cluster up?)"

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 
 from bft.core.effects import Broadcast, Send
 from bft.core.estimator import Estimator
-from bft.core.params import DIGEST_REPLY_BYTES_MIN, Params
-from bft.messages import Reply, Request, digest
+from bft.core.inflight import InFlight, Pending, result_key
+from bft.core.params import Params
+from bft.messages import Reply, Request
 
 log = logging.getLogger("bft.client")
 
@@ -51,32 +51,6 @@ REPLIERS_N_MAX = 63
 ASK_ALL_HOLD_MS = 5_000
 
 
-def result_key(reply: Reply) -> bytes:
-    """What replies are matched on: a large result by its digest, so a full reply and digest
-    replies for the same result agree; a small one (never sent as a digest) by itself."""
-    if reply.digest_only:
-        return b"D" + reply.result
-    if len(reply.result) > DIGEST_REPLY_BYTES_MIN:
-        return b"D" + digest(reply.result)
-    return b"F" + reply.result
-
-
-@dataclass(slots=True)
-class Pending:
-    request: Request
-    deadline_ms: int
-    timeout_ms: int
-    origin: int  # the timestamp the caller knows the operation by
-    resent_for_full: bool = False
-    awaits_full: bool = False  # a write agreed on by digest, its designated replica's reply not in
-    resent: bool = False  # sent again to every replica (which hold it for their view timers)
-    replies: dict[int, Reply] = field(default_factory=dict)
-    keys: dict[int, bytes] = field(default_factory=dict)  # each reply's result_key, worked out once
-    sent_ms: int = 0  # when it was first sent (the adaptive timer's sample)
-    falls_back: bool = False  # read-only, due to go the ordered way once the timestamp window has room
-    unsent: tuple[int, ...] = ()  # read-only: replicas not sent it yet (``_read_targets``)
-
-
 class ClientCore:
     def __init__(self, client_id: int, f: int, params: Params, first_timestamp: int = 1) -> None:
         self.id = client_id
@@ -85,7 +59,7 @@ class ClientCore:
         self.params = params
         self.view = 0
         self.next_timestamp = first_timestamp
-        self.inflight: dict[int, Pending] = {}
+        self.inflight = InFlight()
         self.outbox: list[Send | Broadcast] = []
         self.completed: list[tuple[int, bytes]] = []  # (timestamp, result), drained by the driver
         self.dropped: Counter[str] = Counter()
@@ -113,15 +87,15 @@ class ClientCore:
         return (
             len(self.inflight) < 2 * self.params.client_window
             and self._timestamp_window_open()
-            and not any(p.falls_back for p in self.inflight.values())
+            and not self.inflight.falling_back
         )
 
     def _timestamp_window_open(self) -> bool:
         # The replicas' exactly-once window is a range of timestamps, not a count: a request
         # lagging behind newer ones must stay inside it or it would be dropped as too old.
         # Read-only requests never enter that table, so they do not pin the window.
-        ordered = (ts for ts, p in self.inflight.items() if not p.request.read_only)
-        return self.next_timestamp - min(ordered, default=self.next_timestamp) < self.params.client_window
+        oldest = self.inflight.oldest_ordered()
+        return oldest is None or self.next_timestamp - oldest < self.params.client_window
 
     def submit(self, op: bytes, now_ms: int, read_only: bool = False) -> Request:
         """Start an operation; returns the request (its timestamp identifies the result)."""
@@ -131,7 +105,7 @@ class ClientCore:
         self.next_timestamp += 1
         timeout = self.timeout_ms()
         pending = Pending(req, now_ms + timeout, timeout, req.timestamp, sent_ms=now_ms)
-        self.inflight[req.timestamp] = pending
+        self.inflight.track(pending)
         large = self.params.separate_large_requests and len(req.raw) > self.params.large_request_bytes
         if read_only and self.params.read_only_to_quorum:
             targets, pending.unsent = self._read_targets(req.timestamp)
@@ -200,24 +174,25 @@ class ClientCore:
 
     def abandon(self, origin: int) -> bool:
         """Forget the operation the caller knows as ``origin`` (it gave up waiting)."""
-        for ts, pending in self.inflight.items():
-            if pending.origin == origin:
-                del self.inflight[ts]
-                return True
-        return False
+        ts = self.inflight.of_origin(origin)
+        if ts is None:
+            return False
+        self.inflight.forget(ts)
+        return True
 
     def _fall_back(self, pending: Pending, now_ms: int) -> None:
         """Re-issue a read-only operation as an ordered one (new timestamp, same caller id)."""
         if not self._timestamp_window_open():
-            pending.falls_back = True  # goes as soon as an ordered request completes (``on_reply``)
+            # Goes as soon as an ordered request completes (``on_reply``).
+            self.inflight.falling_back[pending.request.timestamp] = pending
             pending.deadline_ms = now_ms + self.params.request_timeout_ms
             return
-        del self.inflight[pending.request.timestamp]
+        self.inflight.forget(pending.request.timestamp)
         repliers = self._repliers(self.next_timestamp, now_ms)
         req = Request.make(self.id, self.next_timestamp, pending.request.op, False, repliers)
         self.next_timestamp += 1
         timeout = self.timeout_ms()
-        self.inflight[req.timestamp] = Pending(req, now_ms + timeout, timeout, pending.origin, sent_ms=now_ms)
+        self.inflight.track(Pending(req, now_ms + timeout, timeout, pending.origin, sent_ms=now_ms))
         self.stats["read-only-fallbacks"] += 1
         self.outbox.append(Send(self.primary, req))
 
@@ -249,50 +224,31 @@ class ClientCore:
         # they survive a view change (TOCS 2002, 5.1.2). With the read-only optimisation on,
         # every result needs 2f+1 (5.1.3): otherwise a read by 2f+1 replicas, f of them lying
         # and f+1 not yet past our write, could miss a write we saw complete.
-        committed = sum(not r.tentative for r in matching)
-        if pending.request.read_only or self.params.read_only:
-            enough = len(matching) >= 2 * self.f + 1
-        else:
-            enough = committed >= self.f + 1 or len(matching) >= 2 * self.f + 1
+        request = pending.request
+        if len(matching) < 2 * self.f + 1 and (
+            request.read_only or self.params.read_only or sum(not r.tentative for r in matching) < self.f + 1
+        ):
+            self._not_yet(pending, now_ms)
+            return
         full = next((r.result for r in matching if not r.digest_only), None)
-        if enough and full is None:
+        if full is None:
             # Agreed on a digest; the full result comes from the designated replica. One that has
             # been answering is most likely a moment behind the others: wait a little for it, as
             # a resend makes every replica send its full result. One that missed the last
             # SILENT_AFTER results is most likely down: resend to all at once (a retransmission
             # is answered in full) rather than wait.
-            designated = pending.request.designated(self.n)
-            if not pending.request.read_only and not pending.resent_for_full:
+            designated = request.designated(self.n)
+            if not request.read_only and not pending.resent_for_full:
                 pending.awaits_full = True
                 if self._silent(designated):
                     self._resend_for_full(pending)
                     return
             self._shortly(pending, now_ms)
             return
-        if not enough:
-            if pending.request.read_only:
-                # Fall back to the ordered path once no quorum can form among the replies we
-                # have and those live replicas may still send. A liar or a replica that is
-                # behind among the first 2f+1 does not cost the ordered path when the others
-                # can still agree: their replies come at once; a crashed one is not waited for.
-                best = self._agreeing(pending)
-                awaited = self._awaited(pending)
-                if best + len(awaited) < 2 * self.f + 1:
-                    self._fall_back(pending, now_ms)
-                elif pending.unsent and best + len(awaited - set(pending.unsent)) < 2 * self.f + 1:
-                    self._send_to_the_rest(pending, now_ms)
-                elif len(pending.replies) >= 2 * self.f + 1:
-                    self._shortly(pending, now_ms)
-            elif not pending.resent and all(i in pending.replies for i in range(self.n) if pending.request.asks(i)):
-                # Every replica we asked answered and they disagree (a liar among them, or one
-                # behind): ask all now rather than at the time-out.
-                self.ask_all_until_ms = now_ms + ASK_ALL_HOLD_MS
-                self._resend_at_once(pending, now_ms, "resent-for-disagreement")
-            return
         # f+1 replicas vouch for this view or a later one; a single liar cannot push us ahead.
         views = sorted((r.view for r in matching), reverse=True)
         self.view = max(self.view, views[self.f])
-        del self.inflight[reply.timestamp]
+        self.inflight.forget(reply.timestamp)
         if self.estimator is not None and not pending.resent and not pending.request.read_only:
             self.estimator.observe(now_ms - pending.sent_ms)
         # A miss: no reply, or not the result agreed on. Replicas not asked are not judged.
@@ -304,8 +260,34 @@ class ClientCore:
                 self.misses[i] += 1
         self.completed.append((pending.origin, full))
         if self._timestamp_window_open():
-            for waiting in [p for p in self.inflight.values() if p.falls_back]:
-                self._fall_back(waiting, now_ms)
+            for ts in sorted(self.inflight.falling_back):  # oldest first, as they were issued
+                self._fall_back(self.inflight.falling_back[ts], now_ms)
+
+    def _not_yet(self, pending: Pending, now_ms: int) -> None:
+        """A reply came and no result has enough matching replies yet."""
+        request = pending.request
+        if request.read_only:
+            # Fall back to the ordered path once no quorum can form among the replies we
+            # have and those live replicas may still send. A liar or a replica that is
+            # behind among the first 2f+1 does not cost the ordered path when the others
+            # can still agree: their replies come at once; a crashed one is not waited for.
+            best = self._agreeing(pending)
+            awaited = self._awaited(pending)
+            if best + len(awaited) < 2 * self.f + 1:
+                self._fall_back(pending, now_ms)
+            elif pending.unsent and best + len(awaited - set(pending.unsent)) < 2 * self.f + 1:
+                self._send_to_the_rest(pending, now_ms)
+            elif len(pending.replies) >= 2 * self.f + 1:
+                self._shortly(pending, now_ms)
+        elif (
+            not pending.resent
+            and len(pending.replies) >= (request.repliers.bit_count() or self.n)  # the cheap test first
+            and all(i in pending.replies for i in range(self.n) if request.asks(i))
+        ):
+            # Every replica we asked answered and they disagree (a liar among them, or one
+            # behind): ask all now rather than at the time-out.
+            self.ask_all_until_ms = now_ms + ASK_ALL_HOLD_MS
+            self._resend_at_once(pending, now_ms, "resent-for-disagreement")
 
     @staticmethod
     def _agreeing(pending: Pending) -> int:
