@@ -158,8 +158,12 @@ class Client:
 
     def _send(self, effects: list[Send | Broadcast]) -> None:
         now_ms = self._now_ms()
+        sealed: dict[tuple[int, bool], bytes] = {}  # a read sent to 2f+1 replicas is sealed once
         for effect in effects:
-            data = self.wire.seal(effect.msg, sign=self.core.must_sign(effect, now_ms))
+            sign = self.core.must_sign(effect, now_ms)
+            data = sealed.get((id(effect.msg), sign))
+            if data is None:
+                data = sealed[id(effect.msg), sign] = self.wire.seal(effect.msg, sign=sign)
             if isinstance(effect, Broadcast):
                 for p in self._peers:
                     p.send(data)

@@ -228,7 +228,7 @@ class ClientCore:
         if len(matching) < 2 * self.f + 1 and (
             request.read_only or self.params.read_only or sum(not r.tentative for r in matching) < self.f + 1
         ):
-            self._not_yet(pending, now_ms)
+            self._not_yet(pending, now_ms, len(matching))
             return
         full = next((r.result for r in matching if not r.digest_only), None)
         if full is None:
@@ -263,10 +263,12 @@ class ClientCore:
             for ts in sorted(self.inflight.falling_back):  # oldest first, as they were issued
                 self._fall_back(self.inflight.falling_back[ts], now_ms)
 
-    def _not_yet(self, pending: Pending, now_ms: int) -> None:
-        """A reply came and no result has enough matching replies yet."""
+    def _not_yet(self, pending: Pending, now_ms: int, agreeing: int) -> None:
+        """A reply came and no result has enough matching replies yet; ``agreeing`` match it."""
         request = pending.request
         if request.read_only:
+            if agreeing == len(pending.replies) and max(self.misses.values(), default=0) < SILENT_AFTER:
+                return  # all agree so far and none is given up on: a quorum can still form
             # Fall back to the ordered path once no quorum can form among the replies we
             # have and those live replicas may still send. A liar or a replica that is
             # behind among the first 2f+1 does not cost the ordered path when the others
