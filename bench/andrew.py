@@ -7,13 +7,16 @@ byte of every file; 5. compile and link (``make``). The source tree is a C progr
 Targets: BFS on 4 replicas with read-only lookups (the default mount) and strict (``--strict``:
 every operation ordered), the paper's two BFS columns; BFS unreplicated (``bft serve --service
 bfs``, the paper's BFS-nr); the local disk; and any directory given with ``--nfs PATH`` (an NFS
-mount, where the machine has one). Each phase prints its time and, on BFS, the operations the
-mount sent (ordered and read-only). Prints the paper's table (seconds per phase, and the
-difference against BFS unreplicated) as Markdown, the ratios and the issue's floor, and writes
-``bench/results/andrew.{md,json,png}``. A measurement, not a test.
+mount, where the machine has one). ``--repeat N`` runs the targets N times in turn (BFS, then
+BFS unreplicated, then BFS again, ...), so that a slow minute of this shared machine falls on
+one run of one target rather than decides the comparison; each target's run with the median
+total goes into the table, and every round's ratio is printed beside it. Each phase prints its
+time and, on BFS, the operations the mount sent (ordered and read-only). Prints the paper's
+table (seconds per phase, and the difference against BFS unreplicated) as Markdown, the ratios
+and the issue's floor, and writes ``bench/results/andrew.{md,json,png}``. A measurement, not a test.
 
-    python -m bench.andrew [--scale 1] [--nfs /mnt/nfs] [--durability memory|log|strict]
-                           [--param tentative=true ...]
+    python -m bench.andrew [--scale 1] [--repeat 1] [--nfs /mnt/nfs]
+                           [--durability memory|log|strict] [--param tentative=true ...]
 """
 
 from __future__ import annotations
@@ -241,6 +244,8 @@ def protocol(durability: str, settings: list[str]) -> Params:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=int, default=1, help="copies of the source tree (Andrew100 is 100)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every target, taken in turn; the table shows each target's median run")
     ap.add_argument("--nfs", type=Path, help="a directory on an NFS mount to run the phases in as well")
     ap.add_argument("--durability", choices=DURABILITY_MODES, default="memory",
                     help="the replicas' (default memory: the paper's setting, and bft serve has no disk either)")
@@ -255,6 +260,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.scale < 1:
         raise SystemExit("bench.andrew: --scale must be at least 1")
+    if args.repeat < 1:
+        raise SystemExit("bench.andrew: --repeat must be at least 1")
     only = set((args.only or ",".join(TARGETS)).split(","))
     if only - set(TARGETS):
         raise SystemExit(f"bench.andrew: unknown --only target(s) {sorted(only - set(TARGETS))} (known: {TARGETS})")
@@ -265,16 +272,16 @@ def main() -> None:
     params = protocol(args.durability, args.param)
     replicas = f"replicas' durability {args.durability}" + "".join(", " + p for p in args.param)
     mount_options = ["--attr-timeout", str(args.attr_timeout), "--write-cache-kib", str(args.write_cache_kib)]
-    results: dict[str, dict[str, float]] = {}
-    calls: dict[str, dict[str, dict[str, int]]] = {}
-    print(f"machine: {machine()}; scale {args.scale}; {replicas}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    runs: dict[str, list[tuple[dict[str, float], dict[str, dict[str, int]]]]] = {}
+    print(f"machine: {machine()}; scale {args.scale}; {args.repeat} round(s); {replicas}; "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         source = tmp / "source"
         make_source(source)
 
         def measure(name: str, target: Path, mnt: Mount | None = None) -> None:
-            print(f"{name}: running the five phases in {target} ...", flush=True)
+            print(f"{name}{round_label}: running the five phases in {target} ...", flush=True)
             counts: dict[str, dict[str, int]] = {}
 
             def progress(phase: str, seconds: float) -> None:
@@ -285,13 +292,12 @@ def main() -> None:
                     line += f"; {describe(done)}"
                 print(line, flush=True)
 
-            results[name] = run_phases(source, target, args.scale, progress)
-            if counts:
-                calls[name] = counts
-            print(f"  total {results[name]['total']:.2f} s (load average {os.getloadavg()[0]:.2f})", flush=True)
+            times = run_phases(source, target, args.scale, progress)
+            runs.setdefault(name, []).append((times, counts))
+            print(f"  total {times['total']:.2f} s (load average {os.getloadavg()[0]:.2f})", flush=True)
 
         def replicated(name: str, extra: list[str]) -> None:
-            where = tmp / name.split()[1].strip("()")
+            where = tmp / f"{name.split()[1].strip('()')}-{round_no}"
             cfg.keygen(where, 1, 2, base_port=free_base_port(4), params=params)
             cluster = cfg.load(where / "cluster.toml")
             procs = start_replicas(cluster, "bfs", where / "logs", "warning")
@@ -306,11 +312,7 @@ def main() -> None:
             finally:
                 stop_replicas(procs)
 
-        if "bfs" in only:
-            replicated(BFS, [])
-        if "strict" in only:
-            replicated(STRICT, ["--strict"])
-        if "unreplicated" in only:
+        def unreplicated() -> None:
             port = free_base_port(1)
             server = subprocess.Popen(
                 [sys.executable, "-m", "bft", "serve", "--service", "bfs", "--port", str(port)],
@@ -318,42 +320,67 @@ def main() -> None:
             )
             try:
                 wait_for_port("127.0.0.1", port)
-                mnt = Mount(["--unreplicated", f"127.0.0.1:{port}", *mount_options], tmp / "bfs-nr", tmp / "bfs-nr.log")
+                where = tmp / f"bfs-nr-{round_no}"
+                mnt = Mount(["--unreplicated", f"127.0.0.1:{port}", *mount_options], where / "mnt", where / "mount.log")
                 try:
-                    measure(UNREPLICATED, tmp / "bfs-nr", mnt)
+                    measure(UNREPLICATED, where / "mnt", mnt)
                 finally:
                     mnt.unmount()
             finally:
                 server.terminate()
                 server.wait(5)
-        if "local" in only:
-            local = tmp / "local"
-            local.mkdir()
-            measure(LOCAL, local)
-        if args.nfs:
-            target = args.nfs / f"andrew-{os.getpid()}"
+
+        def nfs(root: Path) -> None:
+            target = root / f"andrew-{os.getpid()}-{round_no}"
             target.mkdir()
             try:
                 measure("NFS", target)
             finally:
                 shutil.rmtree(target, ignore_errors=True)
-        else:
+
+        for round_no in range(args.repeat):
+            round_label = f" (round {round_no + 1} of {args.repeat})" if args.repeat > 1 else ""
+            if "bfs" in only:
+                replicated(BFS, [])
+            if "strict" in only:
+                replicated(STRICT, ["--strict"])
+            if "unreplicated" in only:
+                unreplicated()
+            if "local" in only:
+                local = tmp / f"local-{round_no}"
+                local.mkdir()
+                measure(LOCAL, local)
+            if args.nfs:
+                nfs(args.nfs)
+        if not args.nfs:
             print("NFS: not measured (no --nfs PATH given; this machine has no NFS client)", flush=True)
 
+    # Each target's run with the median total (the lower one of an even count): a table whose
+    # phases add up, and ratios of medians.
+    results = {
+        name: sorted(done, key=lambda run: run[0]["total"])[(len(done) - 1) // 2][0] for name, done in runs.items()
+    }
+    calls = {name: counts for name, done in runs.items() for times, counts in done if times is results[name] and counts}
     baseline = UNREPLICATED if UNREPLICATED in results else next(iter(results))
     md = table(results, baseline)
     summary = ratios(results)
+    if args.repeat > 1 and BFS in runs and UNREPLICATED in runs:
+        each = [a[0]["total"] / b[0]["total"] for a, b in zip(runs[BFS], runs[UNREPLICATED], strict=True)]
+        summary.insert(0, f"{BFS} / {UNREPLICATED} in each round: " + ", ".join(f"{r:.2f}x" for r in each)
+                       + "; below, each target's median run")
     print()
     print(md)
     print()
     print("\n".join(summary))
     args.out.mkdir(parents=True, exist_ok=True)
     info = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "scale": args.scale,
-            "durability": args.durability, "params": args.param, "load_average": os.getloadavg()[0], "seconds": results,
+            "repeat": args.repeat, "durability": args.durability, "params": args.param,
+            "load_average": os.getloadavg()[0], "seconds": results,
+            "rounds": {name: [times for times, _ in done] for name, done in runs.items()},
             "operations": calls}
     (args.out / "andrew.json").write_text(json.dumps(info, indent=2) + "\n")
     (args.out / "andrew.md").write_text(
-        f"Machine: {info['machine']}, {info['date']}, scale {args.scale}, {replicas}; "
+        f"Machine: {info['machine']}, {info['date']}, scale {args.scale}, {args.repeat} round(s), {replicas}; "
         f"percentages against {baseline}\n\n{md}\n\n"
         + "\n".join(f"- {line}" for line in summary) + "\n"
     )
