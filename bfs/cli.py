@@ -1,4 +1,4 @@
-"""The ``bfs`` command: mount the replicated file system with FUSE."""
+"""The ``bfs`` command: mount the replicated file system with FUSE; ``bfs df``: its use and limits."""
 
 from __future__ import annotations
 
@@ -163,6 +163,52 @@ def cmd_mount(a: argparse.Namespace) -> None:
     raise MountError(f"no mount appeared on {mountpoint} within {a.timeout + 5:.0f} s")
 
 
+async def _usage(a: argparse.Namespace) -> dict[str, int]:
+    """The file system's statfs figures, agreed by 2f+1 replicas (the read-only path)."""
+    import msgpack
+
+    from client import QuorumTimeout
+
+    client = _make_client(a)
+    await client.start()
+    try:
+        me = [os.geteuid(), os.getegid(), []]
+        results = []
+        for name in ("fsstat", "fsinfo"):
+            try:
+                await client.wait_connected(a.timeout)
+                reply = msgpack.unpackb(await client.invoke(msgpack.packb([name, me]), True, timeout=a.timeout))
+            except QuorumTimeout:
+                raise MountError("the cluster does not answer (are the replicas up, with the bfs service?)") from None
+            except ValueError:  # msgpack's errors are ValueErrors: not a BFS result
+                reply = None
+            if not (type(reply) is list and len(reply) == 2 and reply[0] == 0 and type(reply[1]) is list):
+                raise MountError(f"the cluster's {name} reply is not a BFS result (does it run the bfs service?)")
+            results.append(reply[1])
+    finally:
+        await client.close()
+    (total, free, inodes, inodes_free, block), (_, _, _, file_max, name_max) = results
+    return {"bytes": total, "bytes_used": total - free, "bytes_free": free, "inodes": inodes,
+            "inodes_used": inodes - inodes_free, "inodes_free": inodes_free, "block_bytes": block,
+            "file_bytes_max": file_max, "name_bytes_max": name_max}
+
+
+def cmd_df(a: argparse.Namespace) -> None:
+    """What ``df`` on a mount shows, and the limits statfs cannot, without mounting."""
+    u = run_async(_usage(a))
+    if a.json:
+        print(json.dumps(u))
+        return
+    use = f"{u['bytes_used'] * 100 // max(1, u['bytes'])}%"
+    rows = [("Filesystem", "1K-blocks", "Used", "Available", "Use%", "Inodes", "IUsed", "IFree", "NameMax", "FileMax"),
+            ("bfs", str(u["bytes"] // 1024), str(u["bytes_used"] // 1024), str(u["bytes_free"] // 1024), use,
+             str(u["inodes"]), str(u["inodes_used"]), str(u["inodes_free"]), str(u["name_bytes_max"]),
+             str(u["file_bytes_max"]))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print(" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+
+
 def _seconds(text: str) -> float:
     try:
         v = float(text)
@@ -213,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel mount options: ro, nodev, nosuid, noexec, allow_other, ...")
     m.add_argument("--log-file")
     m.set_defaults(func=cmd_mount)
+    d = sub.add_parser("df", help="the file system's size, use and limits, as 2f+1 replicas agree (no mount)")
+    d.add_argument("--config", help="cluster.toml of a cluster running the bfs service")
+    d.add_argument("--client", type=int, default=0, help="client id (its key must be in the cluster's keys/)")
+    d.add_argument("--unreplicated", metavar="HOST:PORT", help="ask a 'bft serve --service bfs' server instead")
+    d.add_argument("--timeout", type=_seconds, default=10.0, help="seconds to wait for the cluster")
+    d.add_argument("--json", action="store_true", help="one JSON object (bytes and inodes) instead of a table")
+    d.set_defaults(func=cmd_df)
     return p
 
 

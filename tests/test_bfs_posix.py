@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import socket
@@ -279,6 +280,14 @@ def test_mount_helper_fstab_statfs_xattrs_and_fallocate(helper_installed: None, 
         try:
             assert (point / "f").stat().st_size == 4096 and os.statvfs(point).f_flag & os.ST_RDONLY
             expect_errno(errno.EROFS, (point / "g").touch)
+            # bfs df: the same figures without a mount, and the limits statfs cannot carry.
+            df = subprocess.run([sys.executable, "-m", "bfs", "df", "--config", str(cluster.path), "--client", "1",
+                                 "--json"], capture_output=True, text=True, timeout=60)
+            assert df.returncode == 0, df.stderr
+            usage, st = json.loads(df.stdout), os.statvfs(point)
+            assert usage["name_bytes_max"] == 100 and usage["bytes"] == 1 << 30
+            assert (usage["inodes"], usage["inodes_free"], usage["inodes_used"]) == (st.f_files, st.f_ffree, 3)
+            assert usage["bytes_free"] // usage["block_bytes"] == st.f_bfree and usage["bytes_used"] > 0
         finally:
             assert subprocess.run(["umount", str(point)], capture_output=True).returncode == 0
         out = subprocess.run(["mount", "-t", "fuse.bfs", "-o", f"config={cluster.path},bogus", "bfs", str(point)],

@@ -348,3 +348,18 @@ def test_cli_help(tmp_path):
     for command in ("keygen", "replica", "up", "invoke", "serve", "status", "sim"):
         assert command in result.stdout
     assert result.stderr == ""
+
+
+def test_cli_bfs_df_errors_are_one_line(cluster_dir, tmp_path):
+    def bfs_df(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "bfs", "df", *args], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("bfs: error:"), result.stderr
+        return lines[0]
+
+    assert "give --config" in bfs_df()
+    assert "not found" in bfs_df("--config", str(tmp_path / "missing.toml"))
+    # Nobody listens on the cluster's ports.
+    assert "does not answer" in bfs_df("--config", str(cluster_dir / "cluster.toml"), "--timeout", "0.5")
