@@ -100,7 +100,7 @@ def auth_bytes_max(lim: Limits) -> int:
 
 
 def request_bytes_max(lim: Limits) -> int:
-    return array_bytes_max(_I, _I, bin_bytes_max(lim.op_bytes_max), BOOL_BYTES, _I)
+    return array_bytes_max(_I, _I, bin_bytes_max(lim.op_bytes_max), BOOL_BYTES, _I, _I)
 
 
 def batch_bytes_max(lim: Limits, ints: int) -> int:

@@ -86,6 +86,11 @@ class Request:
     # replies (f+1 without the read-only and tentative optimisations); the others' replies
     # cost them a frame each and the client one to read. A resent request is answered by all.
     repliers: int
+    # Every ordered request of this client with a lower timestamp has its result at the client,
+    # which asks for none of them again: replicas forget those replies (``ClientTable``), so the
+    # exactly-once table, part of every checkpoint, holds what clients may still ask for, not
+    # ``client_window`` results per client whatever their size. 0: nothing settled.
+    settled: int
     # Encoded body, its digest and the client's authenticator travel with the request.
     raw: bytes = field(compare=False, repr=False)
     digest: bytes = field(compare=False, repr=False)
@@ -94,13 +99,16 @@ class Request:
     TYPE = 1
 
     @staticmethod
-    def make(client: int, timestamp: int, op: bytes, read_only: bool = False, repliers: int = 0) -> Request:
-        raw = msgpack.packb((client, timestamp, op, read_only, repliers))
-        return Request(client, timestamp, op, read_only, repliers, raw, digest(raw))
+    def make(
+        client: int, timestamp: int, op: bytes, read_only: bool = False, repliers: int = 0, settled: int = 0
+    ) -> Request:
+        raw = msgpack.packb((client, timestamp, op, read_only, repliers, settled))
+        return Request(client, timestamp, op, read_only, repliers, settled, raw, digest(raw))
 
     def with_auth(self, auth: bytes) -> Request:
         return Request(
-            self.client, self.timestamp, self.op, self.read_only, self.repliers, self.raw, self.digest, auth
+            self.client, self.timestamp, self.op, self.read_only, self.repliers, self.settled, self.raw, self.digest,
+            auth,
         )
 
     def asks(self, replica: int) -> bool:
@@ -458,18 +466,27 @@ def _bounds(limits: Limits) -> tuple[dict[int, int], int]:
     return {t: f(limits) for t, f in _PAYLOAD_BYTES_MAX.items()}, auth_bytes_max(limits)
 
 
-_REQUEST = fields_decoder(UINT, UINT, bytes, bool, UINT)
+_REQUEST = fields_decoder(UINT, UINT, bytes, bool, UINT, UINT)
+_REQUEST_UNSETTLED = fields_decoder(UINT, UINT, bytes, bool, UINT)  # as encoded before ``settled``
 _VOTE = fields_decoder(UINT, UINT, DIGEST, UINT)  # a PREPARE's or a COMMIT's
 _REPLY = fields_decoder(UINT, UINT, UINT, UINT, bytes, bool, bool)
 
 
 def decode_request(raw: bytes, auth: bytes, limits: Limits = DEFAULT_LIMITS) -> Request:
-    client, timestamp, op, read_only, repliers = typed_fields(_REQUEST, raw)
+    try:
+        client, timestamp, op, read_only, repliers, settled = typed_fields(_REQUEST, raw)
+    except DecodeError as exc:
+        # An older release's request (a promise log written by it, or its client): nothing settled.
+        try:
+            client, timestamp, op, read_only, repliers = typed_fields(_REQUEST_UNSETTLED, raw)
+        except DecodeError:
+            raise exc from None
+        settled = 0
     if len(op) > limits.op_bytes_max:
         raise DecodeError("bad-bytes")
     if repliers >> limits.replicas_max:
         raise DecodeError("bad-repliers")
-    return Request(client, timestamp, op, read_only, repliers, raw, digest(raw), auth)
+    return Request(client, timestamp, op, read_only, repliers, settled, raw, digest(raw), auth)
 
 
 def _reply(payload: bytes, lim: Limits) -> Reply:

@@ -552,25 +552,58 @@ def test_large_requests_travel_apart_from_their_batch() -> None:
     assert link.replicas[3].executed == 1 and not link.replicas[3].large.unresolved
 
 
-@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40)), max_size=200))
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 40), st.integers(0, 45)), max_size=200))
 def test_the_exactly_once_table_keeps_exactly_the_window_whatever_the_order(records) -> None:
     """Pruned through a heap per client; the same entries as the rule says: once a client has
-    more than ``window`` cached, every timestamp at or below newest - window goes."""
-    table, model, newest = ClientTable(4), {}, {}
-    for client, ts in records:
-        table.record(client, ts, b"%d" % ts)
+    more than ``window`` cached, every timestamp at or below newest - window goes, and so does
+    every one below the highest watermark its requests settled (never past a request itself)."""
+    table, model, newest, below = ClientTable(4), {}, {}, {}
+    for client, ts, settled in records:
+        table.record(client, ts, b"%d" % ts, settled)
         row = model.setdefault(client, {})
         row[ts] = b"%d" % ts
         newest[client] = max(ts, newest.get(client, ts))
         if len(row) > 4:
-            model[client] = {t: v for t, v in row.items() if t > newest[client] - 4}
-    assert table.encode() == msgpack.packb(sorted((c, newest[c], sorted(r.items())) for c, r in model.items()))
+            row = model[client] = {t: v for t, v in row.items() if t > newest[client] - 4}
+        below[client] = max(min(settled, ts), below.get(client, 0))
+        model[client] = {t: v for t, v in row.items() if t >= below[client]}
+        assert table.too_old(client, below[client] - 1) and not table.cached(client, below[client] - 1)
+    rows = sorted((c, newest[c], below[c], sorted(r.items())) for c, r in model.items())
+    assert table.encode() == msgpack.packb(rows)
     again = ClientTable(4)
     again.restore(table.encode())
-    for client, ts in records[:20]:
-        again.record(client, ts + 7, b"x")
-        table.record(client, ts + 7, b"x")
+    for client, ts, settled in records[:20]:
+        again.record(client, ts + 50, b"x", settled + 50)
+        table.record(client, ts + 50, b"x", settled + 50)
     assert again.encode() == table.encode()
+
+
+def test_a_client_table_from_before_settled_restores_with_nothing_settled() -> None:
+    table = ClientTable(4)
+    table.restore(msgpack.packb([(1, 5, [(4, b"four"), (5, b"five")])]))
+    assert table.cached(1, 4) == b"four" and not table.too_old(1, 4)
+    assert table.encode() == msgpack.packb([(1, 5, 0, [(4, b"four"), (5, b"five")])])
+    for bad in ([(1, 5)], [(1, 5, 0, [], 9)], [7]):
+        with pytest.raises(ValueError, match="malformed client table"):
+            ClientTable(4).restore(msgpack.packb(bad))
+
+
+def test_a_closed_loop_client_leaves_one_reply_in_the_table() -> None:
+    """A client with one operation at a time settles each request's predecessors: its row in the
+    checkpointed table holds its latest reply, not ``client_window`` of them."""
+    link = Link()
+    client = ClientCore(1, 1, link.replicas[0].params)
+    for i in range(10):
+        req = client.submit(KVService.put(b"k", b"%d" % i), NOW)
+        assert req.settled == req.timestamp  # nothing older in flight
+        link.request(req)
+        for reply in link.replies:
+            client.on_reply(reply, NOW)
+        link.replies.clear()
+        assert [ts for ts, _ in client.take_completed()] == [req.timestamp]
+    for replica in link.replicas:
+        [(who, newest, settled, replies)] = msgpack.unpackb(replica.execution.clients.encode())
+        assert (who, newest, settled, [ts for ts, _ in replies]) == (1, 10, 10, [10])
 
 
 def test_a_batch_is_taken_only_for_the_seq_and_digest_asked_for() -> None:

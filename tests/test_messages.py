@@ -535,7 +535,8 @@ def _fields_of(msg: Message) -> list:
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_wrong_arity_is_rejected(msg):
     f = _fields_of(msg)
-    for bad in (f[:-1], [*f, 0], []):
+    short = f[:-2] if isinstance(msg, Request) else f[:-1]  # a request without settled is the old encoding
+    for bad in (short, [*f, 0], []):
         with pytest.raises(DecodeError):
             decode_payload(Envelope(msg.TYPE, msg.sender, b"", msgpack.packb(bad)))
 
@@ -547,7 +548,7 @@ def _replace(fields: list, index: int, value: object) -> list:
 
 
 PREPARE = [0, 1, bytes(32), 2]
-REQUEST = [1, 2, b"op", False, 0]
+REQUEST = [1, 2, b"op", False, 0, 0]
 REPLY = [0, 2, 5, 1, b"r", True, False]
 VC_FIELDS = [1, 0, [], [], [], 2]
 AUTH_MAX = auth_bytes_max(DEFAULT_LIMITS)  # a tag per replica and a signature
@@ -575,6 +576,8 @@ BAD_PAYLOADS = {
     "int-read-only": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 3, 0))),
     "bool-repliers": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 4, True))),
     "request-without-repliers": (Request.TYPE, 1, msgpack.packb(REQUEST[:4])),
+    "bool-settled": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 5, False))),
+    "negative-settled": (Request.TYPE, 1, msgpack.packb(_replace(REQUEST, 5, -1))),
     "int-tentative": (Reply.TYPE, 1, msgpack.packb(_replace(REPLY, 5, 1))),
     # wrong shapes
     "short-digest": (Prepare.TYPE, 2, msgpack.packb(_replace(PREPARE, 2, bytes(31)))),
@@ -635,6 +638,9 @@ def test_bad_payload_controls_are_valid():
     # The malformed payloads above differ from these in one field only.
     assert decode_payload(Envelope(Prepare.TYPE, 2, b"", msgpack.packb(PREPARE))) == Prepare(0, 1, bytes(32), 2)
     assert decode_payload(Envelope(Request.TYPE, 1, b"", msgpack.packb(REQUEST))) == Request.make(1, 2, b"op")
+    # As an older release encoded it (its promise logs, its clients): nothing settled.
+    old = decode_payload(Envelope(Request.TYPE, 1, b"", msgpack.packb(REQUEST[:5])))
+    assert old == Request.make(1, 2, b"op") and old.settled == 0 and old.raw == msgpack.packb(REQUEST[:5])
     assert decode_payload(Envelope(Reply.TYPE, 1, b"", msgpack.packb(REPLY))) == Reply(0, 2, 5, 1, b"r", True)
     ok_pp = [0, 1, 0, [[msgpack.packb(REQUEST), bytes(AUTH_MAX)]], 1]
     assert len(decode_payload(Envelope(PrePrepare.TYPE, 1, b"", msgpack.packb(ok_pp))).requests) == 1
@@ -683,7 +689,7 @@ def _widest(obj: object) -> bytes:
 
 
 def _full_request(ts: int) -> list:
-    return [7, ts, b"o" * TIGHT.op_bytes_max, True, 0]
+    return [7, ts, b"o" * TIGHT.op_bytes_max, True, 0, ts]
 
 
 def _vc(replica: int = 2, c: int = 0, p: int = 0, q: int = 0, digests: int = 1) -> list:
@@ -738,7 +744,7 @@ def test_a_message_at_every_bound_decodes_and_a_byte_more_is_refused_unread(cls)
 
 
 def _requests_of(count: int) -> list:
-    return [[msgpack.packb([7, t, b"", False, 0]), b""] for t in range(count)]
+    return [[msgpack.packb([7, t, b"", False, 0, 0]), b""] for t in range(count)]
 
 
 def _new_view_of(count: int) -> list:
@@ -767,7 +773,7 @@ def test_a_list_at_its_bound_decodes_and_one_longer_is_refused_at_its_header(wha
 
 # (type, sender, fields with a byte string of the given length, that string's bound)
 BYTES_BOUNDS = [
-    (Request, 7, lambda k: [7, 1, b"o" * k, False, 0], TIGHT.op_bytes_max),
+    (Request, 7, lambda k: [7, 1, b"o" * k, False, 0, 1], TIGHT.op_bytes_max),
     (Reply, 2, lambda k: [0, 1, 7, 2, b"r" * k, False, False], TIGHT.op_bytes_max),
     (State, 2, lambda k: [128, b"m" * k, 2], TIGHT.snapshot_bytes_max),
     (Partition, 2, lambda k: [128, 3, 0, 99, b"p" * k, 2], TIGHT.chunk_bytes_max),

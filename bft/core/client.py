@@ -97,11 +97,17 @@ class ClientCore:
         oldest = self.inflight.oldest_ordered()
         return oldest is None or self.next_timestamp - oldest < self.params.client_window
 
+    def _settled(self) -> int:
+        """Below this timestamp we hold every ordered result we will ever ask for (or gave up on
+        it, ``abandon``): the oldest ordered request in flight, else the next one."""
+        oldest = self.inflight.oldest_ordered()
+        return self.next_timestamp if oldest is None else oldest
+
     def submit(self, op: bytes, now_ms: int, read_only: bool = False) -> Request:
         """Start an operation; returns the request (its timestamp identifies the result)."""
         assert self.can_submit(), "client window full"
         repliers = 0 if read_only else self._repliers(self.next_timestamp, now_ms)
-        req = Request.make(self.id, self.next_timestamp, op, read_only, repliers)
+        req = Request.make(self.id, self.next_timestamp, op, read_only, repliers, self._settled())
         self.next_timestamp += 1
         timeout = self.timeout_ms()
         pending = Pending(req, now_ms + timeout, timeout, req.timestamp, sent_ms=now_ms)
@@ -189,7 +195,7 @@ class ClientCore:
             return
         self.inflight.forget(pending.request.timestamp)
         repliers = self._repliers(self.next_timestamp, now_ms)
-        req = Request.make(self.id, self.next_timestamp, pending.request.op, False, repliers)
+        req = Request.make(self.id, self.next_timestamp, pending.request.op, False, repliers, self._settled())
         self.next_timestamp += 1
         timeout = self.timeout_ms()
         self.inflight.track(Pending(req, now_ms + timeout, timeout, pending.origin, sent_ms=now_ms))

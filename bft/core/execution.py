@@ -153,7 +153,7 @@ class Execution:
             if not self.clients.is_new(req.client, req.timestamp):
                 continue  # a duplicate ordered twice executes once, the same way everywhere
             result = self.service.execute(req.op, req.client, self.batch_time_ms)
-            self.clients.record(req.client, req.timestamp, result)
+            self.clients.record(req.client, req.timestamp, result, req.settled)
             if mode is not Mode.REPLAY and asked:
                 r.outbox.append(ReplyTo(req.client, self.reply(req, result, tentative)))
         r.executed = pp.seq

@@ -31,7 +31,7 @@ class Unreplicated:
                 return []
             self.last_time_ms = max(now_ms, self.last_time_ms + 1)
             cached = self.service.execute(msg.op, msg.client, self.last_time_ms)
-            self.clients.record(msg.client, msg.timestamp, cached)
+            self.clients.record(msg.client, msg.timestamp, cached, msg.settled)
             self.stats["executed-requests"] += 1
         return [ReplyTo(msg.client, Reply(0, msg.timestamp, msg.client, 0, cached))]
 

@@ -54,7 +54,7 @@ class Checker:
                             (c, k, v) for c, k, v in self.unverified_reads if (k, v) != (cmd[1], cmd[2])
                         ]
                     res = self.reference.execute(r.op, r.client, self.reference_time)
-                    self.reference_clients.record(r.client, r.timestamp, res)
+                    self.reference_clients.record(r.client, r.timestamp, res, r.settled)
                     self.results[(r.client, r.timestamp)] = res
                     if (r.client, r.timestamp) in self.unverified:
                         self.completed(r.client, r.timestamp, self.unverified.pop((r.client, r.timestamp)))
