@@ -588,6 +588,25 @@ def test_a_client_table_from_before_settled_restores_with_nothing_settled() -> N
             ClientTable(4).restore(msgpack.packb(bad))
 
 
+def test_a_client_that_settles_what_it_never_got_only_loses_those_requests() -> None:
+    """A faulty client's watermark is its own business: it can make its own unexecuted
+    requests too old (at every replica alike), never reach past the request carrying it, and
+    never touch another client's entries."""
+    link = Link()
+    link.request(put(2, 1, b"other", b"v"))
+    link.request(Request.make(1, 5, KVService.put(b"k", b"five"), settled=99))  # past itself: capped at 5
+    link.request(Request.make(1, 6, KVService.put(b"k", b"six")))
+    link.request(Request.make(1, 3, KVService.put(b"k", b"three")))  # below what 5 settled
+    assert link.replicas[0].dropped["old-timestamp"] == 1
+    link.request(put(2, 2, b"other", b"w"))
+    tables = {r.execution.clients.encode() for r in link.replicas}
+    assert len(tables) == 1  # every replica the same
+    rows = {c: (top, settled, [ts for ts, _ in got]) for c, top, settled, got in msgpack.unpackb(tables.pop())}
+    assert rows == {1: (6, 5, [5, 6]), 2: (2, 0, [1, 2])}
+    reads = {r.execution.service.execute(KVService.get(b"k"), 0, 0) for r in link.replicas}
+    assert [msgpack.unpackb(v) for v in reads] == [[True, b"six"]]  # three never ran
+
+
 def test_a_closed_loop_client_leaves_one_reply_in_the_table() -> None:
     """A client with one operation at a time settles each request's predecessors: its row in the
     checkpointed table holds its latest reply, not ``client_window`` of them."""
