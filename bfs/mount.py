@@ -63,6 +63,9 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         # Files unlinked or renamed over while open here: the replicas keep them until the last
         # handle closes and this mount says "forget" (NFS's silly rename, without the name).
         self.kept: set[int] = set()
+        # Bumped by every change this mount makes to a file's bytes or size: an open's prefetched
+        # first bytes serve the first read only if none came in between.
+        self.changes: Counter[int] = Counter()
 
     @staticmethod
     def _creds(ctx: pyfuse3.RequestContext) -> list:
@@ -207,6 +210,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         return self._entry(*hit) if hit is not None else self._entry(attrs)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
+        self.changes[inode] += 1
         # Cached writes go first: a truncation, chmod, chown or utimes after them stays after.
         await self._flush_before(inode)
         clock = time.time_ns()
@@ -323,9 +327,18 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         mask = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(flags & os.O_ACCMODE)
         if mask is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        attrs = await self._call("access", creds, inode, mask)
+        prefetch = None
+        if mask == 4 and not flags & os.O_TRUNC:
+            # The revalidation and the first read in one round (most opens for reading read):
+            # what this mount had not yet sent is overlaid at the read, as a read's reply is.
+            before, version = self.cache.pending(inode), self.changes[inode]
+            attrs, data, eof = await self._call("open_read", creds, inode, PREFETCH_BYTES)
+            prefetch = (data, eof, before, version)
+        else:
+            attrs = await self._call("access", creds, inode, mask)
         if flags & os.O_TRUNC:
             # libfuse 3 passes O_TRUNC on to open (atomic_o_trunc) instead of a setattr first.
+            self.changes[inode] += 1
             await self._flush_before(inode)
             attrs = await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
         self._note(attrs)
@@ -337,19 +350,33 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
         # Close-to-open consistency: the kernel's cached pages are kept only while the file's
         # size and mtime are what the kernel last heard.
-        return pyfuse3.FileInfo(fh=self._handle(inode, creds, mask != 4), keep_cache=not changed)
+        fh = self._handle(inode, creds, mask != 4)
+        self.handles[fh].prefetch = prefetch
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not changed)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
+        prefetch, h.prefetch = h.prefetch, None  # the first read only: later ones ask
+        if prefetch is not None and prefetch[3] == self.changes[h.inode]:
+            data, eof, before, _ = prefetch
+            if off + size <= len(data) or eof:
+                data, eof = data[off:off + size], eof and off + size >= len(data)
+                return self._own_writes(h.inode, before, off, size, data, eof)
         before = self.cache.pending(h.inode)
         data, eof = await self._call("read", h.creds, h.inode, off, size)
-        pending = (*before, *self.cache.pending(h.inode))
+        return self._own_writes(h.inode, before, off, size, data, eof)
+
+    def _own_writes(self, inode: int, before: tuple, off: int, size: int, data: bytes, eof: bool) -> bytes:
+        """``data`` as read from the replicas at ``off``, with what this mount wrote and had not
+        sent (``before``: what was unsent when the read was asked) laid over it."""
+        pending = (*before, *self.cache.pending(inode))
         if pending:  # read your own writes
             data = overlay(pending, off, size, data, off + len(data) if eof else off + size)
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
+        self.changes[h.inode] += 1
         self._report(h)  # before the data is taken: a write that fails writes nothing
         try:
             taken = await self.cache.write(h.inode, h.creds, off, bytes(buf))
@@ -389,5 +416,7 @@ def _result(name: str, result: bytes) -> tuple[int, object]:
     return reply[0], reply[1]
 
 
-READ_ONLY = frozenset({"getattr", "lookup", "access", "readlink", "read", "readdir", "fsstat", "fsinfo",
-                       "getxattr", "listxattr"})
+READ_ONLY = frozenset({"getattr", "lookup", "access", "open_read", "readlink", "read", "readdir", "fsstat",
+                       "fsinfo", "getxattr", "listxattr"})
+# What an open for reading fetches with its revalidation: one block, a whole source file.
+PREFETCH_BYTES = BLOCK

@@ -26,6 +26,9 @@ class Handle:
     page_eof: bool = False
     attrs: list | None = None  # a directory's, from opendir: readdir's "." without a getattr
     heard: int = 0  # the number of the last write-back failure of its file reported to it
+    # An open for reading's first bytes (data, eof, unsent writes then, the file's change count
+    # then), for the first read (``BfsOperations.read``).
+    prefetch: tuple | None = None
 
 
 class DirsAndXattrs:

@@ -171,6 +171,47 @@ def test_replies_that_cross_a_flush_keep_this_mounts_own_writes() -> None:
     asyncio.run(run())
 
 
+def test_an_open_for_reading_serves_the_first_read_unless_this_mount_changed_the_file_since() -> None:
+    """An open for reading revalidates and fetches the first block in one operation, which the
+    first read takes; a write through another handle, or a truncation, in between sends that
+    read to the replicas; bytes this mount had not sent at the open, and sent before the read
+    (a background flush), are still laid over it."""
+
+    async def run() -> None:
+        fs = FileSystem()
+        ops = await _mounted(fs)
+        info, entry = await ops.create(ROOT, b"f", 0o666, os.O_RDWR, ctx(1000))
+        await ops.write(info.fh, 0, b"0123456789")
+        await ops.flush(info.fh)
+        ino, sent = entry.st_ino, ops.calls.copy()
+        reader = (await ops.open(ino, os.O_RDONLY, ctx(1000))).fh
+        assert await ops.read(reader, 2, 4096) == b"23456789"
+        assert ops.calls - sent == {"open_read ro": 1}  # no read sent
+        assert await ops.read(reader, 0, 3) == b"012"  # later reads ask
+        assert (ops.calls - sent)["read ro"] == 1
+        # Written through another handle after the open: the prefetched bytes are not served.
+        reader = (await ops.open(ino, os.O_RDONLY, ctx(1000))).fh
+        await ops.write(info.fh, 0, b"AB")
+        await ops.fsync(info.fh, False)  # sent: no longer laid over any read
+        assert await ops.read(reader, 0, 4096) == b"AB23456789"
+        # Unsent at the open and sent before the read: laid over the prefetched bytes all the same.
+        await ops.write(info.fh, 8, b"YZ")
+        reader = (await ops.open(ino, os.O_RDONLY, ctx(1000))).fh
+        await ops.fsync(info.fh, False)
+        assert ops.cache.files == {}
+        elsewhere(fs, "write", ino, 4, b"??")  # another mount, after the open: not seen yet
+        assert await ops.read(reader, 0, 4096) == b"AB234567YZ"
+        # Truncated through this mount in between: asked again.
+        reader = (await ops.open(ino, os.O_RDONLY, ctx(1000))).fh
+        attr = pyfuse3.EntryAttributes()
+        attr.st_size = 3
+        fields = dict.fromkeys(("update_uid", "update_gid", "update_mode", "update_atime", "update_mtime"), False)
+        await ops.setattr(ino, attr, types.SimpleNamespace(update_size=True, **fields), None, ctx(1000))
+        assert await ops.read(reader, 0, 4096) == b"AB2"
+
+    asyncio.run(run())
+
+
 def test_an_unlink_with_more_files_open_than_a_remove_names_keeps_the_one_removed() -> None:
     """With more than KEEP_MAX files open on the mount, the one unlinked (or renamed over) is
     still among those the remove asks the replicas to keep (second reader's finding: past the
