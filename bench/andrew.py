@@ -357,10 +357,9 @@ def main() -> None:
 
     # Each target's run with the median total (the lower one of an even count): a table whose
     # phases add up, and ratios of medians.
-    results = {
-        name: sorted(done, key=lambda run: run[0]["total"])[(len(done) - 1) // 2][0] for name, done in runs.items()
-    }
-    calls = {name: counts for name, done in runs.items() for times, counts in done if times is results[name] and counts}
+    median = {name: sorted(done, key=lambda run: run[0]["total"])[(len(done) - 1) // 2] for name, done in runs.items()}
+    results = {name: times for name, (times, _) in median.items()}
+    calls = {name: counts for name, (_, counts) in median.items() if counts}
     baseline = UNREPLICATED if UNREPLICATED in results else next(iter(results))
     md = table(results, baseline)
     summary = ratios(results)

@@ -167,24 +167,22 @@ async def _usage(a: argparse.Namespace) -> dict[str, int]:
     """The file system's statfs figures, agreed by 2f+1 replicas (the read-only path)."""
     import msgpack
 
+    from bfs.fs import decode_result
     from client import QuorumTimeout
 
     client = _make_client(a)
     await client.start()
+    me = [os.geteuid(), os.getegid(), []]
+    results = []
     try:
-        me = [os.geteuid(), os.getegid(), []]
-        results = []
+        await client.wait_connected(a.timeout)
         for name in ("fsstat", "fsinfo"):
-            try:
-                await client.wait_connected(a.timeout)
-                reply = msgpack.unpackb(await client.invoke(msgpack.packb([name, me]), True, timeout=a.timeout))
-            except QuorumTimeout:
-                raise MountError("the cluster does not answer (are the replicas up, with the bfs service?)") from None
-            except ValueError:  # msgpack's errors are ValueErrors: not a BFS result
-                reply = None
-            if not (type(reply) is list and len(reply) == 2 and reply[0] == 0 and type(reply[1]) is list):
+            answer = decode_result(await client.invoke(msgpack.packb([name, me]), True, timeout=a.timeout))
+            if answer is None or answer[0] or type(answer[1]) is not list:
                 raise MountError(f"the cluster's {name} reply is not a BFS result (does it run the bfs service?)")
-            results.append(reply[1])
+            results.append(answer[1])
+    except QuorumTimeout:
+        raise MountError("the cluster does not answer (are the replicas up, with the bfs service?)") from None
     finally:
         await client.close()
     (total, free, inodes, inodes_free, block), (_, _, _, file_max, name_max) = results

@@ -837,6 +837,18 @@ def _uint(v: object) -> int:
     return v
 
 
+def decode_result(result: bytes) -> tuple[int, object] | None:
+    """An answer as ``execute`` gives it, ``(errno, value)``; None for anything else (a cluster
+    running another service)."""
+    try:
+        reply = msgpack.unpackb(result)
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    if type(reply) is not list or len(reply) != 2 or type(reply[0]) is not int or reply[0] < 0:
+        return None
+    return reply[0], reply[1]
+
+
 def _parse(op: bytes) -> tuple[Callable[..., object], Creds, list] | None:
     """An operation's handler, credentials and arguments; None unless it is an array of a known
     name, ``[uid, gid, [groups]]`` and exactly the arguments that operation takes."""

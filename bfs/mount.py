@@ -2,7 +2,7 @@
 
 pyfuse3's low-level API is inode-based, like NFS handles, so inode numbers pass through unchanged
 and a renamed open file just works; its handlers are coroutines that await the asyncio client
-directly, many in flight at once. Read-only operations (READ_ONLY below) take PBFT's read-only
+directly, many in flight at once. Read-only operations (bfs.fs.READ_ONLY_OPS) take PBFT's read-only
 path unless the mount is strict (``read_only_path`` False: every operation ordered).
 
 Caching is NFS-like (README, "Caching and consistency"): written data waits in a bounded
@@ -26,8 +26,8 @@ import msgpack
 import pyfuse3
 
 from bfs.attrcache import AttrCache
-from bfs.fs import BLK, BLOCK, CHR, FIFO, KEEP_MAX, KIND_BITS, SOCK
-from bfs.mountdirs import DirsAndXattrs, Handle
+from bfs.fs import BLK, BLOCK, CHR, FIFO, KEEP_MAX, KIND_BITS, READ_ONLY_OPS, SOCK, decode_result
+from bfs.mountdirs import DirsAndXattrs, Handle, Prefetch
 from bfs.writeback import WRITE_CACHE_BYTES, FlushError, WriteBack, overlay
 from client import Client, QuorumTimeout
 
@@ -50,7 +50,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         super().__init__()
         self.client = client
         self.attr_timeout = attr_timeout
-        # False: every operation ordered (the paper's BFS-strict); True: READ_ONLY's on PBFT's
+        # False: every operation ordered (the paper's BFS-strict); True: READ_ONLY_OPS on PBFT's
         # read-only path (its "read-only lookups").
         self.read_only_path = read_only_path
         self.write_cache_bytes = write_cache_bytes
@@ -148,7 +148,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
     async def _call(self, name: str, ctx: pyfuse3.RequestContext | list, *args: object) -> object:
         creds = ctx if isinstance(ctx, list) else self._creds(ctx)
         op = msgpack.packb([name, creds, *args])
-        read_only = self.read_only_path and name in READ_ONLY
+        read_only = self.read_only_path and name in READ_ONLY_OPS
         self.calls[f"{name} ro" if read_only else name] += 1
         try:
             result = await self.client.invoke(op, read_only, timeout=OP_TIMEOUT_S)
@@ -331,9 +331,9 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         if mask == 4 and not flags & os.O_TRUNC:
             # The revalidation and the first read in one round (most opens for reading read):
             # what this mount had not yet sent is overlaid at the read, as a read's reply is.
-            before, version = self.cache.pending(inode), self.changes[inode]
+            before, changes = self.cache.pending(inode), self.changes[inode]
             attrs, data, eof = await self._call("open_read", creds, inode, PREFETCH_BYTES)
-            prefetch = (data, eof, before, version)
+            prefetch = Prefetch(data, eof, before, changes)
         else:
             attrs = await self._call("access", creds, inode, mask)
         if flags & os.O_TRUNC:
@@ -357,11 +357,11 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
         prefetch, h.prefetch = h.prefetch, None  # the first read only: later ones ask
-        if prefetch is not None and prefetch[3] == self.changes[h.inode]:
-            data, eof, before, _ = prefetch
+        if prefetch is not None and prefetch.changes == self.changes[h.inode]:
+            data, eof = prefetch.data, prefetch.eof
             if off + size <= len(data) or eof:
                 data, eof = data[off:off + size], eof and off + size >= len(data)
-                return self._own_writes(h.inode, before, off, size, data, eof)
+                return self._own_writes(h.inode, prefetch.unsent, off, size, data, eof)
         before = self.cache.pending(h.inode)
         data, eof = await self._call("read", h.creds, h.inode, off, size)
         return self._own_writes(h.inode, before, off, size, data, eof)
@@ -404,19 +404,14 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         await self._flush(self.handles[fh])  # returns once the replicas agreed on it
 
 def _result(name: str, result: bytes) -> tuple[int, object]:
-    """``[errno, value]``, as BFS answers. Anything else (a cluster running another service)
+    """``(errno, value)``, as BFS answers. Anything else (a cluster running another service)
     becomes EIO here: an exception other than FUSEError out of a handler would end the mount."""
-    try:
-        reply = msgpack.unpackb(result)
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-        reply = None
-    if type(reply) is not list or len(reply) != 2 or type(reply[0]) is not int or reply[0] < 0:
+    answer = decode_result(result)
+    if answer is None:
         log.error("%s: the cluster's reply is not a BFS result (does it run the bfs service?)", name)
         raise pyfuse3.FUSEError(errno.EIO)
-    return reply[0], reply[1]
+    return answer
 
 
-READ_ONLY = frozenset({"getattr", "lookup", "access", "open_read", "readlink", "read", "readdir", "fsstat",
-                       "fsinfo", "getxattr", "listxattr"})
 # What an open for reading fetches with its revalidation: one block, a whole source file.
 PREFETCH_BYTES = BLOCK

@@ -8,11 +8,20 @@ import errno
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyfuse3
 
 from bfs.attrcache import AttrCache
+
+
+class Prefetch(NamedTuple):
+    """An open for reading's first bytes, for the first read (``BfsOperations.read``)."""
+
+    data: bytes
+    eof: bool
+    unsent: tuple  # this mount's writes of the file not yet sent when they were asked for
+    changes: int  # the file's change count then (``BfsOperations.changes``)
 
 
 @dataclass(slots=True)
@@ -26,9 +35,7 @@ class Handle:
     page_eof: bool = False
     attrs: list | None = None  # a directory's, from opendir: readdir's "." without a getattr
     heard: int = 0  # the number of the last write-back failure of its file reported to it
-    # An open for reading's first bytes (data, eof, unsent writes then, the file's change count
-    # then), for the first read (``BfsOperations.read``).
-    prefetch: tuple | None = None
+    prefetch: Prefetch | None = None
 
 
 class DirsAndXattrs:

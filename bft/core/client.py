@@ -94,8 +94,7 @@ class ClientCore:
         # The replicas' exactly-once window is a range of timestamps, not a count: a request
         # lagging behind newer ones must stay inside it or it would be dropped as too old.
         # Read-only requests never enter that table, so they do not pin the window.
-        oldest = self.inflight.oldest_ordered()
-        return oldest is None or self.next_timestamp - oldest < self.params.client_window
+        return self.next_timestamp - self._settled() < self.params.client_window
 
     def _settled(self) -> int:
         """Below this timestamp we hold every ordered result we will ever ask for (or gave up on
