@@ -1,8 +1,11 @@
 """What a mount knows of attributes without asking the replicas, as an NFS client's attribute
-cache: the attributes every reply carries, kept for the mount's attribute timeout, and the
-extended attributes a file was found not to have (the kernel asks for ``security.capability``
-before every write). The kernel caches attributes for the same time, but forgets them after each
-write through it; answering those getattrs here saves a round of replies each.
+cache: the attributes every reply carries, kept for the mount's attribute timeout; the extended
+attributes a file was found not to have (the kernel asks for ``security.capability`` before every
+write); and the names of directories listed or made here, so that a name not among them is "not
+found" without asking, for as long as the kernel keeps a name it looked up and did not find
+(compilers look for many files that are not there). The kernel caches attributes for the same
+time, but forgets them after each write through it; answering those getattrs here saves a round
+of replies each.
 
 The clock is passed in: ``now`` is ``time.monotonic()`` in the mount, anything in tests.
 """
@@ -10,6 +13,10 @@ The clock is passed in: ``now`` is ``time.monotonic()`` in the mount, anything i
 from __future__ import annotations
 
 ENTRIES_MAX = 65536  # per table; past it a table starts again empty (only costs some asking)
+# Directories whose names are kept, and names kept of one (a longer directory's are not): at
+# most a quarter of a million names, some 20 MB.
+LISTINGS_MAX = 256
+NAMES_MAX = 1024
 
 
 class AttrCache:
@@ -22,6 +29,8 @@ class AttrCache:
         # Files whose write-back the replicas refused since their last open here: the kernel's
         # pages of them hold the refused bytes whatever the attributes say (insertion order).
         self.refused: dict[int, None] = {}
+        # directory inode -> (the names it holds, when they were asked for)
+        self.listings: dict[int, tuple[set[bytes], float]] = {}
 
     def note(self, attrs: list, now: float) -> None:
         """Attributes from a reply (``bfs.fs.Inode.attrs``: inode first, size 7th, mtime 9th)."""
@@ -63,8 +72,35 @@ class AttrCache:
             self.fresh.pop(ino, None)
 
     def drop_all(self) -> None:
-        """A remove or rename: some inode not named in it lost a link."""
+        """A remove or rename: some inode not named in it lost a link (and a directory's number
+        may be given to a new one, whose names are not the old one's)."""
         self.fresh.clear()
+        self.listings.clear()
+
+    def listed(self, dir_ino: int, names: list[bytes], asked: float) -> None:
+        """Every name of the directory, as the replicas answered a readdir (or a mkdir, none)
+        sent at ``asked``."""
+        if len(self.listings) >= LISTINGS_MAX:
+            self.listings.clear()
+        if len(names) <= NAMES_MAX:
+            self.listings[dir_ino] = (set(names), asked)
+
+    def named(self, dir_ino: int, name: bytes) -> None:
+        """This mount is making ``name`` in the directory (taken before it asks: a name that
+        turns out not to exist only costs a lookup)."""
+        hit = self.listings.get(dir_ino)
+        if hit is not None:
+            hit[0].add(name)
+            if len(hit[0]) > NAMES_MAX:
+                del self.listings[dir_ino]
+
+    def missing(self, dir_ino: int, name: bytes, now: float) -> float | None:
+        """The seconds ``name`` may be taken as not in the directory, if its names are known."""
+        hit = self.listings.get(dir_ino)
+        if hit is None or name in hit[0]:
+            return None
+        left = self.timeout_s - (now - hit[1])
+        return left if left > 0 else None
 
     def xattr_absent(self, ino: int, name: bytes, now: float) -> bool:
         when = self.no_xattr.get((ino, name), self.no_xattr.get((ino, None)))

@@ -66,6 +66,10 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         # Bumped by every change this mount makes to a file's bytes or size: an open's prefetched
         # first bytes serve the first read only if none came in between.
         self.changes: Counter[int] = Counter()
+        # Bumped by every change this mount sends the replicas of a file's bytes or size (a
+        # writev, a setattr): while none was, they hold of a file created here only what this
+        # mount has not yet sent, as far as this mount need know.
+        self.sent: Counter[int] = Counter()
 
     @staticmethod
     def _creds(ctx: pyfuse3.RequestContext) -> list:
@@ -119,6 +123,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         self.cache = WriteBack(self._writev, self.write_cache_bytes, writev_bytes_max, file_bytes_max)
 
     async def _writev(self, creds: list, inode: int, extents: list[tuple[int, bytes]]) -> None:
+        self.sent[inode] += 1
         try:
             self._note(await self._call("writev", creds, inode, extents))
         except pyfuse3.FUSEError as exc:
@@ -187,16 +192,20 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
     # -- names and attributes ---------------------------------------------------------------
 
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        try:
-            return self._entry(await self._call("lookup", ctx, parent_inode, name))
-        except pyfuse3.FUSEError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
         # The kernel keeps "no such name" as long as a name (compilers look for many headers
         # where they are not); a create through this mount replaces it at once.
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
         e.entry_timeout = self.attr_timeout
+        left = self.attrs.missing(parent_inode, name, time.monotonic())
+        if left is not None:  # not among the directory's names as listed or made here
+            e.entry_timeout = left
+            return e
+        try:
+            return self._entry(await self._call("lookup", ctx, parent_inode, name))
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
         return e
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -230,6 +239,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             when(fields.update_mtime, attr.st_mtime_ns),
             handle is not None and handle.writable,  # ftruncate: the opener's owner override
         ]
+        self.sent[inode] += 1
         return self._entry(await self._call("setattr", ctx, inode, changes))
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -258,20 +268,28 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         creds = self._creds(ctx)
+        self.attrs.named(parent_inode, name)
         *attrs, new, parent = await self._call("create", creds, parent_inode, name, stat.S_IMODE(mode),
                                                bool(flags & os.O_EXCL))
         self._note(parent)
         if new:  # the kernel asks for security.capability before the first write
             self.attrs.note_no_xattr(attrs[0], None, time.monotonic())
         writable = flags & os.O_ACCMODE != os.O_RDONLY
-        return pyfuse3.FileInfo(fh=self._handle(attrs[0], creds, writable)), self._entry(attrs)
+        fh = self._handle(attrs[0], creds, writable)
+        if new:
+            self.handles[fh].empty = (self.sent[attrs[0]], time.monotonic() + self.attr_timeout)
+        return pyfuse3.FileInfo(fh=fh), self._entry(attrs)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
+        self.attrs.named(parent_inode, name)
+        asked = time.monotonic()
         *attrs, parent = await self._call("mkdir", ctx, parent_inode, name, stat.S_IMODE(mode))
         self._note(parent)
+        self.attrs.listed(attrs[0], [], asked)  # new, so empty
         return self._entry(attrs)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self.attrs.named(parent_inode, name)
         if stat.S_ISREG(mode):
             *attrs, _, parent = await self._call("create", ctx, parent_inode, name, stat.S_IMODE(mode), True)
             self._note(parent)
@@ -284,11 +302,13 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         return self._entry(attrs)
 
     async def symlink(self, parent_inode, name, target, ctx):
+        self.attrs.named(parent_inode, name)
         attrs = await self._call("symlink", ctx, parent_inode, name, target)
         self.attrs.drop(parent_inode)
         return self._entry(attrs)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        self.attrs.named(new_parent_inode, new_name)
         attrs = await self._call("link", ctx, inode, new_parent_inode, new_name)
         self.attrs.drop(new_parent_inode)
         return self._entry(attrs)
@@ -340,6 +360,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             # libfuse 3 passes O_TRUNC on to open (atomic_o_trunc) instead of a setattr first.
             self.changes[inode] += 1
             await self._flush_before(inode)
+            self.sent[inode] += 1
             attrs = await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
         self._note(attrs)
         changed = self.attrs.stale(attrs)
@@ -356,6 +377,13 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
+        if h.empty is not None:
+            sent, until = h.empty
+            if sent == self.sent[h.inode] and time.monotonic() < until:
+                # Made by this handle's create and nothing of it sent since: its bytes are this
+                # mount's unsent writes (assemblers read back pages of the object they write).
+                return self._own_writes(h.inode, (), off, size, b"", True)
+            h.empty = None
         prefetch, h.prefetch = h.prefetch, None  # the first read only: later ones ask
         if prefetch is not None and prefetch.changes == self.changes[h.inode]:
             data, eof = prefetch.data, prefetch.eof

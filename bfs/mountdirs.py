@@ -36,6 +36,9 @@ class Handle:
     attrs: list | None = None  # a directory's, from opendir: readdir's "." without a getattr
     heard: int = 0  # the number of the last write-back failure of its file reported to it
     prefetch: Prefetch | None = None
+    # Made by a create of a new file: (BfsOperations.sent of it then, monotonic time), till when
+    # others' writes to it may go unseen through this handle (its attribute timeout).
+    empty: tuple[int, float] | None = None
 
 
 class DirsAndXattrs:
@@ -111,7 +114,10 @@ class DirsAndXattrs:
         at = bisect.bisect_right(cookies, cookie)
         if cookie and h.page and at and cookies[at - 1] == cookie and (at < len(cookies) or h.page_eof):
             return h.page[at:], h.page_eof
+        asked = time.monotonic()
         h.page, h.page_eof = await self._call("readdir", h.creds, h.inode, cookie, 512)
+        if not cookie and h.page_eof:  # all of it
+            self.attrs.listed(h.inode, [name for name, _, _ in h.page], asked)
         return h.page, h.page_eof
 
     async def releasedir(self, fh: int) -> None:

@@ -233,3 +233,70 @@ def test_an_unlink_with_more_files_open_than_a_remove_names_keeps_the_one_remove
         assert elsewhere(fs, "getattr", last)[0] == errno.ESTALE  # freed at the last close
 
     asyncio.run(run())
+
+
+def test_a_name_not_among_a_directorys_known_names_is_not_found_without_asking() -> None:
+    """A directory made here, or listed whole by a readdir, answers "no such name" for a name
+    not in it without a lookup, for the attribute timeout from when it was asked (a name made
+    elsewhere since is as unseen as under the kernel's own cache of a name not found); names
+    made here count at once; a remove or rename through this mount forgets every directory's."""
+
+    async def run() -> None:
+        fs = FileSystem()
+        ops = mount.BfsOperations(Executes(fs), attr_timeout=0.5)
+        await ops.start(ROOT_CREDS)
+        elsewhere(fs, "setattr", ROOT, [0o777, None, None, None, None, None])
+        d = (await ops.mkdir(ROOT, b"d", 0o755, ctx(1000))).st_ino
+        before = ops.calls.copy()
+        missing = await ops.lookup(d, b"x.gch", ctx(1000))
+        assert missing.st_ino == 0 and 0 < missing.entry_timeout <= 0.5
+        assert ops.calls == before  # not asked
+        info, made = await ops.create(d, b"f", 0o644, os.O_RDWR, ctx(1000))
+        assert (await ops.lookup(d, b"f", ctx(1000))).st_ino == made.st_ino  # asked: it is there
+        elsewhere(fs, "create", d, b"g", 0o644, False)
+        assert (await ops.lookup(d, b"g", ctx(1000))).st_ino == 0  # within the timeout
+        await asyncio.sleep(0.5)
+        assert (await ops.lookup(d, b"g", ctx(1000))).st_ino != 0  # asked again
+        # Listed whole: a name not in the page is not found without asking.
+        fh = await ops.opendir(d, ctx(1000))
+        entries, eof = await ops._readdir_page(ops.handles[fh], 0)
+        assert eof and {e[0] for e in entries} == {b"f", b"g"}
+        before = ops.calls.copy()
+        assert (await ops.lookup(d, b"h", ctx(1000))).st_ino == 0 and ops.calls == before
+        await ops.unlink(d, b"f", ctx(1000))
+        before = ops.calls.copy()
+        assert (await ops.lookup(d, b"h", ctx(1000))).st_ino == 0
+        assert ops.calls - before == {"lookup ro": 1}  # forgotten at the remove: asked
+        await ops.release(info.fh)
+
+    asyncio.run(run())
+
+
+def test_reads_of_a_file_created_here_are_its_unsent_writes_until_some_are_sent() -> None:
+    """Through the handle of the create that made the file, a read is this mount's unsent writes
+    over an empty file, without asking (assemblers read back pages of the object they write),
+    until this mount sends any of its bytes (or changes its size) or the attribute timeout
+    passes; then the replicas are asked again. A create that found the file is asked at once."""
+
+    async def run() -> None:
+        fs = FileSystem()
+        ops = await _mounted(fs)
+        info, entry = await ops.create(ROOT, b"a.o", 0o644, os.O_RDWR | os.O_CREAT, ctx(1000))
+        ino, before = entry.st_ino, ops.calls.copy()
+        await ops.write(info.fh, 0, b"ELF")
+        await ops.write(info.fh, 8192, b"end")
+        elsewhere(fs, "write", ino, 100, b"??")  # another mount's, while this one holds it new
+        assert await ops.read(info.fh, 0, 4096) == b"ELF" + bytes(4093)
+        assert await ops.read(info.fh, 4096, 8192) == bytes(4096) + b"end"
+        assert await ops.read(info.fh, 9000, 4096) == b""
+        assert ops.calls == before  # nothing asked
+        await ops.fsync(info.fh, False)  # sent: the replicas hold the file now
+        data = await ops.read(info.fh, 0, 4096)
+        assert data[:3] == b"ELF" and data[100:102] == b"??" and ops.calls - before == {"writev": 1, "read ro": 1}
+        await ops.release(info.fh)
+        again, _ = await ops.create(ROOT, b"a.o", 0o644, os.O_RDWR | os.O_CREAT, ctx(1000))
+        before = ops.calls.copy()
+        assert (await ops.read(again.fh, 0, 3)) == b"ELF" and ops.calls - before == {"read ro": 1}
+        await ops.release(again.fh)
+
+    asyncio.run(run())

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bfs.attrcache import AttrCache
+from bfs.attrcache import LISTINGS_MAX, NAMES_MAX, AttrCache
 from bfs.cli import helper_argv
 from bfs.fs import WRITEV_EXTENTS_MAX, Limits
 from bfs.writeback import EXTENT_OVERHEAD_BYTES, Extents, FlushError, WriteBack, overlay
@@ -260,6 +260,30 @@ def test_attribute_cache_expires_and_forgets_what_changed() -> None:
     cache.drop_xattrs(5)
     assert not cache.xattr_absent(5, b"user.any", 100.5)
     assert AttrCache(0.0).get(5, 0.0) is None  # --attr-timeout 0 caches nothing
+
+
+def test_directory_names_answer_for_the_timeout_and_stay_bounded() -> None:
+    cache = AttrCache(1.0)
+    cache.listed(2, [b"a", b"b"], asked=100.0)
+    assert cache.missing(2, b"c", 100.25) == 0.75 and cache.missing(2, b"a", 100.25) is None
+    assert cache.missing(2, b"c", 101.0) is None and cache.missing(3, b"c", 100.0) is None
+    cache.named(2, b"c")  # being made here
+    assert cache.missing(2, b"c", 100.5) is None
+    for k in range(NAMES_MAX - 3):  # with a, b and c: NAMES_MAX
+        cache.named(2, b"n%d" % k)
+    assert cache.missing(2, b"zz", 100.5) is not None  # NAMES_MAX names: still held
+    cache.named(2, b"one more")
+    assert cache.missing(2, b"zz", 100.5) is None  # a longer directory's are not
+    cache.listed(4, [b"x"] * (NAMES_MAX + 1), asked=100.0)
+    assert cache.missing(4, b"zz", 100.5) is None
+    for d in range(LISTINGS_MAX + 1):
+        cache.listed(10 + d, [], asked=100.0)
+    assert len(cache.listings) <= LISTINGS_MAX
+    cache.drop_all()  # a remove or rename here
+    assert cache.listings == {}
+    zero = AttrCache(0.0)
+    zero.listed(2, [], asked=5.0)
+    assert zero.missing(2, b"x", 5.0) is None  # --attr-timeout 0 keeps no names
 
 
 def test_mount_options_select_the_mode_and_the_cache() -> None:
