@@ -45,6 +45,13 @@ class ClientTable:
 
     def record(self, client: int, timestamp: int, result: bytes, settled: int) -> None:
         """``settled``: the request's own watermark; it never reaches past the request itself."""
+        if settled >= timestamp >= self._newest.get(client, timestamp):
+            # The common case, a client with nothing else in flight: its newest request, all
+            # before it settled, so its reply is the only one left (what the rest would leave).
+            self._replies[client] = {timestamp: result}
+            self._heaps[client] = [timestamp]
+            self._newest[client] = self._settled[client] = timestamp
+            return
         replies = self._replies.setdefault(client, {})
         heap = self._heaps.setdefault(client, [])
         if timestamp not in replies:

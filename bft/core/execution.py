@@ -140,22 +140,28 @@ class Execution:
             r.monitor.executed += len(pp.requests)
         self.batch_time_ms = max(pp.timestamp, self.batch_time_ms + 1)
         tentative = mode is Mode.TENTATIVE
-        waiting = r.timer.waiting
+        replying = mode is not Mode.REPLAY
+        # Bound once: this loop runs for every request of every batch (a fifth of a backup's time).
+        waiting, done, discard = r.timer.waiting, r.timer.done, r.normal.pending_ids.discard
+        forget, large = r.large.forget, r.large.holds_any()
+        is_new, record, run = self.clients.is_new, self.clients.record, self.service.execute
+        me, outbox, when = r.id, r.outbox, self.batch_time_ms
         for req in pp.requests:
             key = (req.client, req.timestamp)
-            r.normal.pending_ids.discard(key)
-            r.large.forget(req.digest)
+            discard(key)
+            if large:
+                forget(req.digest)
             # Asked to reply, or the client sent it to us itself: it timed out (or sent a large
             # request to all), and may be waiting for replies from replicas it did not ask.
-            asked = req.asks(r.id) or key in waiting
+            asked = req.asks(me) or key in waiting
             if not tentative:  # a tentative execution may be undone: keep waiting on it
-                r.timer.done(key)
-            if not self.clients.is_new(req.client, req.timestamp):
+                done(key)
+            if not is_new(req.client, req.timestamp):
                 continue  # a duplicate ordered twice executes once, the same way everywhere
-            result = self.service.execute(req.op, req.client, self.batch_time_ms)
-            self.clients.record(req.client, req.timestamp, result, req.settled)
-            if mode is not Mode.REPLAY and asked:
-                r.outbox.append(ReplyTo(req.client, self.reply(req, result, tentative)))
+            result = run(req.op, req.client, when)
+            record(req.client, req.timestamp, result, req.settled)
+            if replying and asked:
+                outbox.append(ReplyTo(req.client, self.reply(req, result, tentative)))
         r.executed = pp.seq
         self.executed_batches[pp.seq] = pp
         if mode is Mode.REPLAY:

@@ -52,6 +52,10 @@ class LargeRequests:
             if not self.awaited(d):
                 self.forget(d)
 
+    def holds_any(self) -> bool:
+        """Whether any request body is kept (most of the time none: ``forget`` has nothing to do)."""
+        return bool(self.bodies or self.unverified)
+
     def forget(self, d: bytes) -> None:
         """The body of request ``d`` is no longer kept (executed, or making room)."""
         body = self.bodies.pop(d, None)
