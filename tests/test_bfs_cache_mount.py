@@ -242,3 +242,23 @@ def test_lookup_modes(cluster: tuple[Path, Path], mounts: dict[str, Path], stric
     else:
         assert {"lookup", "readdir", "readlink", "access"} <= read_only
         assert not ordered & {"lookup", "readdir", "readlink", "read", "access", "getattr"}
+
+
+def test_a_name_made_elsewhere_is_found_once_the_attribute_timeout_passes(mounts: dict[str, Path]) -> None:
+    """A directory this mount made, or listed, answers "no such name" from the names it knows for
+    at most the attribute timeout (3 s by default) from when it asked; its own creates count at
+    once. ``small`` stands for another machine's mount."""
+    a, elsewhere = mounts["a"], mounts["small"]
+    t0 = time.monotonic()
+    (a / "names").mkdir()
+    assert not (a / "names" / "x").exists()  # answered from the directory this mount made
+    (a / "names" / "mine").write_text("1")
+    assert (a / "names" / "mine").read_text() == "1"
+    (elsewhere / "names" / "x").write_text("2")
+    time.sleep(max(0.0, t0 + 3.2 - time.monotonic()))
+    assert (a / "names" / "x").read_text() == "2"  # past the timeout: asked again
+    assert sorted(os.listdir(a / "names")) == ["mine", "x"]  # listed whole: known again
+    t1 = time.monotonic()
+    (elsewhere / "names" / "y").write_text("3")
+    time.sleep(max(0.0, t1 + 3.2 - time.monotonic()))
+    assert (a / "names" / "y").exists()
