@@ -14,8 +14,8 @@ from __future__ import annotations
 
 ENTRIES_MAX = 65536  # per table; past it a table starts again empty (only costs some asking)
 # Directories whose names are kept, and names kept of one (a longer directory's are not): at
-# most a quarter of a million names, some 20 MB.
-LISTINGS_MAX = 256
+# most 65,536 names, some 20 MB if every one is 255 bytes long.
+LISTINGS_MAX = 64
 NAMES_MAX = 1024
 
 
@@ -72,8 +72,8 @@ class AttrCache:
             self.fresh.pop(ino, None)
 
     def drop_all(self) -> None:
-        """A remove or rename: some inode not named in it lost a link (and a directory's number
-        may be given to a new one, whose names are not the old one's)."""
+        """A remove or rename: some inode not named in it lost a link, and names moved (the
+        directories' names are dropped rather than edited)."""
         self.fresh.clear()
         self.listings.clear()
 

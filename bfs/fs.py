@@ -590,7 +590,21 @@ class FileSystem:
     def op_create(self, creds: Creds, dir_ino: object, name: object, mode: object, exclusive: object) -> list:
         """The file's attributes; 13th, whether it is new (a mount then knows it has no extended
         attributes); 14th, the directory's attributes after (NFSv3's post-operation attributes:
-        the mount need not ask for them)."""
+        the mount need not ask for them). A file already there is opened for writing."""
+        return self._create(creds, dir_ino, name, mode, exclusive, None, False)
+
+    def op_create_open(self, creds: Creds, dir_ino: object, name: object, mode: object, exclusive: object,
+                       mask: object, truncate: object) -> list:
+        """``create`` as an ``open(O_CREAT)``: a file already there (made since the mount last
+        looked: the kernel found no such name, so it checked nothing) is opened with the open's
+        own checks, ``mask`` (R_OK, W_OK or both), and truncated for O_TRUNC as ``setattr`` of
+        size 0 by path is, in the same operation."""
+        if type(truncate) is not bool or _uint(mask) & ~(R_OK | W_OK) or not _uint(mask):
+            raise FsError(errno.EINVAL)
+        return self._create(creds, dir_ino, name, mode, exclusive, _uint(mask), truncate)
+
+    def _create(self, creds: Creds, dir_ino: object, name: object, mode: object, exclusive: object,
+                mask: int | None, truncate: bool) -> list:
         directory = self._dir(dir_ino)
         self._check(creds, directory, X_OK)
         entry = directory.entries.get(name) if type(name) is bytes else None
@@ -600,7 +614,12 @@ class FileSystem:
             node = self.inodes[entry[0]]
             if node.kind == DIR:
                 raise FsError(errno.EISDIR)
-            self._check_write(creds, node)
+            if mask is None:
+                self._check_write(creds, node)
+            else:
+                self._check(creds, node, mask)
+            if truncate and node.kind == REG:  # as Linux, O_TRUNC of a FIFO or device is ignored
+                return [*self.op_setattr(creds, node.ino, [None, None, None, 0, None, None]), False, directory.attrs()]
             return [*node.attrs(), False, directory.attrs()]
         directory, name = self._prepare_create(creds, dir_ino, name)
         node = self._new_inode(creds, directory, REG, _uint(mode))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -25,7 +26,7 @@ from collections import Counter
 import msgpack
 import pyfuse3
 
-from bfs.attrcache import AttrCache
+from bfs.attrcache import ENTRIES_MAX, AttrCache
 from bfs.fs import BLK, BLOCK, CHR, FIFO, KEEP_MAX, KIND_BITS, READ_ONLY_OPS, SOCK, decode_result
 from bfs.mountdirs import DirsAndXattrs, Handle, Prefetch
 from bfs.writeback import WRITE_CACHE_BYTES, FlushError, WriteBack, overlay
@@ -40,6 +41,7 @@ OP_TIMEOUT_S = 60.0
 # owner do it; an explicit time that close to now differs from the agreed one by as little.
 NOW_WINDOW_NS = 100_000_000
 SPECIAL_KINDS = {stat.S_IFIFO: FIFO, stat.S_IFSOCK: SOCK, stat.S_IFCHR: CHR, stat.S_IFBLK: BLK}
+ACCESS_MASKS = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}  # open's access mode as R_OK | W_OK
 # A writev's bytes besides its data: the name, credentials (up to 32 groups), inode and headers.
 WRITEV_HEADER_BYTES = 1024
 
@@ -55,6 +57,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         self.read_only_path = read_only_path
         self.write_cache_bytes = write_cache_bytes
         self.cache: WriteBack | None = None  # made by start(), which learns the file size limit
+        self.name_max = 0  # learned by start(); till then every lookup asks
         self.calls: Counter[str] = Counter()  # "name" ordered, "name ro" on the read-only path
         self.attrs = AttrCache(attr_timeout)
         self.handles: dict[int, Handle] = {}
@@ -63,13 +66,15 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         # Files unlinked or renamed over while open here: the replicas keep them until the last
         # handle closes and this mount says "forget" (NFS's silly rename, without the name).
         self.kept: set[int] = set()
-        # Bumped by every change this mount makes to a file's bytes or size: an open's prefetched
-        # first bytes serve the first read only if none came in between.
-        self.changes: Counter[int] = Counter()
-        # Bumped by every change this mount sends the replicas of a file's bytes or size (a
-        # writev, a setattr): while none was, they hold of a file created here only what this
+        # inode -> a stamp (unique in this mount) of the last change this mount made to the file's
+        # bytes or size: an open's prefetched first bytes serve the first read only if none came
+        # in between.
+        self.changes: dict[int, int] = {}
+        # inode -> a stamp of the last change of its bytes or size this mount sent the replicas
+        # (a writev, a setattr): while none was, they hold of a file created here only what this
         # mount has not yet sent, as far as this mount need know.
-        self.sent: Counter[int] = Counter()
+        self.sent: dict[int, int] = {}
+        self._stamps = itertools.count(1)
 
     @staticmethod
     def _creds(ctx: pyfuse3.RequestContext) -> list:
@@ -118,12 +123,13 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def start(self, creds: list) -> None:
         """Make the write-back cache, which refuses writes past the file size limit itself."""
-        file_bytes_max = (await self._call("fsinfo", creds))[3]
+        info = await self._call("fsinfo", creds)
+        file_bytes_max, self.name_max = info[3], info[4]
         writev_bytes_max = self.client.core.params.op_bytes_max - WRITEV_HEADER_BYTES
         self.cache = WriteBack(self._writev, self.write_cache_bytes, writev_bytes_max, file_bytes_max)
 
     async def _writev(self, creds: list, inode: int, extents: list[tuple[int, bytes]]) -> None:
-        self.sent[inode] += 1
+        self._stamp(self.sent, inode)
         try:
             self._note(await self._call("writev", creds, inode, extents))
         except pyfuse3.FUSEError as exc:
@@ -146,6 +152,20 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         failure is the writers', reported to their handles: the change goes on, and its caller,
         maybe another user, does not get a writer's error."""
         await self.cache.flush(inode)
+
+    def _stamp(self, table: dict[int, int], inode: int) -> None:
+        """Mark a change of the file in ``changes`` or ``sent``. Stamps never repeat, so a table
+        started again empty (past ENTRIES_MAX files) only sends some reads to the replicas."""
+        if len(table) >= ENTRIES_MAX:
+            table.clear()
+        table[inode] = next(self._stamps)
+
+    def _current(self, table: dict[int, int], inode: int) -> int:
+        """The file's stamp in ``table``, for a comparison later: one it has, or a new one (an
+        absent entry read as 0 could match again after the table is started again)."""
+        if inode not in table:
+            self._stamp(table, inode)
+        return table[inode]
 
     def _note(self, attrs: list) -> None:
         self.attrs.note(attrs, time.monotonic())
@@ -197,7 +217,8 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
         e.entry_timeout = self.attr_timeout
-        left = self.attrs.missing(parent_inode, name, time.monotonic())
+        # A name too long is the replicas' to refuse (ENAMETOOLONG), not "not found".
+        left = self.attrs.missing(parent_inode, name, time.monotonic()) if len(name) <= self.name_max else None
         if left is not None:  # not among the directory's names as listed or made here
             e.entry_timeout = left
             return e
@@ -219,7 +240,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         return self._entry(*hit) if hit is not None else self._entry(attrs)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
-        self.changes[inode] += 1
+        self._stamp(self.changes, inode)
         # Cached writes go first: a truncation, chmod, chown or utimes after them stays after.
         await self._flush_before(inode)
         clock = time.time_ns()
@@ -239,7 +260,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
             when(fields.update_mtime, attr.st_mtime_ns),
             handle is not None and handle.writable,  # ftruncate: the opener's owner override
         ]
-        self.sent[inode] += 1
+        self._stamp(self.sent, inode)
         return self._entry(await self._call("setattr", ctx, inode, changes))
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
@@ -268,16 +289,24 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         creds = self._creds(ctx)
+        mask = ACCESS_MASKS.get(flags & os.O_ACCMODE)
+        if mask is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
         self.attrs.named(parent_inode, name)
-        *attrs, new, parent = await self._call("create", creds, parent_inode, name, stat.S_IMODE(mode),
-                                               bool(flags & os.O_EXCL))
+        # The kernel found no such name (it may be another mount's since): the replicas open a
+        # file that is there as open() would, the open's access checked and O_TRUNC applied.
+        *attrs, new, parent = await self._call("create_open", creds, parent_inode, name, stat.S_IMODE(mode),
+                                               bool(flags & os.O_EXCL), mask, bool(flags & os.O_TRUNC))
         self._note(parent)
+        ino = attrs[0]
         if new:  # the kernel asks for security.capability before the first write
-            self.attrs.note_no_xattr(attrs[0], None, time.monotonic())
-        writable = flags & os.O_ACCMODE != os.O_RDONLY
-        fh = self._handle(attrs[0], creds, writable)
+            self.attrs.note_no_xattr(ino, None, time.monotonic())
+        elif flags & os.O_TRUNC:
+            self._stamp(self.changes, ino)
+            self._stamp(self.sent, ino)
+        fh = self._handle(ino, creds, mask != 4)
         if new:
-            self.handles[fh].empty = (self.sent[attrs[0]], time.monotonic() + self.attr_timeout)
+            self.handles[fh].empty = (self._current(self.sent, ino), time.monotonic() + self.attr_timeout)
         return pyfuse3.FileInfo(fh=fh), self._entry(attrs)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
@@ -344,23 +373,23 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         creds = self._creds(ctx)
-        mask = {os.O_RDONLY: 4, os.O_WRONLY: 2, os.O_RDWR: 6}.get(flags & os.O_ACCMODE)
+        mask = ACCESS_MASKS.get(flags & os.O_ACCMODE)
         if mask is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
         prefetch = None
         if mask == 4 and not flags & os.O_TRUNC:
             # The revalidation and the first read in one round (most opens for reading read):
             # what this mount had not yet sent is overlaid at the read, as a read's reply is.
-            before, changes = self.cache.pending(inode), self.changes[inode]
+            before, changes = self.cache.pending(inode), self._current(self.changes, inode)
             attrs, data, eof = await self._call("open_read", creds, inode, PREFETCH_BYTES)
             prefetch = Prefetch(data, eof, before, changes)
         else:
             attrs = await self._call("access", creds, inode, mask)
         if flags & os.O_TRUNC:
             # libfuse 3 passes O_TRUNC on to open (atomic_o_trunc) instead of a setattr first.
-            self.changes[inode] += 1
+            self._stamp(self.changes, inode)
             await self._flush_before(inode)
-            self.sent[inode] += 1
+            self._stamp(self.sent, inode)
             attrs = await self._call("setattr", creds, inode, [None, None, None, 0, None, None])
         self._note(attrs)
         changed = self.attrs.stale(attrs)
@@ -379,13 +408,13 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
         h = self.handles[fh]
         if h.empty is not None:
             sent, until = h.empty
-            if sent == self.sent[h.inode] and time.monotonic() < until:
+            if sent == self.sent.get(h.inode, 0) and time.monotonic() < until:
                 # Made by this handle's create and nothing of it sent since: its bytes are this
                 # mount's unsent writes (assemblers read back pages of the object they write).
                 return self._own_writes(h.inode, (), off, size, b"", True)
             h.empty = None
         prefetch, h.prefetch = h.prefetch, None  # the first read only: later ones ask
-        if prefetch is not None and prefetch.changes == self.changes[h.inode]:
+        if prefetch is not None and prefetch.changes == self.changes.get(h.inode, 0):
             data, eof = prefetch.data, prefetch.eof
             if off + size <= len(data) or eof:
                 data, eof = data[off:off + size], eof and off + size >= len(data)
@@ -404,7 +433,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]
-        self.changes[h.inode] += 1
+        self._stamp(self.changes, h.inode)
         self._report(h)  # before the data is taken: a write that fails writes nothing
         try:
             taken = await self.cache.write(h.inode, h.creds, off, bytes(buf))

@@ -116,7 +116,9 @@ class DirsAndXattrs:
             return h.page[at:], h.page_eof
         asked = time.monotonic()
         h.page, h.page_eof = await self._call("readdir", h.creds, h.inode, cookie, 512)
-        if not cookie and h.page_eof:  # all of it
+        # All of it: no create, remove or rename here changed the directory meanwhile, as the
+        # kernel holds the directory locked against them while it reads it.
+        if not cookie and h.page_eof:
             self.attrs.listed(h.inode, [name for name, _, _ in h.page], asked)
         return h.page, h.page_eof
 

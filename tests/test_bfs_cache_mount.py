@@ -236,7 +236,7 @@ def test_lookup_modes(cluster: tuple[Path, Path], mounts: dict[str, Path], stric
         unmount(point)
     read_only = {k.removesuffix(" ro") for k in sent if k.endswith(" ro")}
     ordered = {k for k in sent if not k.endswith(" ro")}
-    assert {"mkdir", "create", "writev", "symlink"} <= ordered
+    assert {"mkdir", "create_open", "writev", "symlink"} <= ordered
     if strict:
         assert not read_only and {"lookup", "readdir", "readlink", "access"} <= ordered
     else:

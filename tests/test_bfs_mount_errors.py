@@ -300,3 +300,31 @@ def test_reads_of_a_file_created_here_are_its_unsent_writes_until_some_are_sent(
         await ops.release(again.fh)
 
     asyncio.run(run())
+
+
+def test_a_create_of_a_name_made_elsewhere_since_it_was_listed_opens_it_as_open_would() -> None:
+    """The kernel sends create (not lookup and open) for a name the mount said is missing; if
+    another mount made it in the meantime, O_TRUNC must still truncate it and the open's own
+    access decide (a reviewer's finding: the old tail survived the truncating open)."""
+
+    async def run() -> None:
+        fs = FileSystem()
+        ops = await _mounted(fs)
+        d = (await ops.mkdir(ROOT, b"d", 0o777, ctx(1000))).st_ino
+        f = elsewhere(fs, "create", d, b"f", 0o644, False)[1][0]
+        elsewhere(fs, "write", f, 0, b"another mount's long contents")
+        assert (await ops.lookup(d, b"f", ctx(1000))).st_ino == 0  # from the names made here
+        info, entry = await ops.create(d, b"f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, ctx(0))
+        assert entry.st_ino == f and entry.st_size == 0
+        await ops.write(info.fh, 0, b"x\n")
+        await ops.release(info.fh)
+        assert elsewhere(fs, "read", f, 0, 100)[1] == [b"x\n", True]
+        reader, _ = await ops.create(d, b"f", 0o644, os.O_RDONLY | os.O_CREAT, ctx(1001))  # not the owner
+        assert await ops.read(reader.fh, 0, 100) == b"x\n"  # asked: not a file made by this create
+        await ops.release(reader.fh)
+        # A name longer than the file system takes is refused by the replicas, not "not found".
+        with pytest.raises(pyfuse3.FUSEError) as long:
+            await ops.lookup(d, b"n" * (ops.name_max + 1), ctx(1000))
+        assert long.value.errno == errno.ENAMETOOLONG
+
+    asyncio.run(run())

@@ -288,6 +288,35 @@ def test_owner_writes_a_file_it_created_read_only() -> None:
     assert fs.err("read", link, 0, 10) == errno.EINVAL
 
 
+def test_create_open_opens_a_file_already_there_as_open_would() -> None:
+    """The mount's create is an open(O_CREAT) of a name its kernel found missing; made since by
+    another mount, the file is opened with the open's own access check and O_TRUNC applies (a
+    reviewer's finding: the old tail survived, and a read-only open needed write permission)."""
+    fs = Fs()
+    home = ino(fs("mkdir", ROOT, b"home", 0o777))
+    f = ino(fs("create", home, b"f", 0o644, False, who=ALICE))
+    fs("write", f, 0, b"another mount's long contents", who=ALICE)
+    made = fs("create_open", home, b"f", 0o644, False, 4, False, who=BOB)  # O_RDONLY: 0644 lets him
+    assert made[0] == f and made[12] is False and made[6] == 29
+    assert fs.err("create_open", home, b"f", 0o644, False, 2, False, who=BOB) == errno.EACCES
+    assert fs.err("create", home, b"f", 0o644, False, who=BOB) == errno.EACCES  # as before
+    assert fs("getattr", f)[6] == 29  # refused: nothing truncated
+    assert fs("create_open", home, b"f", 0o644, False, 2, True, who=ALICE)[6] == 0  # O_TRUNC
+    assert fs("read", f, 0, 100) == [b"", True]
+    fs("setattr", f, [0o477, None, None, None, None, None], who=ALICE)
+    fs("write", f, 0, b"kept", who=ALICE)
+    # O_RDONLY|O_TRUNC of the owner's 0477 file: truncation is checked against the mode
+    assert fs.err("create_open", home, b"f", 0o644, False, 4, True, who=ALICE) == errno.EACCES
+    assert fs("getattr", f)[6] == 4
+    fifo = ino(fs("mknod", home, b"fifo", "p", 0o666, 0, who=ALICE))
+    assert fs("create_open", home, b"fifo", 0o644, False, 2, True, who=ALICE)[0] == fifo  # O_TRUNC ignored
+    new = fs("create_open", home, b"g", 0o600, True, 6, True, who=BOB)
+    assert new[12] is True and new[4] == 1001
+    assert fs.err("create_open", home, b"g", 0o600, True, 6, True, who=BOB) == errno.EEXIST
+    for mask, truncate in ((0, False), (1, False), (8, False), (2, 1), (2, None)):
+        assert fs.err("create_open", home, b"h", 0o600, False, mask, truncate) == errno.EINVAL
+
+
 def test_special_files_are_stored_with_their_type_mode_and_device_number() -> None:
     fs = Fs()
     dev = fs("mknod", ROOT, b"null", "c", 0o666, (1 << 8) | 3)
