@@ -288,10 +288,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
     # -- creating and removing --------------------------------------------------------------
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        creds = self._creds(ctx)
-        mask = ACCESS_MASKS.get(flags & os.O_ACCMODE)
-        if mask is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+        creds, mask = self._creds(ctx), _access_mask(flags)
         self.attrs.named(parent_inode, name)
         # The kernel found no such name (it may be another mount's since): the replicas open a
         # file that is there as open() would, the open's access checked and O_TRUNC applied.
@@ -299,14 +296,13 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
                                                bool(flags & os.O_EXCL), mask, bool(flags & os.O_TRUNC))
         self._note(parent)
         ino = attrs[0]
+        fh = self._handle(ino, creds, mask != 4)
         if new:  # the kernel asks for security.capability before the first write
             self.attrs.note_no_xattr(ino, None, time.monotonic())
+            self.handles[fh].empty = (self._current(self.sent, ino), time.monotonic() + self.attr_timeout)
         elif flags & os.O_TRUNC:
             self._stamp(self.changes, ino)
             self._stamp(self.sent, ino)
-        fh = self._handle(ino, creds, mask != 4)
-        if new:
-            self.handles[fh].empty = (self._current(self.sent, ino), time.monotonic() + self.attr_timeout)
         return pyfuse3.FileInfo(fh=fh), self._entry(attrs)
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
@@ -372,10 +368,7 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
     # -- file contents ----------------------------------------------------------------------
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        creds = self._creds(ctx)
-        mask = ACCESS_MASKS.get(flags & os.O_ACCMODE)
-        if mask is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+        creds, mask = self._creds(ctx), _access_mask(flags)
         prefetch = None
         if mask == 4 and not flags & os.O_TRUNC:
             # The revalidation and the first read in one round (most opens for reading read):
@@ -459,6 +452,14 @@ class BfsOperations(DirsAndXattrs, pyfuse3.Operations):
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         await self._flush(self.handles[fh])  # returns once the replicas agreed on it
+
+def _access_mask(flags: int) -> int:
+    """An open's access mode as R_OK | W_OK."""
+    mask = ACCESS_MASKS.get(flags & os.O_ACCMODE)
+    if mask is None:
+        raise pyfuse3.FUSEError(errno.EINVAL)
+    return mask
+
 
 def _result(name: str, result: bytes) -> tuple[int, object]:
     """``(errno, value)``, as BFS answers. Anything else (a cluster running another service)

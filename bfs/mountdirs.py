@@ -21,7 +21,7 @@ class Prefetch(NamedTuple):
     data: bytes
     eof: bool
     unsent: tuple  # this mount's writes of the file not yet sent when they were asked for
-    changes: int  # the file's change count then (``BfsOperations.changes``)
+    changes: int  # the file's change stamp then (``BfsOperations.changes``)
 
 
 @dataclass(slots=True)
