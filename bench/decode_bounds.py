@@ -29,9 +29,10 @@ import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
+
+from msgspec.structs import replace
 
 from bench.micro import RESULTS, machine
 from bft import config as cfg

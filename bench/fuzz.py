@@ -65,6 +65,7 @@ from collections import Counter, deque
 from pathlib import Path
 
 import msgpack
+import msgspec
 
 from bench.micro import RESULTS, machine, process_cpu_s, rss_mb
 from bft import config as cfg
@@ -185,7 +186,7 @@ class Frames:
             view + 1, self.stable, ((self.stable, d),), ((seq, d, view),), ((seq, ((d, view),)),), me
         )
         raw = encode_payload(vc)
-        vc = dataclasses.replace(vc, raw=raw, signature=self.replica_kr.sign(ViewChange.TYPE, raw))
+        vc = msgspec.structs.replace(vc, raw=raw, signature=self.replica_kr.sign(ViewChange.TYPE, raw))
         values = {  # field name -> value, for every message type's fields
             "view": view, "seq": seq, "timestamp": self.timestamp, "replica": me, "client": cl,
             "digest": d, "result": b"fuzz", "tentative": False, "digest_only": False,
@@ -198,7 +199,7 @@ class Frames:
         for cls in ALL_TYPES:
             if cls in (Request, PrePrepare, Batch, ViewChange):
                 continue
-            names = [f.name for f in dataclasses.fields(cls) if f.init and f.compare]
+            names = cls.__struct_fields__
             unknown = [name for name in names if name not in values]
             assert not unknown, f"bench.fuzz has no value for {cls.__name__}.{unknown}: add one"
             out.append(cls(**{name: values[name] for name in names}))

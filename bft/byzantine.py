@@ -19,7 +19,8 @@ hold some messages back (``held_ms``), which only a replica process does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+
+from msgspec.structs import replace
 
 from bft.core.effects import Broadcast, Effect, ReplyTo, Send
 from bft.core.params import Params

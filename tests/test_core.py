@@ -8,6 +8,7 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from msgspec.structs import replace as evolve
 
 from bft.core.client import ClientCore
 from bft.core.clients import ClientTable
@@ -241,7 +242,7 @@ def test_backup_ignores_equivocation_and_messages_not_from_primary() -> None:
     assert out == [Promise(Proposed(a)), Broadcast(Prepare(0, 1, a.digest, 1))]  # persist, then send
     assert backup.step(b, NOW) == []
     assert backup.dropped["conflicting-pre-prepare"] == 1
-    assert backup.step(replace(a, replica=2), NOW) == []
+    assert backup.step(evolve(a, replica=2), NOW) == []
     assert backup.dropped["not-from-primary"] == 1
     assert backup.step(Prepare(0, 1, a.digest, 0), NOW) == []
     assert backup.dropped["prepare-from-primary"] == 1
@@ -315,7 +316,7 @@ def test_lagging_replica_catches_up_by_state_transfer_and_resists_a_liar() -> No
         honest_on_partition(fp, now)
         sent = link.replicas[1].outbox.pop()
         lie = bytes([sent.msg.data[0] ^ 1]) + sent.msg.data[1:] if sent.msg.data else b"x"
-        link.replicas[1].outbox.append(Send(sent.to, replace(sent.msg, data=lie, total=len(lie))))
+        link.replicas[1].outbox.append(Send(sent.to, evolve(sent.msg, data=lie, total=len(lie))))
 
     link.replicas[1].handlers[FetchPartition] = lying_partition
     link.tick(NOW + 1_000)  # learns the certified checkpoint from peers' checkpoint messages
@@ -491,7 +492,7 @@ def test_stable_checkpoints_are_persisted_and_a_restart_resumes_from_them() -> N
     assert restarted.executed == 10
     assert restarted.service.items() == link.replicas[0].service.items()
     snap = saved.snapshot
-    damaged = replace(saved, snapshot=replace(snap, parts=(snap.parts[0] + b"x", *snap.parts[1:])))
+    damaged = evolve(saved, snapshot=replace(snap, parts=(snap.parts[0] + b"x", *snap.parts[1:])))
     with pytest.raises(ValueError, match="damaged"):
         Replica(2, 1, PARAMS, KVService).recover(damaged, [])
 
@@ -650,7 +651,7 @@ def test_a_request_a_backup_cannot_check_resolves_once_f_plus_1_replicas_vouch_f
     link.request(req)
     [pp] = pps
     backup = link.replicas[3]
-    held = replace(pp, requests=(req.digest,))
+    held = evolve(pp, requests=(req.digest,))
     link.post(3, backup.offer_unverified([put(1, 1, b"k", b"forged")], NOW))
     link.post(3, backup.step(held, NOW))
     assert 1 in backup.large.unresolved and not link.queue  # the primary alone: one voice

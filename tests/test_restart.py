@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import msgpack
+from msgspec.structs import replace as evolve
 
 from bft.core.decision import decide
 from bft.core.effects import Broadcast
@@ -67,7 +68,7 @@ def test_one_restart_and_one_liar_cannot_undo_an_accepted_write() -> None:
     for i in (2, 3):
         link.replicas[i].view_change.start(1)
     vcs = {i: link.replicas[i].view_change.own() for i in (2, 3)}
-    liar = replace(vcs[2], replica=0, prepared=(), preprepared=())
+    liar = evolve(vcs[2], replica=0, prepared=(), preprepared=())
     decision = decide([liar, vcs[2], vcs[3]], 1, params.log_window)
     assert decision is not None and decision.batches == ((1, accepted.digest),)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from msgspec.structs import replace as evolve
+
 from bft.core.effects import Persist
 from bft.messages import Commit
 
@@ -63,7 +65,7 @@ def test_review_restart_with_a_lagging_checkpoint_on_disk_keeps_a_committed_writ
     for i in (0, 1, 3):
         link.replicas[i].view_change.start(1)
         vcs[i] = link.replicas[i].view_change.own()
-    vcs[0] = replace(vcs[0], prepared=(), preprepared=(), raw=b"", signature=b"")  # the liar
+    vcs[0] = evolve(vcs[0], prepared=(), preprepared=(), raw=b"", signature=b"")  # the liar
     link.queue.clear()
     for i in (0, 1, 3):
         link.queue += [(i, j, vcs[i]) for j in (0, 1, 3) if j != i]

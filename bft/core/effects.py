@@ -8,38 +8,32 @@ and the core tests all read the same effects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from bft.core.promises import Record
 from bft.core.state import Snapshot
-from bft.messages import Message, PrePrepare, Reply
+from bft.messages import Immutable, Message, PrePrepare, Reply
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
+class Send(Immutable):
     """One message to one replica."""
 
     to: int
     msg: Message
 
 
-@dataclass(frozen=True, slots=True)
-class Broadcast:
+class Broadcast(Immutable):
     """One message to every replica but the sender (from a client: to every replica)."""
 
     msg: Message
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyTo:
+class ReplyTo(Immutable):
     """A reply to a client, on the connection that client's requests come from."""
 
     client: int
     reply: Reply
 
 
-@dataclass(frozen=True, slots=True)
-class Persist:
+class Persist(Immutable):
     """A stable checkpoint to keep on disk: its snapshot and the 2f+1 (or, after a state
     transfer, f+1) checkpoint messages that certify its digest. A restarted replica resumes
     from it (``Replica.restore``) and catches up from there."""
@@ -49,16 +43,14 @@ class Persist:
     proof: tuple[tuple[int, bytes], ...]  # (replica, digest) of the certifying checkpoints
 
 
-@dataclass(frozen=True, slots=True)
-class Promise:
+class Promise(Immutable):
     """A record for the replica's promise log (``bft.core.promises``). The driver writes it
     before any message that follows it in the effects leaves: "persist, then send"."""
 
     record: Record
 
 
-@dataclass(frozen=True, slots=True)
-class Executed:
+class Executed(Immutable):
     """A committed batch was executed (a tentative one only once it commits): what checkers
     compare across replicas, and what a driver may count."""
 

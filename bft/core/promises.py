@@ -26,13 +26,13 @@ only the latest of those and nothing at or below a stable checkpoint):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import msgpack
+import msgspec
 
 from bft.messages import (
     DIGEST_BYTES,
     DecodeError,
+    Immutable,
     Limits,
     Message,
     NewView,
@@ -45,8 +45,7 @@ from bft.messages import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Proposed:
+class Proposed(Immutable):
     pp: PrePrepare
 
     @property
@@ -54,33 +53,28 @@ class Proposed:
         return self.pp.seq
 
 
-@dataclass(frozen=True, slots=True)
-class Prepared:
+class Prepared(Immutable):
     view: int
     seq: int
     digest: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class ViewChangeSent:
+class ViewChangeSent(Immutable):
     vc: ViewChange
     seq = None
 
 
-@dataclass(frozen=True, slots=True)
-class ViewEntered:
+class ViewEntered(Immutable):
     nv: NewView
     seq = None
 
 
-@dataclass(frozen=True, slots=True)
-class Committed:
+class Committed(Immutable):
     seq: int
     digest: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Learned:
+class Learned(Immutable):
     """A batch we executed on learning it committed in a view we had left (``Learner``): its
     requests, for replay; not a pre-prepare of ours, so it is no Q-set entry."""
 
@@ -91,8 +85,7 @@ class Learned:
         return self.pp.seq
 
 
-@dataclass(frozen=True, slots=True)
-class Stable:
+class Stable(Immutable):
     """Checkpoint ``seq`` became stable here, with this certificate. The checkpoint itself goes
     to disk off the event loop and may land later (or be damaged): a restart still knows how
     far its window had moved, so its VIEW-CHANGE can name every promise it made above it."""
@@ -130,20 +123,20 @@ def encode_record(record: Record) -> bytes:
     match record:
         case Proposed(pp):
             assert pp.resolved, "a promise carries the whole batch"
-            return msgpack.packb(("P", _message_bytes(pp)))
+            return msgspec.msgpack.encode(("P", _message_bytes(pp)))
         case Prepared(view, seq, d):
-            return msgpack.packb(("C", view, seq, d))
+            return msgspec.msgpack.encode(("C", view, seq, d))
         case ViewChangeSent(vc):
-            return msgpack.packb(("V", _message_bytes(vc)))
+            return msgspec.msgpack.encode(("V", _message_bytes(vc)))
         case ViewEntered(nv):
-            return msgpack.packb(("N", _message_bytes(nv)))
+            return msgspec.msgpack.encode(("N", _message_bytes(nv)))
         case Committed(seq, d):
-            return msgpack.packb(("X", seq, d))
+            return msgspec.msgpack.encode(("X", seq, d))
         case Learned(pp):
             assert pp.resolved, "a learned batch is recorded whole"
-            return msgpack.packb(("L", _message_bytes(pp)))
+            return msgspec.msgpack.encode(("L", _message_bytes(pp)))
         case Stable(seq, d, proof):
-            return msgpack.packb(("S", seq, d, [list(p) for p in proof]))
+            return msgspec.msgpack.encode(("S", seq, d, [list(p) for p in proof]))
     raise AssertionError(f"not a record: {record!r}")
 
 

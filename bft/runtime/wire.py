@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
+import msgspec
+
 from bft.bounds import REPLICAS_MAX
 from bft.core.budgets import QSET_ENTRIES_MAX
 from bft.core.params import Params
@@ -95,7 +97,7 @@ class Wire:
                 msg = msg.with_auth(kr.request_auth(Request.TYPE, msg.raw, sign))
             return frame(msg, msg.raw, msg.auth)
         if isinstance(msg, NewView) and kr is not None:
-            msg = replace(msg, view_changes=tuple(self._signed(vc) for vc in msg.view_changes))
+            msg = msgspec.structs.replace(msg, view_changes=tuple(self._signed(vc) for vc in msg.view_changes))
         payload = encode_payload(msg)
         if kr is not None and msg.TYPE in SIGNED_TYPES:
             auth = kr.sign(msg.TYPE, payload)
@@ -118,7 +120,7 @@ class Wire:
         if vc.replica != self.keyring.me[1]:
             raise ValueError(f"view change of replica {vc.replica} has no signature to forward")
         raw = vc.raw or encode_payload(vc)
-        return replace(vc, raw=raw, signature=self.keyring.sign(ViewChange.TYPE, raw))
+        return msgspec.structs.replace(vc, raw=raw, signature=self.keyring.sign(ViewChange.TYPE, raw))
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -196,7 +198,7 @@ class Wire:
                 ]
                 self.unauthentic += [msg.requests[i] for i in sorted(held)]
                 refs = tuple(r.digest if i in held else r for i, r in enumerate(msg.requests))
-                msg = replace(msg, requests=refs)
+                msg = msgspec.structs.replace(msg, requests=refs)
         if kr is not None and isinstance(msg, NewView):
             # Its shape first, the signatures after: at most n view changes, one per replica,
             # all for its view. A NEW-VIEW of a thousand copies of one view change is rejected

@@ -16,7 +16,8 @@ costs, and that no later primary proposes the client's requests again.
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+
+from msgspec.structs import replace
 
 from bft.core.replica import Replica
 from bft.messages import Batch, Message, PrePrepare, Request

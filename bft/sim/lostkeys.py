@@ -11,7 +11,7 @@ core must then resolve them from the votes of f+1 replicas, and keep up without 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from msgspec.structs import replace
 
 from bft.messages import Batch, Message, PrePrepare, Request
 
