@@ -107,6 +107,11 @@ class _FromReplica(Immutable):
         return self.replica  # type: ignore[attr-defined]
 
 
+class _Flat(_FromReplica, array_like=True):
+    """A message whose payload is the array of its fields in order: msgspec encodes it from the
+    Struct itself, with no tuple built for it (the messages of every operation are of these)."""
+
+
 class Request(Immutable):
     client: int
     timestamp: int
@@ -210,7 +215,7 @@ class Batch(_FromReplica):
         return Batch(pp.seq, pp.timestamp, pp.requests, replica, pp.digest)
 
 
-class FetchBatch(_FromReplica):
+class FetchBatch(_Flat):
     seq: int
     digest: bytes
     replica: int
@@ -218,7 +223,7 @@ class FetchBatch(_FromReplica):
     TYPE = 14
 
 
-class Prepare(_FromReplica):
+class Prepare(_Flat):
     view: int
     seq: int
     digest: bytes
@@ -227,7 +232,7 @@ class Prepare(_FromReplica):
     TYPE = 3
 
 
-class Commit(_FromReplica):
+class Commit(_Flat):
     view: int
     seq: int
     digest: bytes
@@ -236,7 +241,7 @@ class Commit(_FromReplica):
     TYPE = 4
 
 
-class Reply(_FromReplica):
+class Reply(_Flat):
     view: int
     timestamp: int
     client: int
@@ -248,7 +253,7 @@ class Reply(_FromReplica):
     TYPE = 5
 
 
-class Checkpoint(_FromReplica):
+class Checkpoint(_Flat):
     seq: int
     digest: bytes  # state digest after executing seq
     replica: int
@@ -256,7 +261,7 @@ class Checkpoint(_FromReplica):
     TYPE = 6
 
 
-class Status(_FromReplica):
+class Status(_Flat):
     """Periodic summary a replica sends so peers can retransmit what it lacks (the paper's
     implementation recovers lost messages this way rather than trusting the transport)."""
 
@@ -299,7 +304,7 @@ class NewView(_FromReplica):
     TYPE = 9
 
 
-class FetchState(_FromReplica):
+class FetchState(_Flat):
     """Ask a replica for its state at checkpoint ``seq``."""
 
     seq: int
@@ -308,7 +313,7 @@ class FetchState(_FromReplica):
     TYPE = 10
 
 
-class State(_FromReplica):
+class State(_Flat):
     """The manifest of checkpoint ``seq``: its partition digests, msgpack-encoded. The receiver
     checks them against the checkpoint digest it holds a certificate for, then fetches the
     partitions it lacks."""
@@ -320,7 +325,7 @@ class State(_FromReplica):
     TYPE = 11
 
 
-class FetchPartition(_FromReplica):
+class FetchPartition(_Flat):
     """Asks for the chunk of partition ``index`` of checkpoint ``seq`` that starts at ``offset``."""
 
     seq: int
@@ -331,7 +336,7 @@ class FetchPartition(_FromReplica):
     TYPE = 15
 
 
-class Partition(_FromReplica):
+class Partition(_Flat):
     """A chunk of one partition of checkpoint ``seq``: its bytes from ``offset``, of ``total``.
     A partition travels in chunks so that none exceeds a frame, however large it grew; the
     receiver checks the whole partition against the manifest once it has every chunk."""
@@ -346,7 +351,7 @@ class Partition(_FromReplica):
     TYPE = 16
 
 
-class Suspect(_FromReplica):
+class Suspect(_Flat):
     """A request of ``client`` in a pre-prepare failed its tag and its signature at ``replica``:
     from now on the client's requests are taken only signed (bft.runtime.node)."""
 
@@ -371,19 +376,12 @@ def signed_bytes(type_: int, sender: int, payload: bytes) -> bytes:
 # Encoding
 
 
-def _fields(msg: Message) -> tuple:
+def _fields(msg: PrePrepare | ViewChange | NewView | Batch) -> tuple:
+    """The fields of a message that is not ``_Flat``, as its payload's array holds them."""
     match msg:
         case PrePrepare():
             entries = [(r.raw, r.auth) if isinstance(r, Request) else (r,) for r in msg.requests]
             return (msg.view, msg.seq, msg.timestamp, entries, msg.replica)
-        case Prepare() | Commit():
-            return (msg.view, msg.seq, msg.digest, msg.replica)
-        case Reply():
-            return (msg.view, msg.timestamp, msg.client, msg.replica, msg.result, msg.tentative, msg.digest_only)
-        case Checkpoint():
-            return (msg.seq, msg.digest, msg.replica)
-        case Status():
-            return (msg.view, msg.stable, msg.settled, msg.view_changing, msg.replica)
         case ViewChange():
             return (msg.view, msg.stable, msg.checkpoints, msg.prepared, msg.preprepared, msg.replica)
         case NewView():
@@ -391,22 +389,12 @@ def _fields(msg: Message) -> tuple:
             return (msg.view, vcs, msg.checkpoint, msg.decisions, msg.replica)
         case Batch():
             return (msg.seq, msg.timestamp, [(r.raw, r.auth) for r in msg.requests], msg.replica)
-        case FetchBatch():
-            return (msg.seq, msg.digest, msg.replica)
-        case FetchState():
-            return (msg.seq, msg.replica)
-        case State():
-            return (msg.seq, msg.manifest, msg.replica)
-        case FetchPartition():
-            return (msg.seq, msg.index, msg.offset, msg.replica)
-        case Partition():
-            return (msg.seq, msg.index, msg.offset, msg.total, msg.data, msg.replica)
-        case Suspect():
-            return (msg.client, msg.replica)
     raise TypeError(f"not a message: {msg!r}")
 
 
 def encode_payload(msg: Message) -> bytes:
+    if isinstance(msg, _Flat):
+        return _pack(msg)
     if isinstance(msg, Request):
         return msg.raw
     return _pack(_fields(msg))
