@@ -35,7 +35,7 @@ from bft.service import Service
 
 log = logging.getLogger("bft.node")
 
-TICK_S = 0.01
+TICK_S = 0.02
 SUMMARY_S = 10.0
 
 
@@ -115,7 +115,6 @@ class Node:
         jobs = [self._ticker(), self._summaries()]
         if isinstance(self.core, Replica):
             self.observer = Observer(self.name, self.core, self._drops, self.metrics)
-            jobs.append(self._observe())
         if isinstance(self.core, Replica) and self.wire.keyring is not None:
             jobs.append(self._recoveries())
         for job in jobs:
@@ -177,20 +176,22 @@ class Node:
             self._on_bug(task.get_loop(), context)
 
     async def _ticker(self) -> None:
+        """The core's clock, and the observer's on the same wake-up: on this machine (a VM) a
+        wake-up costs more than the work it does, and an idle replica spent 23 ms of CPU a
+        second on 131 of them (100 ticks, 20 polls), a loaded one the same share of its cores."""
+        next_poll = 0.0
         while True:
             await asyncio.sleep(TICK_S)
             self._dispatch(self.core.tick(wall_ms()))
+            now = time.monotonic()
             if self.trust.doubts:
-                self.trust.judge(time.monotonic())
+                self.trust.judge(now)
+            if self.observer is not None and now >= next_poll:
+                next_poll = now + OBSERVE_S
+                self.observer.poll(now)
 
     def _drops(self) -> Counter[str]:
         return self.core.dropped + self.transport_drops
-
-    async def _observe(self) -> None:
-        assert self.observer is not None
-        while True:
-            await asyncio.sleep(OBSERVE_S)
-            self.observer.poll(time.monotonic())
 
     async def _recoveries(self) -> None:
         """Proactive recovery, each replica in its turn: replica i at i/n of every period, by the
