@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import tracemalloc
 import typing
 from collections import Counter
@@ -220,6 +221,21 @@ def test_request_keeps_raw_and_auth(req, auth):
     assert out == req
     assert out.auth == auth
     assert out.raw == req.raw
+
+
+@FUZZ
+@given(req=requests, auth=st.binary(min_size=1, max_size=64))
+def test_what_proves_a_message_does_not_make_it_another(req, auth):
+    # Its encoding, digest, tag and signature are left out of ==, != and hash; what it says is not.
+    tagged = req.with_auth(auth)
+    assert tagged == req and operator.ne(tagged, req) is False and hash(tagged) == hash(req)
+    other = evolve(req, timestamp=req.timestamp + 1)
+    assert other != req and operator.eq(other, req) is False
+    vc = ViewChange(1, 0, (), (), (), 2)
+    signed = evolve(vc, raw=encode_payload(vc), signature=auth)
+    assert signed == vc and operator.ne(signed, vc) is False and hash(signed) == hash(vc)
+    assert evolve(vc, stable=1) != vc
+    assert "auth" not in repr(tagged) and "signature" not in repr(signed)
 
 
 @FUZZ
