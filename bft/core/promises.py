@@ -27,7 +27,6 @@ only the latest of those and nothing at or below a stable checkpoint):
 from __future__ import annotations
 
 import msgpack
-import msgspec
 
 from bft.messages import (
     DIGEST_BYTES,
@@ -41,6 +40,7 @@ from bft.messages import (
     decode_payload,
     encode_payload,
     frame,
+    pack,
     split_frame,
 )
 
@@ -123,20 +123,20 @@ def encode_record(record: Record) -> bytes:
     match record:
         case Proposed(pp):
             assert pp.resolved, "a promise carries the whole batch"
-            return msgspec.msgpack.encode(("P", _message_bytes(pp)))
+            return pack(("P", _message_bytes(pp)))
         case Prepared(view, seq, d):
-            return msgspec.msgpack.encode(("C", view, seq, d))
+            return pack(("C", view, seq, d))
         case ViewChangeSent(vc):
-            return msgspec.msgpack.encode(("V", _message_bytes(vc)))
+            return pack(("V", _message_bytes(vc)))
         case ViewEntered(nv):
-            return msgspec.msgpack.encode(("N", _message_bytes(nv)))
+            return pack(("N", _message_bytes(nv)))
         case Committed(seq, d):
-            return msgspec.msgpack.encode(("X", seq, d))
+            return pack(("X", seq, d))
         case Learned(pp):
             assert pp.resolved, "a learned batch is recorded whole"
-            return msgspec.msgpack.encode(("L", _message_bytes(pp)))
+            return pack(("L", _message_bytes(pp)))
         case Stable(seq, d, proof):
-            return msgspec.msgpack.encode(("S", seq, d, [list(p) for p in proof]))
+            return pack(("S", seq, d, [list(p) for p in proof]))
     raise AssertionError(f"not a record: {record!r}")
 
 
